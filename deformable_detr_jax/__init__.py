@@ -1,0 +1,1 @@
+"""Deformable DETR in JAX."""

@@ -1,0 +1,6 @@
+"""Multi-scale deformable attention sampling core (Zhu et al., arXiv 2010.04159, eq. 3)."""
+
+from pallas_kernels.ms_deform_attn.api import IMPLEMENTATIONS, ms_deform_attn
+from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+
+__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_reference"]
