@@ -1,0 +1,231 @@
+"""transformers state dict <-> `DeformableDetrForObjectDetection` parameters.
+
+A declarative table maps each NNX parameter path to its transformers key, plus one layout
+transform per parameter kind (Linear `[out, in]` -> `[in, out]`; Conv OIHW -> HWIO).
+Incoming keys are first normalised to the transformers-5 naming: the hub files' timm-style
+backbone (`model.backbone.conv_encoder.model.layer1.0.conv1.weight`), their decoder
+`self_attn.out_proj` and layer-level `fc1`/`fc2` are renamed by `HUB_TO_TRANSFORMERS`.
+
+Heads that transformers ties (`class_embed.N`/`bbox_embed.N` without box refinement, the
+`model.decoder.*_embed` copies) are one parameter here; their copies in a state dict must
+equal the parameter they copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.convert.errors import CheckpointKeyError
+from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
+
+_TIMM = r"^model\.backbone\.conv_encoder\.model\."
+_HF = "model.backbone.model."
+
+# (pattern, replacement) applied in order to every incoming key: hub -> transformers 5.
+HUB_TO_TRANSFORMERS: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+    (_TIMM + r"conv1\.", _HF + "embedder.embedder.convolution."),
+    (_TIMM + r"bn1\.", _HF + "embedder.embedder.normalization."),
+    (
+        _TIMM + r"layer(\d)\.(\d+)\.conv(\d)\.",
+        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}"
+        ".convolution.",
+    ),
+    (
+        _TIMM + r"layer(\d)\.(\d+)\.bn(\d)\.",
+        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}"
+        ".normalization.",
+    ),
+    (
+        _TIMM + r"layer(\d)\.(\d+)\.downsample\.0\.",
+        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution.",
+    ),
+    (
+        _TIMM + r"layer(\d)\.(\d+)\.downsample\.1\.",
+        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization.",
+    ),
+    (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
+    (r"\.layers\.(\d+)\.fc([12])\.", r".layers.\1.mlp.fc\2."),
+)
+
+# (pattern, replacement) from an NNX parameter path (dot-joined) to its transformers key.
+NNX_TO_TRANSFORMERS: tuple[tuple[str, str], ...] = (
+    (r"\.input_proj\.(\d+)\.conv\.", r".input_proj.\1.0."),
+    (r"\.input_proj\.(\d+)\.norm\.", r".input_proj.\1.1."),
+    (r"\.(kernel|scale|embedding)$", ".weight"),
+)
+
+_IGNORED = re.compile(r"\.num_batches_tracked$")
+
+
+def to_transformers_naming(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames hub-style keys to transformers 5 names; drops `num_batches_tracked`."""
+    out = {}
+    for key, value in state_dict.items():
+        if _IGNORED.search(key):
+            continue
+        for pattern, replacement in HUB_TO_TRANSFORMERS:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def nnx_path_to_key(path: tuple) -> str:
+    key = ".".join(str(p) for p in path)
+    for pattern, replacement in NNX_TO_TRANSFORMERS:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _to_nnx_layout(name: str, array: np.ndarray) -> np.ndarray:
+    """torch layout -> NNX layout, by parameter kind."""
+    if name == "kernel" and array.ndim == 2:  # Linear: (out, in) -> (in, out)
+        return array.T
+    if name == "kernel" and array.ndim == 4:  # Conv: OIHW -> HWIO
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def _to_torch_layout(name: str, array: np.ndarray) -> np.ndarray:
+    if name == "kernel" and array.ndim == 2:
+        return array.T
+    if name == "kernel" and array.ndim == 4:  # HWIO -> OIHW
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def tied_copies(config: DeformableDetrConfig) -> dict[str, str]:
+    """transformers key prefix of each tied copy -> the prefix of the parameter it copies."""
+    copies = {}
+    n = config.num_decoder_predictions
+    if not config.with_box_refine:
+        for i in range(1, n):
+            copies[f"class_embed.{i}."] = "class_embed.0."
+            copies[f"bbox_embed.{i}."] = "bbox_embed.0."
+    else:
+        for i in range(n):
+            copies[f"model.decoder.bbox_embed.{i}."] = f"bbox_embed.{i}."
+    if config.two_stage:
+        for i in range(n):
+            copies[f"model.decoder.class_embed.{i}."] = f"class_embed.{i}."
+    return copies
+
+
+def _source_of(key: str, copies: Mapping[str, str]) -> str | None:
+    for copy, source in copies.items():
+        if key.startswith(copy):
+            return source + key[len(copy) :]
+    return None
+
+
+def abstract_model(config: DeformableDetrConfig) -> DeformableDetrForObjectDetection:
+    """The model with shape-only parameters (no random initialisation work)."""
+    return nnx.eval_shape(lambda: DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(0)))
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: DeformableDetrConfig,
+    *,
+    dtype=jnp.float32,
+) -> DeformableDetrForObjectDetection:
+    """Builds the NNX model holding the weights of a transformers state dict.
+
+    Args:
+      state_dict: key -> numpy array (or anything `np.asarray` accepts), in the hub
+        naming (timm-style backbone) or the transformers 5 naming.
+      config: the model's config (`DeformableDetrConfig.from_hf(config.json)`).
+      dtype: parameter dtype (float32; float64 needs `jax_enable_x64`).
+
+    Raises:
+      CheckpointKeyError: listing every missing, unexpected and mis-shaped key, and tied
+        copies that differ from the parameter they copy.
+    """
+    weights = to_transformers_naming(state_dict)
+    copies = tied_copies(config)
+    graphdef, state = nnx.split(abstract_model(config))
+    flat = nnx.to_flat_state(state)
+
+    missing, misshaped, values = [], [], []
+    used = set()
+    rng_base = jax.random.key(0)
+    for index, (path, variable) in enumerate(flat):
+        if isinstance(variable, nnx.RngKey):  # dropout streams: fresh keys, not weights
+            values.append((path, variable, jax.random.fold_in(rng_base, index)))
+            continue
+        if isinstance(variable, nnx.RngCount):
+            values.append((path, variable, jnp.zeros(variable.shape, variable.dtype)))
+            continue
+        key = nnx_path_to_key(path)
+        name = str(path[-1])
+        expected = tuple(variable.shape)
+        if key not in weights:
+            missing.append(key)
+            continue
+        used.add(key)
+        array = _to_nnx_layout(name, np.asarray(weights[key]))
+        if array.shape != expected:
+            misshaped.append(
+                f"{key}: checkpoint {tuple(np.shape(weights[key]))}, model expects "
+                f"{_to_torch_layout(name, np.zeros(expected, np.int8)).shape}"
+            )
+        values.append((path, variable, array))
+
+    unexpected, differing = [], []
+    for key in weights:
+        if key in used:
+            continue
+        source = _source_of(key, copies)
+        if source is None or source not in weights:
+            unexpected.append(key)
+        elif np.shape(weights[key]) != np.shape(weights[source]) or not np.array_equal(
+            np.asarray(weights[key]), np.asarray(weights[source])
+        ):
+            differing.append(f"{key} differs from {source}")
+
+    problems = []
+    for title, keys in (
+        ("missing from the checkpoint", missing),
+        ("not in the model", unexpected),
+        ("with the wrong shape", misshaped),
+        ("tied copies that differ (this config shares them)", differing),
+    ):
+        if keys:
+            problems.append(f"{len(keys)} key(s) {title}:\n  " + "\n  ".join(sorted(keys)))
+    if problems:
+        raise CheckpointKeyError(
+            f"state dict does not fit the {config.variant} model "
+            f"(with_box_refine={config.with_box_refine}, two_stage={config.two_stage}, "
+            f"num_feature_levels={config.num_feature_levels}):\n" + "\n".join(problems)
+        )
+
+    new_flat = [
+        (path, var.replace(array if isinstance(var, nnx.RngState) else jnp.asarray(array, dtype)))
+        for path, var, array in values
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def export_state_dict(
+    model: DeformableDetrForObjectDetection, *, tied_copies_included: bool = True
+) -> dict[str, np.ndarray]:
+    """The transformers-5 state dict (numpy, torch layouts) of a model.
+
+    With `tied_copies_included`, the keys transformers stores for tied heads are written
+    too (as `DeformableDetrForObjectDetection.state_dict()` has them).
+    """
+    out = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param, nnx.BatchStat)):
+        array = np.asarray(jax.device_get(variable[...]))
+        out[nnx_path_to_key(path)] = _to_torch_layout(str(path[-1]), array)
+    if tied_copies_included:
+        for copy, source in tied_copies(model.config).items():
+            for key in [k for k in out if k.startswith(source)]:
+                out[copy + key[len(source) :]] = out[key]
+    return out

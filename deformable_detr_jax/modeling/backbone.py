@@ -1,0 +1,228 @@
+"""ResNet backbone with frozen batch norm, returning C3..C5 (or C5) and downsampled masks.
+
+Module names mirror transformers' `ResNetBackbone` (`embedder.embedder.convolution`,
+`encoder.stages[i].layers[j].layer[k]`, `shortcut`) inside `DeformableDetrConvEncoder`
+(`model.backbone.model`), so weights map one-to-one. Strides sit on the 3x3 convolution
+(ResNet v1.5, as torchvision and timm). DC5 (`config.dilation`) replaces the last stage's
+stride with dilation 2, the first block keeping dilation 1, as timm's `output_stride=16`.
+Batch norm is frozen as transformers' `DeformableDetrFrozenBatchNorm2d` (eps 1e-5).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deformable_detr_jax.config import DeformableDetrConfig
+
+
+class FrozenBatchNorm2d(nnx.Module):
+    """Batch norm with fixed statistics and affine parameters (none of them trained)."""
+
+    def __init__(self, num_features: int):
+        self.weight = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # (..., channels): same operation order as transformers' frozen batch norm.
+        scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + 1e-5)
+        bias = self.bias[...] - self.running_mean[...] * scale
+        return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class ResNetConvLayer(nnx.Module):
+    """Conv (no bias) + frozen BN + optional ReLU; `padding = dilation * (kernel // 2)`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        activation: bool = True,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        pad = dilation * (kernel_size // 2)
+        self.convolution = nnx.Conv(
+            in_channels,
+            out_channels,
+            (kernel_size, kernel_size),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=dilation,
+            use_bias=False,
+            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            rngs=rngs,
+        )
+        self.normalization = FrozenBatchNorm2d(out_channels)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.normalization(self.convolution(x))
+        return jax.nn.relu(x) if self.activation else x
+
+
+class ResNetShortCut(nnx.Module):
+    """1x1 projection of the residual when channels or stride change."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+        self.convolution = nnx.Conv(
+            in_channels, out_channels, (1, 1), strides=stride, padding="VALID", use_bias=False,
+            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs,
+        )  # fmt: skip
+        self.normalization = FrozenBatchNorm2d(out_channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.normalization(self.convolution(x))
+
+
+class ResNetBasicLayer(nnx.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    def __init__(self, in_channels, out_channels, stride, first_dilation, dilation, *, rngs):
+        self.shortcut = (
+            ResNetShortCut(in_channels, out_channels, stride, rngs=rngs)
+            if in_channels != out_channels or stride != 1
+            else None
+        )
+        self.layer = nnx.List([
+            ResNetConvLayer(in_channels, out_channels, 3, stride, first_dilation, rngs=rngs),
+            ResNetConvLayer(out_channels, out_channels, 3, 1, dilation, False, rngs=rngs),
+        ])  # fmt: skip
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        for layer in self.layer:
+            x = layer(x)
+        return jax.nn.relu(x + residual)
+
+
+class ResNetBottleNeckLayer(nnx.Module):
+    """1x1 reduce, 3x3 (strided, dilated), 1x1 expand (ResNet-50/101)."""
+
+    def __init__(self, in_channels, out_channels, stride, first_dilation, dilation, *, rngs):
+        del dilation  # only the 3x3 conv is dilated, with `first_dilation` as in timm
+        reduces = out_channels // 4
+        self.shortcut = (
+            ResNetShortCut(in_channels, out_channels, stride, rngs=rngs)
+            if in_channels != out_channels or stride != 1
+            else None
+        )
+        self.layer = nnx.List([
+            ResNetConvLayer(in_channels, reduces, 1, rngs=rngs),
+            ResNetConvLayer(reduces, reduces, 3, stride, first_dilation, rngs=rngs),
+            ResNetConvLayer(reduces, out_channels, 1, activation=False, rngs=rngs),
+        ])  # fmt: skip
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        for layer in self.layer:
+            x = layer(x)
+        return jax.nn.relu(x + residual)
+
+
+class ResNetStage(nnx.Module):
+    def __init__(self, block, in_channels, out_channels, stride, depth, dilation, *, rngs):
+        # The first block keeps the previous stage's dilation (1), later blocks use `dilation`.
+        self.layers = nnx.List([
+            block(in_channels if i == 0 else out_channels, out_channels,
+                  stride if i == 0 else 1, 1 if i == 0 else dilation, dilation, rngs=rngs)
+            for i in range(depth)
+        ])  # fmt: skip
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ResNetEmbeddings(nnx.Module):
+    """7x7 stride-2 conv + BN + ReLU, then 3x3 stride-2 max pool."""
+
+    def __init__(self, embedding_size: int, *, rngs: nnx.Rngs):
+        self.embedder = ResNetConvLayer(3, embedding_size, 7, 2, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.embedder(x)
+        # (bs, height, width, channels), padded with -inf like torch's MaxPool2d(3, 2, 1).
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+            ((0, 0), (1, 1), (1, 1), (0, 0)),
+        )  # fmt: skip
+
+
+class ResNetEncoder(nnx.Module):
+    def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
+        block = ResNetBasicLayer if config.backbone_layer_type == "basic" else ResNetBottleNeckLayer
+        stages = []
+        in_channels = config.backbone_embedding_size
+        for i, (depth, out_channels) in enumerate(
+            zip(config.backbone_depths, config.backbone_hidden_sizes)
+        ):
+            dilated = config.dilation and i == 3
+            stride = 1 if i == 0 or dilated else 2
+            stages.append(
+                ResNetStage(block, in_channels, out_channels, stride, depth,
+                            2 if dilated else 1, rngs=rngs)
+            )  # fmt: skip
+            in_channels = out_channels
+        self.stages = nnx.List(stages)
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+
+class ResNetBackbone(nnx.Module):
+    def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
+        self.embedder = ResNetEmbeddings(config.backbone_embedding_size, rngs=rngs)
+        self.encoder = ResNetEncoder(config, rngs=rngs)
+        self.out_stages = config.backbone_out_stages
+
+    def __call__(self, pixel_values: jax.Array) -> list[jax.Array]:
+        stages = self.encoder(self.embedder(pixel_values))
+        return [stages[i] for i in self.out_stages]
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch's `interpolate(mode="nearest")` for a static size change.
+
+    torch computes `min(floor(dst * float32(in / out)), in - 1)` in float32.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def downsample_mask(pixel_mask: jax.Array, height: int, width: int) -> jax.Array:
+    """Nearest-neighbour resize of a `(bs, H, W)` bool mask to `(bs, height, width)`."""
+    _, in_h, in_w = pixel_mask.shape
+    rows = nearest_indices(in_h, height)
+    cols = nearest_indices(in_w, width)
+    return pixel_mask[:, rows][:, :, cols]
+
+
+class DeformableDetrConvEncoder(nnx.Module):
+    """Backbone feature maps plus the pixel mask downsampled to each of them."""
+
+    def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
+        self.model = ResNetBackbone(config, rngs=rngs)
+        self.intermediate_channel_sizes = tuple(
+            config.backbone_hidden_sizes[i] for i in config.backbone_out_stages
+        )
+
+    def __call__(
+        self, pixel_values: jax.Array, pixel_mask: jax.Array
+    ) -> list[tuple[jax.Array, jax.Array]]:
+        """`(bs, H, W, 3)`, `(bs, H, W)` -> [(features `(bs, h, w, c)`, mask `(bs, h, w)`)]."""
+        features = self.model(pixel_values)
+        return [(f, downsample_mask(pixel_mask, f.shape[1], f.shape[2])) for f in features]
