@@ -142,10 +142,10 @@ class DeformableDetrConfig:
             "backbone_embedding_size",
         ):  # fmt: skip
             positive(name)
-        if not 1 <= self.num_feature_levels <= 5:
+        if self.num_feature_levels not in (1, 3, 4, 5):
             raise ValueError(
-                f"num_feature_levels must be in 1..5 (C3..C5 plus up to two extra stride-2 "
-                f"levels, or C5 alone for 1), got {self.num_feature_levels}"
+                f"num_feature_levels must be 1 (C5 alone) or 3..5 (C3..C5 plus up to two extra "
+                f"stride-2 levels), got {self.num_feature_levels}"
             )
         for name in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, name):

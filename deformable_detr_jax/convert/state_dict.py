@@ -2,9 +2,10 @@
 
 A declarative table maps each NNX parameter path to its transformers key, plus one layout
 transform per parameter kind (Linear `[out, in]` -> `[in, out]`; Conv OIHW -> HWIO).
-Incoming keys are first normalised to the transformers-5 naming: the hub files' timm-style
-backbone (`model.backbone.conv_encoder.model.layer1.0.conv1.weight`), their decoder
-`self_attn.out_proj` and layer-level `fc1`/`fc2` are renamed by `HUB_TO_TRANSFORMERS`.
+Incoming keys are first normalised to the transformers-5 in-memory naming by
+`formats.to_transformers` (hub files' timm-style backbone, `self_attn.out_proj`,
+layer-level `fc1`/`fc2`, the original fundamentalvision names, and the mixed names
+transformers 5 `save_pretrained` writes), and head copies a file left out are filled.
 
 Heads that transformers ties (`class_embed.N`/`bbox_embed.N` without box refinement, the
 `model.decoder.*_embed` copies) are one parameter here; their copies in a state dict must
@@ -14,7 +15,7 @@ equal the parameter they copy.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,36 +24,8 @@ from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.convert.errors import CheckpointKeyError
+from deformable_detr_jax.convert.formats import fill_tied_heads, to_hub, to_transformers
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
-
-_TIMM = r"^model\.backbone\.conv_encoder\.model\."
-_HF = "model.backbone.model."
-
-# (pattern, replacement) applied in order to every incoming key: hub -> transformers 5.
-HUB_TO_TRANSFORMERS: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
-    (_TIMM + r"conv1\.", _HF + "embedder.embedder.convolution."),
-    (_TIMM + r"bn1\.", _HF + "embedder.embedder.normalization."),
-    (
-        _TIMM + r"layer(\d)\.(\d+)\.conv(\d)\.",
-        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}"
-        ".convolution.",
-    ),
-    (
-        _TIMM + r"layer(\d)\.(\d+)\.bn(\d)\.",
-        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}"
-        ".normalization.",
-    ),
-    (
-        _TIMM + r"layer(\d)\.(\d+)\.downsample\.0\.",
-        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution.",
-    ),
-    (
-        _TIMM + r"layer(\d)\.(\d+)\.downsample\.1\.",
-        lambda m: f"{_HF}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization.",
-    ),
-    (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
-    (r"\.layers\.(\d+)\.fc([12])\.", r".layers.\1.mlp.fc\2."),
-)
 
 # (pattern, replacement) from an NNX parameter path (dot-joined) to its transformers key.
 NNX_TO_TRANSFORMERS: tuple[tuple[str, str], ...] = (
@@ -60,21 +33,6 @@ NNX_TO_TRANSFORMERS: tuple[tuple[str, str], ...] = (
     (r"\.input_proj\.(\d+)\.norm\.", r".input_proj.\1.1."),
     (r"\.(kernel|scale|embedding)$", ".weight"),
 )
-
-_IGNORED = re.compile(r"\.num_batches_tracked$")
-
-
-def to_transformers_naming(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Renames hub-style keys to transformers 5 names; drops `num_batches_tracked`."""
-    out = {}
-    for key, value in state_dict.items():
-        if _IGNORED.search(key):
-            continue
-        for pattern, replacement in HUB_TO_TRANSFORMERS:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
-
 
 def nnx_path_to_key(path: tuple) -> str:
     key = ".".join(str(p) for p in path)
@@ -139,7 +97,7 @@ def convert_state_dict(
 
     Args:
       state_dict: key -> numpy array (or anything `np.asarray` accepts), in the hub
-        naming (timm-style backbone) or the transformers 5 naming.
+        naming (timm-style backbone), the transformers 5 naming or the original one.
       config: the model's config (`DeformableDetrConfig.from_hf(config.json)`).
       dtype: parameter dtype (float32; float64 needs `jax_enable_x64`).
 
@@ -147,7 +105,9 @@ def convert_state_dict(
       CheckpointKeyError: listing every missing, unexpected and mis-shaped key, and tied
         copies that differ from the parameter they copy.
     """
-    weights = to_transformers_naming(state_dict)
+    variant = {"with_box_refine": config.with_box_refine, "two_stage": config.two_stage,
+               "decoder_layers": config.decoder_layers}  # fmt: skip
+    weights = to_transformers(fill_tied_heads(to_hub(state_dict), variant))
     copies = tied_copies(config)
     graphdef, state = nnx.split(abstract_model(config))
     flat = nnx.to_flat_state(state)
@@ -221,7 +181,7 @@ def export_state_dict(
     too (as `DeformableDetrForObjectDetection.state_dict()` has them).
     """
     out = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param, nnx.BatchStat)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
         array = np.asarray(jax.device_get(variable[...]))
         out[nnx_path_to_key(path)] = _to_torch_layout(str(path[-1]), array)
     if tied_copies_included:
