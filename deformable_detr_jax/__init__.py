@@ -2,6 +2,8 @@
 
 from deformable_detr_jax.config import PRESETS, DeformableDetrConfig, preset
 from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
+from deformable_detr_jax.loss import LossConfig, loss_from_outputs, set_criterion, validate_targets
+from deformable_detr_jax.matcher import hungarian_match
 from deformable_detr_jax.modeling import (
     DeformableDetrForObjectDetection,
     DeformableDetrModel,
@@ -18,6 +20,7 @@ from deformable_detr_jax.processing import (
 __all__ = [
     "ImageError",
     "ImageProcessor",
+    "LossConfig",
     "PRESETS",
     "DeformableDetrConfig",
     "DeformableDetrForObjectDetection",
@@ -27,6 +30,10 @@ __all__ = [
     "convert_coco_detection_annotation",
     "convert_state_dict",
     "export_state_dict",
+    "hungarian_match",
+    "loss_from_outputs",
     "post_process_object_detection",
     "preset",
+    "set_criterion",
+    "validate_targets",
 ]
