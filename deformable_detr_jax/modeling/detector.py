@@ -282,11 +282,11 @@ class DeformableDetrForObjectDetection(nnx.Module):
         if config.with_box_refine:
             class_heads = [make_class_embed() for _ in range(num_pred)]
             bbox_heads = [make_bbox_embed() for _ in range(num_pred)]
-            first = bbox_heads[0].layers[-1]
-            first.bias[...] = first.bias[...].at[2:].set(-2.0)
-        else:
+        else:  # one head pair shared by every layer (the same module object)
             class_heads = [make_class_embed()] * num_pred
             bbox_heads = [make_bbox_embed()] * num_pred
+        if not config.two_stage:
+            # initial boxes start small: sigmoid(-2) ~ 0.12 of the image (original init)
             first = bbox_heads[0].layers[-1]
             first.bias[...] = first.bias[...].at[2:].set(-2.0)
         self.class_embed = nnx.List(class_heads)
