@@ -1,39 +1,46 @@
-"""Deformable DETR in JAX: Flax NNX model, Pallas deformable attention, checkpoint import."""
+"""Deformable DETR in JAX: Flax NNX model, Pallas deformable attention, checkpoint import.
 
-from deformable_detr_jax.config import PRESETS, DeformableDetrConfig, preset
-from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
-from deformable_detr_jax.loss import LossConfig, loss_from_outputs, set_criterion, validate_targets
-from deformable_detr_jax.matcher import hungarian_match
-from deformable_detr_jax.modeling import (
-    DeformableDetrForObjectDetection,
-    DeformableDetrModel,
-    DeformableDetrObjectDetectionOutput,
-)
-from deformable_detr_jax.postprocessing import post_process_object_detection
-from deformable_detr_jax.processing import (
-    ImageError,
-    ImageProcessor,
-    bucket_sizes,
-    convert_coco_detection_annotation,
-)
+The public names below are imported lazily (PEP 562), so that `import deformable_detr_jax`
+is cheap for data-loading worker processes that need none of jax/flax.
+"""
 
-__all__ = [
-    "ImageError",
-    "ImageProcessor",
-    "LossConfig",
-    "PRESETS",
-    "DeformableDetrConfig",
-    "DeformableDetrForObjectDetection",
-    "DeformableDetrModel",
-    "DeformableDetrObjectDetectionOutput",
-    "bucket_sizes",
-    "convert_coco_detection_annotation",
-    "convert_state_dict",
-    "export_state_dict",
-    "hungarian_match",
-    "loss_from_outputs",
-    "post_process_object_detection",
-    "preset",
-    "set_criterion",
-    "validate_targets",
-]
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "DeformableDetrConfig": "config",
+    "PRESETS": "config",
+    "preset": "config",
+    "convert_state_dict": "convert.state_dict",
+    "export_state_dict": "convert.state_dict",
+    "DeformableDetrForObjectDetection": "modeling",
+    "DeformableDetrModel": "modeling",
+    "DeformableDetrObjectDetectionOutput": "modeling",
+    "ImageError": "processing",
+    "ImageProcessor": "processing",
+    "bucket_sizes": "processing",
+    "convert_coco_detection_annotation": "processing",
+    "post_process_object_detection": "postprocessing",
+    "LossConfig": "loss",
+    "loss_from_outputs": "loss",
+    "set_criterion": "loss",
+    "validate_targets": "loss",
+    "hungarian_match": "matcher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deformable_detr_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deformable_detr_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
