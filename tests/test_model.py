@@ -130,7 +130,7 @@ def test_export_inverts_convert():
     assert set(exported) == set(sd)
     for key, value in sd.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()})
 
 
 def test_key_errors_listed_together():
