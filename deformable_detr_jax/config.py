@@ -23,6 +23,15 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 _HIDDEN_SIZES = {"basic": (64, 128, 256, 512), "bottleneck": (256, 512, 1024, 2048)}
 _ACTIVATIONS = ("relu", "gelu", "silu", "swish", "gelu_new", "quick_gelu")
 
+# Loss weights that transformers 5 types as int (it refuses 1.0); written as ints when whole.
+_HF_INT_FIELDS = (
+    "class_cost",
+    "bbox_cost",
+    "giou_cost",
+    "bbox_loss_coefficient",
+    "giou_loss_coefficient",
+)
+
 # transformers config fields that are carried over unchanged (same name, same meaning).
 _HF_FIELDS = (
     "d_model",
@@ -260,8 +269,11 @@ class DeformableDetrConfig:
         kwargs: dict[str, Any] = {k: config[k] for k in _HF_FIELDS if k in config}
         id2label = config.get("id2label")
         if id2label:
-            kwargs["id2label"] = tuple((int(k), str(v)) for k, v in id2label.items())
-            kwargs["num_labels"] = len(id2label)
+            pairs = tuple(sorted((int(k), str(v)) for k, v in id2label.items()))
+            kwargs["num_labels"] = len(pairs)
+            # transformers' placeholder names (LABEL_i) mean "no names": keep None
+            if any(name != f"LABEL_{i}" for i, name in pairs):
+                kwargs["id2label"] = pairs
         elif "num_labels" in config:
             kwargs["num_labels"] = int(config["num_labels"])
         if config.get("num_channels", 3) != 3:
@@ -272,6 +284,9 @@ class DeformableDetrConfig:
     def to_hf(self) -> dict[str, Any]:
         """The transformers 5 `config.json` dict (HF ResNet backbone config)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _HF_FIELDS}
+        for name in _HF_INT_FIELDS:
+            if float(out[name]).is_integer():
+                out[name] = int(out[name])
         out.update(
             model_type="deformable_detr",
             architectures=["DeformableDetrForObjectDetection"],

@@ -4,6 +4,8 @@ Readers: `read_state_dict(path)` picks safetensors / torch zip / legacy torch by
 Key maps: hub (timm backbone), transformers 5 (HF ResNet backbone) and the original
 fundamentalvision naming, see `formats`. Variants: `infer_variant(state_dict)` reads the
 architecture off the shapes; `check_config_against_variant` reports every contradiction.
+One call: `load_pytorch_checkpoint(path_or_folder)` -> model; `save_pytorch_checkpoint(model,
+folder)` writes a transformers folder (see `loading`). CLI: `python -m deformable_detr_jax.convert`.
 """
 
 from deformable_detr_jax.convert.errors import (
@@ -23,6 +25,13 @@ from deformable_detr_jax.convert.formats import (
     to_hub,
     to_transformers,
     transformers_to_hub,
+)
+from deformable_detr_jax.convert.loading import (
+    ImportedCheckpoint,
+    export_transformers_checkpoint,
+    import_pytorch_checkpoint,
+    load_pytorch_checkpoint,
+    save_pytorch_checkpoint,
 )
 from deformable_detr_jax.convert.readers import (
     read_checkpoint,
@@ -64,4 +73,9 @@ __all__ = [
     "config_fields",
     "infer_variant",
     "variant_from_original_args",
+    "ImportedCheckpoint",
+    "export_transformers_checkpoint",
+    "import_pytorch_checkpoint",
+    "load_pytorch_checkpoint",
+    "save_pytorch_checkpoint",
 ]

@@ -87,6 +87,13 @@ def abstract_model(config: DeformableDetrConfig) -> DeformableDetrForObjectDetec
     return nnx.eval_shape(lambda: DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(0)))
 
 
+def fresh_rng_value(variable: nnx.RngState, index: int) -> jax.Array:
+    """A value for a dropout RNG variable of an abstract model: a new key, or a zero count."""
+    if isinstance(variable, nnx.RngKey):
+        return jax.random.fold_in(jax.random.key(0), index)
+    return jnp.zeros(variable.shape, variable.dtype)
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     config: DeformableDetrConfig,
@@ -114,13 +121,9 @@ def convert_state_dict(
 
     missing, misshaped, values = [], [], []
     used = set()
-    rng_base = jax.random.key(0)
     for index, (path, variable) in enumerate(flat):
-        if isinstance(variable, nnx.RngKey):  # dropout streams: fresh keys, not weights
-            values.append((path, variable, jax.random.fold_in(rng_base, index)))
-            continue
-        if isinstance(variable, nnx.RngCount):
-            values.append((path, variable, jnp.zeros(variable.shape, variable.dtype)))
+        if isinstance(variable, nnx.RngState):  # dropout streams: fresh keys, not weights
+            values.append((path, variable, fresh_rng_value(variable, index)))
             continue
         key = nnx_path_to_key(path)
         name = str(path[-1])
