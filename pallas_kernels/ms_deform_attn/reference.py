@@ -12,10 +12,19 @@ points immediately, so the largest intermediate is `[bs, nheads, len_q, npoints,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+# (bs, nheads, len, head_dim), (bs, nheads, n) -> (bs, nheads, n, head_dim)
+_gather_rows = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))
 
+
+# Rematerialised in the backward pass: saving the gathered corners of every level as VJP
+# residuals costs 4 * nlevels * bs * nheads * len_q * npoints * head_dim floats (about 12 GB
+# for the encoder at batch 8), recomputing them costs four gathers.
+@functools.partial(jax.checkpoint, static_argnums=(1, 2))
 def _sample_level(
     value_l: jax.Array,
     height: int,
@@ -35,6 +44,9 @@ def _sample_level(
     """
     bs, nheads, len_q, npoints, _ = loc.shape
     acc_dtype = jnp.promote_types(value_l.dtype, jnp.float32)
+    # Gather from the accumulation dtype, so that the VJP's scatter-add into the value
+    # gradient also accumulates in float32 for bfloat16 inputs (XLA fuses the convert).
+    value_l = value_l.astype(acc_dtype)
     loc = loc.astype(acc_dtype)
     attn = attn.astype(acc_dtype)
     x = loc[..., 0] * width - 0.5
@@ -59,10 +71,11 @@ def _sample_level(
         idx = (jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)).reshape(
             bs, nheads, len_q * npoints
         )
-        # (bs, nheads, len_q * npoints, head_dim)
-        corner = jnp.take_along_axis(value_l, idx[..., None], axis=2)
+        # (bs, nheads, len_q * npoints, head_dim): whole head_dim rows per index, batched
+        # over (bs, nheads); take_along_axis would build an index per output element.
+        corner = _gather_rows(value_l, idx)
         # (bs, nheads, len_q, npoints, head_dim)
-        corner = corner.reshape(bs, nheads, len_q, npoints, -1).astype(acc_dtype)
+        corner = corner.reshape(bs, nheads, len_q, npoints, -1)
         coeff = jnp.where(valid, w * attn, 0.0)
         out = out + jnp.einsum("bhqp,bhqpd->bhqd", coeff, corner)
     return out
