@@ -1,0 +1,520 @@
+"""`Detector`: a model plus its pre/post-processing, compiled once per shape bucket.
+
+    detector = Detector.from_pretrained("deformable-detr")  # hub folder, or one we saved
+    detections = detector(["cats.jpg", pil_image], threshold=0.5)  # one Detections per image
+    detector.draw("cats.jpg", detections[0]).save("cats_detected.png")
+
+Pipeline per call (transformers' `DeformableDetrImageProcessor` + model +
+`post_process_object_detection`, see DESIGN.md "Data flow"): every image is loaded and checked
+first (a bad one raises `ImageError` naming its index and path before any compute), resized, and
+assigned its own shape bucket: the resized height and width each rounded up to the processor's
+`buckets`. Images are grouped by bucket and batched within it (chunks of `batch_size`, then powers
+of two, so each bucket needs at most 1 + log2(batch_size) programs); each (batch, height, width)
+is compiled once by `jax.jit` and cached. Host pre-processing of the next chunk overlaps the
+device work of the previous one (JAX dispatches asynchronously). Post-processing: sigmoid, top-k
+over queries x classes, threshold, boxes (x0, y0, x1, y1) in pixels of the input image.
+
+Buckets and exactness. Without buckets (`buckets=None`) an image is not padded and its
+detections equal transformers' on that image alone (tested). With buckets the padding is masked,
+but the original architecture is not exactly padding-invariant: the backbone's convolutions carry
+non-zero values into the padding after the first layer and back across the border, the masks are
+downsampled by nearest-neighbour sampling of the padded grid, and `input_proj`'s GroupNorm
+statistics include the padded positions. transformers behaves the same way for any batch that
+needs padding. Measured with the full-size architecture and random weights on the four photos of
+`tests/fixtures` (`benchmarks/inference.py --bucket-study`, BENCHMARKS.md "Inference"), against the
+unpadded photo over all 300 queries x 91 classes: the default buckets move the scores by at most
+0.009 and the boxes by at most 0.3 px (97..100 of the top-100 pairs unchanged); a 1333 x 1333
+canvas by up to 0.025 and 1.1 px; flipping the photo, for scale, by 0.02..0.07 and 1.1..2.4 px.
+So only detections within about 0.01 of the threshold can flip with the bucket.
+`tests/test_inference.py` holds a small model to tolerances measured the same way.
+
+bfloat16 (`dtype=jnp.bfloat16`): the `nnx.Param`s and the pixel values are cast to bfloat16; the
+frozen batch-norm statistics (`nnx.BatchStat`) stay float32 so that `rsqrt(var + eps)` keeps its
+precision (it is folded into a scale and cast to the activations' dtype anyway); the deformable
+attention core accumulates in float32; logits and boxes are returned as float32.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+from flax import nnx
+
+from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
+from deformable_detr_jax.postprocessing import post_process_object_detection
+from deformable_detr_jax.processing import CONFIG_NAME, ImageError, ImageLike, ImageProcessor
+
+# The backbone needs at least one stride-32 cell: pad smaller images (mask False) up to this.
+MIN_SIDE = 32
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """Detections in one image, highest score first.
+
+    Attributes:
+      boxes: `[n, 4]` float32 (x0, y0, x1, y1) in pixels of the input image (not clipped to it,
+        as transformers).
+      scores: `[n]` float32 in (threshold, 1].
+      labels: `[n]` int64 class ids.
+      label_names: `n` names from the config's `id2label` (`"LABEL_{id}"` where it has none).
+      image_size: (height, width) of the input image.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """JSON-ready `[{"label", "label_id", "score", "box": [x0, y0, x1, y1]}, ...]`."""
+        return [
+            {
+                "label": name,
+                "label_id": int(label),
+                "score": float(score),
+                "box": [float(v) for v in box],
+            }
+            for name, label, score, box in zip(
+                self.label_names, self.labels, self.scores, self.boxes
+            )
+        ]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self)} detection(s) in a {self.image_size[0]}x{self.image_size[1]} image"]
+        for item in self.to_list():
+            box = ", ".join(f"{v:.1f}" for v in item["box"])
+            lines.append(f"  {item['label']:<16s} {item['score']:.3f}  [{box}]")
+        return "\n".join(lines)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
+def _forward(params, rest, pixel_values, pixel_mask, *, graphdef, dtype):
+    """`(bs, height, width, 3)` float32, `(bs, height, width)` bool -> logits, boxes (float32).
+
+    One program per (shapes, graphdef, dtype): module-level so that every `Detector` of the same
+    architecture shares `jax.jit`'s cache; only logits and boxes leave the device (XLA drops the
+    rest of the outputs).
+    """
+    model = nnx.merge(graphdef, params, rest)
+    out = model(pixel_values.astype(dtype), pixel_mask)
+    return out.logits.astype(jnp.float32), out.pred_boxes.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_floating(tree, *, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)  # fmt: skip
+
+
+def _resolve_dtype(dtype: Any) -> jnp.dtype:
+    if dtype is None:
+        return jnp.dtype(jnp.float32)
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or None), got {dtype!r}")
+    return jnp.dtype(_DTYPES[name])
+
+
+def default_buckets(processor: ImageProcessor, step: int = 128) -> ImageProcessor:
+    """`processor.with_buckets(step)` plus the resize target's `shortest_edge` as a bucket of its
+    own: most photos resize to exactly that many pixels on their short side (800 by default), so
+    800 x 1216 pads to 800 x 1280 rather than 896 x 1280. Without resizing: no buckets."""
+    if not processor.do_resize:
+        return processor
+    bucketed = processor.with_buckets(step)
+    extra = {processor.size["shortest_edge"]} if "shortest_edge" in processor.size else set()
+    return dataclasses.replace(bucketed, buckets=tuple(sorted(set(bucketed.buckets) | extra)))
+
+
+def _with_buckets(processor: ImageProcessor, buckets: Any) -> ImageProcessor:
+    """`buckets`: "auto" (the processor's, else 128-step), an int step, sizes, or None (off).
+
+    Padding is always on (a `do_pad=False` setting is overridden): the model needs one size per
+    batch, and the mask hides the padding; an image alone without buckets is not padded at all.
+    """
+    if not processor.do_pad:
+        processor = dataclasses.replace(processor, do_pad=True)
+    if isinstance(buckets, str):
+        if buckets != "auto":
+            raise ValueError(f'buckets must be "auto", an int step, sizes or None, got {buckets!r}')
+        if processor.buckets is not None or processor.pad_size is not None:
+            return processor
+        return default_buckets(processor)
+    if buckets is None:
+        return dataclasses.replace(processor, buckets=None)
+    if isinstance(buckets, (int, np.integer)) and not isinstance(buckets, bool):
+        return default_buckets(processor, int(buckets))
+    return dataclasses.replace(processor, buckets=tuple(int(b) for b in buckets))
+
+
+def _chunk_sizes(count: int, batch_size: int) -> list[int]:
+    """`count` images in chunks of `batch_size`, the rest in decreasing powers of two (no padding
+    images, and at most 1 + log2(batch_size) distinct batch sizes)."""
+    sizes = [batch_size] * (count // batch_size)
+    rest = count % batch_size
+    while rest:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    return sizes
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("no images given (empty list)")
+        return list(images)
+    if getattr(images, "ndim", None) == 4 and hasattr(images, "__array__"):
+        return list(np.asarray(images))  # a [bs, height, width, channels] batch
+    return [images]
+
+
+def _capture(fn):
+    """`fn` returning its `ImageError` / `TypeError` instead of raising it (for `pool.map`)."""
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except (ImageError, TypeError) as err:
+            return err
+
+    return call
+
+
+def _describe(index: int, image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"image {index} ({os.fspath(image)!r})"
+    return f"image {index}"
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """One loaded and checked input image and where it goes."""
+
+    index: int  # position in the call
+    name: str  # "image {index} ('{path}')" for errors
+    array: np.ndarray | None  # [height, width, 3] as loaded; dropped once pre-processed
+    size: tuple[int, int]  # (height, width) of the input image
+    bucket: tuple[int, int]  # padded (height, width)
+
+
+class Detector:
+    """Deformable DETR inference: images in, `Detections` out.
+
+    Args:
+      model: a `DeformableDetrForObjectDetection` (its weights are split off once and kept).
+      processor: pre-processing settings; `ImageProcessor()` (transformers' defaults) when None.
+      dtype: `jnp.float32` (default) or `jnp.bfloat16` compute.
+      buckets: padded sizes. `"auto"`: the processor's `buckets` (or its fixed `pad_size`), else
+        `default_buckets(processor)`: multiples of 128 up to the longest edge, plus the shortest
+        edge (800): photos pad by at most 127 pixels per side, usually only along the long one.
+        An int: `default_buckets` with that step. A sequence: those side lengths. `None`: no
+        buckets, every image padded to its own size (exact transformers parity, one program per
+        distinct resized size). The padding is masked but not perfectly invisible: measured with
+        random full-size weights, default buckets move scores by <= 0.009 and boxes by <= 0.3
+        px, a 1333 x 1333 canvas by <= 0.025 and 1.1 px (see the module docstring).
+      batch_size: largest batch sent to the device at once.
+      top_k: (query, class) pairs kept per image before the threshold, as transformers.
+      workers: threads that read and pre-process images (at most the number of CPUs).
+
+    `compiled_shapes` lists the (batch, height, width) programs used so far: a stream of images
+    compiles at most one program per (bucket, batch size) pair, never one per image size.
+    """
+
+    def __init__(
+        self,
+        model: DeformableDetrForObjectDetection,
+        processor: ImageProcessor | None = None,
+        *,
+        dtype: Any = None,
+        buckets: Any = "auto",
+        batch_size: int = 4,
+        top_k: int = 100,
+        workers: int = 4,
+    ):
+        if not isinstance(model, DeformableDetrForObjectDetection):
+            raise TypeError(
+                f"model must be a DeformableDetrForObjectDetection, got {type(model).__name__}"
+            )
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        self.config: DeformableDetrConfig = model.config
+        self.processor = _with_buckets(processor or ImageProcessor(), buckets)
+        self.dtype = _resolve_dtype(dtype)
+        self.batch_size = int(batch_size)
+        self.top_k = int(top_k)
+        self.id2label = self.config.id2label_dict
+
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self._graphdef = graphdef
+        # Parameters in the compute dtype (one program for the whole tree, not one per shape);
+        # BatchStat (frozen batch norm) and the rng state stay as they are.
+        floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if any(x.dtype != self.dtype for x in floating):
+            params = _cast_floating(params, dtype=self.dtype)
+        self._params = params
+        self._rest = rest
+        self._shapes: dict[tuple[int, int, int], None] = {}
+        self._workers = max(1, min(workers, os.cpu_count() or 1))
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: Any = None,
+        processor: ImageProcessor | None = None,
+        **kwargs: Any,
+    ) -> Detector:
+        """From a folder saved by this package (`checkpoint.save_pretrained`: orbax weights +
+        config.json) or a hub-style folder (config.json + model.safetensors | pytorch_model.bin).
+
+        The processor comes from the folder's `preprocessor_config.json` when present, else
+        `ImageProcessor()` defaults; `processor=` overrides both. `kwargs` go to `Detector`
+        (`buckets`, `batch_size`, `top_k`, `workers`).
+        """
+        # imported here: orbax and the converter are needed only by this constructor
+        from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
+        from deformable_detr_jax.convert import load_pytorch_checkpoint
+
+        folder = pathlib.Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{os.fspath(path)!r} is not a folder; pass a folder with config.json and weights "
+                "(a hub download or one saved by deformable_detr_jax.checkpoint.save_pretrained)"
+            )
+        if is_pretrained_folder(folder):  # ours: config.json + orbax params/
+            model = load_pretrained(folder)
+        else:  # hub-style: config.json + model.safetensors | pytorch_model.bin (or shards)
+            model = load_pytorch_checkpoint(folder)
+        if processor is None:
+            if (folder / CONFIG_NAME).is_file():
+                processor = ImageProcessor.from_pretrained(folder)
+            else:
+                processor = ImageProcessor()
+        return cls(model, processor, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ compiled forward
+
+    @property
+    def compiled_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """(batch, height, width) of every program this detector has run, in order of first use.
+
+        Programs are cached by `jax.jit` on the shapes and on the model structure, so detectors
+        of the same architecture and dtype share them (a second detector compiles nothing new).
+        """
+        return tuple(self._shapes)
+
+    def bucket(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Padded (height, width) an image of `image_size` (height, width) is run at."""
+        height, width = self.processor.padded_size([self.processor.resized_size(image_size)])
+        return max(height, MIN_SIDE), max(width, MIN_SIDE)
+
+    def forward(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[Any, Any]:
+        """Compiled model on a pre-processed batch: `[bs, height, width, 3]` float32 and
+        `[bs, height, width]` bool -> `logits [bs, len_q, num_labels]`, `pred_boxes [bs, len_q,
+        4]` float32 device arrays (dispatched, not waited for)."""
+        self._shapes.setdefault(tuple(int(s) for s in pixel_values.shape[:3]))
+        return _forward(
+            self._params,
+            self._rest,
+            np.asarray(pixel_values, np.float32),
+            np.asarray(pixel_mask, bool),
+            graphdef=self._graphdef,
+            dtype=self.dtype,
+        )
+
+    # ------------------------------------------------------------------ detection
+
+    def _prepare(self, index: int, image: ImageLike) -> _Prepared:
+        name = _describe(index, image)
+        array = self.processor.load_image(image, index)
+        try:
+            bucket = self.bucket(array.shape[:2])
+        except ValueError as err:
+            raise ImageError(f"{name}: {err}") from err
+        return _Prepared(index, name, array, tuple(int(s) for s in array.shape[:2]), bucket)
+
+    def _pixels(self, item: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            batch = self.processor.preprocess(item.array, pad_to=item.bucket)
+        except ValueError as err:  # ImageError included: name the image by its place in the call
+            message = str(err)  # preprocess saw a one-image list: "image 0 ..." is this image
+            message = item.name + message[7:] if message.startswith("image 0") else message
+            raise ImageError(
+                message if item.name in message else f"{item.name}: {message}"
+            ) from err
+        return batch["pixel_values"][0], batch["pixel_mask"][0]
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        threshold: float = 0.5,
+        *,
+        on_error: str = "raise",
+    ) -> list[Detections | ImageError]:
+        """Detects objects in one image or a list of them (PIL, `[height, width(, 1|3|4)]` uint8 or
+        float arrays in 0..255, file paths; any mix of sizes).
+
+        Args:
+          images: one image, a list, or a `[bs, height, width, channels]` array.
+          threshold: keep detections with score > threshold, in [0, 1].
+          on_error: `"raise"`: a bad image raises `ImageError` (naming its index and path) before
+            any image is run. `"return"`: the `ImageError` takes that image's place in the
+            result and the other images are still detected.
+
+        Returns:
+          One `Detections` per image, in input order (or `ImageError` with `on_error="return"`).
+        """
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:  # also rejects NaN
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if on_error not in ("raise", "return"):
+            raise ValueError(f'on_error must be "raise" or "return", got {on_error!r}')
+        images = _as_list(images)
+        results: list[Detections | ImageError | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[_Prepared]] = {}
+        with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
+            # decoding and resizing release the GIL: images are read and pre-processed in
+            # parallel, results taken in input order (so the first bad image is the one raised)
+            loaded = pool.map(_capture(self._prepare), range(len(images)), images)
+            for index, item in enumerate(loaded):
+                if isinstance(item, Exception):
+                    if on_error == "raise":
+                        raise item
+                    results[index] = item if isinstance(item, ImageError) else ImageError(str(item))
+                else:
+                    groups.setdefault(item.bucket, []).append(item)
+
+            pending = []
+            for items in groups.values():
+                start = 0
+                for size in _chunk_sizes(len(items), self.batch_size):
+                    batch = items[start : start + size]
+                    start += size
+                    chunk, pixels, masks = [], [], []
+                    for item, done in zip(batch, pool.map(_capture(self._pixels), batch)):
+                        if isinstance(done, Exception):
+                            if on_error == "raise":
+                                raise done
+                            results[item.index] = done
+                            continue
+                        item.array = None  # only its size is needed from here on
+                        chunk.append(item)
+                        pixels.append(done[0])
+                        masks.append(done[1])
+                    if chunk:  # dispatched asynchronously: the next chunk is prepared meanwhile
+                        outputs = self.forward(np.stack(pixels), np.stack(masks))
+                        pending.append((chunk, outputs))
+
+        for chunk, (logits, pred_boxes) in pending:
+            found = post_process_object_detection(
+                np.asarray(logits),
+                np.asarray(pred_boxes),
+                threshold=threshold,
+                target_sizes=[item.size for item in chunk],
+                top_k=self.top_k,
+            )
+            for item, result in zip(chunk, found):
+                names = tuple(self.id2label.get(int(i), f"LABEL_{i}") for i in result["labels"])
+                results[item.index] = Detections(
+                    boxes=result["boxes"],
+                    scores=result["scores"],
+                    labels=result["labels"],
+                    label_names=names,
+                    image_size=item.size,
+                )
+        return results
+
+    def draw(self, image: ImageLike, detections: Detections, **kwargs: Any) -> PIL.Image.Image:
+        """`draw_detections(image, detections)` with this detector's image loading."""
+        return draw_detections(self.processor.load_image(image), detections, **kwargs)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+# Distinct colours (Tableau 10 + a few), picked by label id.
+_PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (0, 0, 128), (128, 128, 0), (0, 128, 128), (128, 0, 128), (255, 215, 0),
+)  # fmt: skip
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont:
+    try:
+        return PIL.ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return PIL.ImageFont.load_default()
+
+
+def draw_detections(
+    image: ImageLike,
+    detections: Detections,
+    *,
+    line_width: int | None = None,
+    font_size: int | None = None,
+) -> PIL.Image.Image:
+    """A copy of `image` (PIL, `[height, width, 3]` array with uint8 or 0..255 float values, or a
+    path) with each detection's box and "label score" drawn on it. Line width and font size scale
+    with the image unless given."""
+    if isinstance(image, (str, os.PathLike)):
+        image = ImageProcessor().load_image(image)
+    if isinstance(image, PIL.Image.Image):
+        canvas = image.convert("RGB")
+    else:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ImageError(f"draw needs a [height, width, 3] RGB image, got shape {array.shape}")
+        canvas = PIL.Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    if not isinstance(detections, Detections):
+        raise TypeError(f"detections must be a Detections, got {type(detections).__name__}")
+    if (canvas.height, canvas.width) != tuple(detections.image_size):
+        raise ValueError(
+            f"the image is {canvas.height}x{canvas.width} (height x width) but the detections "
+            f"were made on a {detections.image_size[0]}x{detections.image_size[1]} image; draw "
+            "on the image that was detected"
+        )
+    side = max(canvas.size)
+    line_width = line_width or max(1, round(side / 400))
+    font = _font(font_size or max(10, round(side / 60)))
+    draw = PIL.ImageDraw.Draw(canvas)
+    for box, score, label, name in zip(
+        detections.boxes, detections.scores, detections.labels, detections.label_names
+    ):
+        color = _PALETTE[int(label) % len(_PALETTE)]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, x1 = sorted((min(max(x0, 0), canvas.width - 1), min(max(x1, 0), canvas.width - 1)))
+        y0, y1 = sorted((min(max(y0, 0), canvas.height - 1), min(max(y1, 0), canvas.height - 1)))
+        draw.rectangle((x0, y0, x1, y1), outline=color, width=line_width)
+        text = f"{name} {float(score):.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        height = bottom - top
+        ty = y0 - height - 2 if y0 - height - 2 >= 0 else y0  # above the box, else inside
+        draw.rectangle((x0, ty, x0 + right - left + 4, ty + height + 2), fill=color)
+        draw.text((x0 + 2, ty + 1 - (top - y0)), text, fill=(255, 255, 255), font=font)
+    return canvas

@@ -1,0 +1,119 @@
+"""Where the first weights come from: random, an ImageNet ResNet, or a detection checkpoint.
+
+- Random (`model.init_from = ""`): `train_state.init_weights`, created replicated under `jit`.
+- `model.backbone_weights`: a torchvision / timm ResNet state dict (`resnet50-*.pth`,
+  `model.safetensors`; read without PyTorch by `convert.readers`) loaded into
+  `model.backbone.model` (convolutions and frozen batch-norm statistics; `fc.*` ignored), as
+  the paper starts from ImageNet weights. Every backbone weight must be found.
+- `model.init_from`: a detection checkpoint to fine-tune: a folder written by
+  `checkpoint.save_pretrained`, a Hugging Face hub-style folder, or a PyTorch file
+  (`convert.load_pytorch_checkpoint`). The architecture is the checkpoint's; `num_labels` (and
+  `id2label`) come from the new data. Weights whose name and shape match are copied; the rest
+  (the class heads when the label count changes) keep their fresh initialisation, and are
+  reported.
+
+Multi-host: every process reads the same files and places the same values
+(`train_state.place_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from deformable_detr_jax.config import DeformableDetrConfig
+
+logger = logging.getLogger(__name__)
+
+_BACKBONE = "model.backbone."
+
+
+def checkpoint_config(path: str | os.PathLike) -> DeformableDetrConfig:
+    """The model config of a checkpoint to start from (see the module docstring)."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.init_from={str(path)!r} does not exist; point it at a save_pretrained "
+            "folder, a hub folder (config.json + weights) or a PyTorch checkpoint file"
+        )
+    if path.is_dir() and (path / "config.json").is_file():
+        return DeformableDetrConfig.from_hf(path / "config.json")
+    return load_checkpoint_model(path).config
+
+
+def load_checkpoint_model(path: str | os.PathLike):
+    """The `DeformableDetrForObjectDetection` a checkpoint holds (on the default device)."""
+    from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
+    from deformable_detr_jax.convert import load_pytorch_checkpoint
+
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir() and is_pretrained_folder(path):
+        return load_pretrained(path)
+    return load_pytorch_checkpoint(path)
+
+
+def transplant(
+    target: Mapping[str, Any], source: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """`target` with every entry whose name and shape `source` shares replaced by the source's.
+
+    Returns the merged dict and the names kept from `target` (not found or other shapes)."""
+    merged, kept = dict(target), []
+    for name, value in target.items():
+        other = source.get(name)
+        if other is not None and tuple(np.shape(other)) == tuple(np.shape(value)):
+            merged[name] = np.asarray(other, dtype=np.asarray(value).dtype)
+        else:
+            kept.append(name)
+    return merged, kept
+
+
+def backbone_weights_from_resnet(
+    path: str | os.PathLike, names_and_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """The backbone entries of `names_and_shapes` (NNX names under `model.backbone.`) read from a
+    torchvision / timm ResNet state dict, in NNX layout.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: a backbone weight is missing from the file or has another shape.
+    """
+    from deformable_detr_jax.convert.formats import _TIMM, hub_to_transformers
+    from deformable_detr_jax.convert.readers import read_state_dict
+    from deformable_detr_jax.convert.state_dict import _to_nnx_layout, nnx_path_to_key
+
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.backbone_weights={str(path)!r} does not exist; point it at an ImageNet "
+            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors)"
+        )
+    state = read_state_dict(path)
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    renamed = hub_to_transformers({_TIMM + k: v for k, v in state.items()})
+    out, missing, misshaped = {}, [], []
+    for name, shape in names_and_shapes.items():
+        if not name.startswith(_BACKBONE):
+            continue
+        key = nnx_path_to_key(name.split("."))
+        if key not in renamed:
+            missing.append(key)
+            continue
+        array = _to_nnx_layout(name.rsplit(".", 1)[-1], np.asarray(renamed[key], np.float32))
+        if array.shape != tuple(shape):
+            misshaped.append(f"{key}: file {array.shape}, model {tuple(shape)}")
+            continue
+        out[name] = array
+    if missing or misshaped:
+        raise ValueError(
+            f"model.backbone_weights={str(path)!r} does not fit the backbone "
+            f"(model.backbone_depths / backbone_hidden_sizes): {len(missing)} missing "
+            f"{sorted(missing)[:5]}, {len(misshaped)} of another shape {misshaped[:3]}"
+        )
+    logger.info("loaded %d backbone weights from %s", len(out), path)
+    return out

@@ -1,0 +1,164 @@
+"""The jitted training and evaluation steps.
+
+`train_step(state, batch, base_key) -> (state, metrics)` is one optimizer step over a global
+batch of `accum x bs` images, laid out `(accum, bs, ...)` and split over the mesh's `"data"`
+axis along `bs`:
+
+1. `num_boxes` = valid target boxes of the whole batch (all devices, all hosts, all
+   micro-batches): under `jit` over the global array this sum is the cross-device all-reduce
+   the references do with `all_reduce(num_boxes) / world_size`, and every micro-batch's loss is
+   normalised by it, so accumulating `accum` micro-batches is the same step as one batch of
+   `accum x bs` (the criterion is a sum over images divided by `num_boxes`).
+2. forward (dropout keyed by `fold_in(base_key, step)`), Hungarian matching, losses, gradients
+   w.r.t. the trained parameters only; `lax.scan` over micro-batches when `accum > 1`.
+3. optax update (clipping, groups, AdamW). A non-finite loss or gradient leaves the state as it
+   was and records the step in `bad_step`; every later step is then a no-op, so the state stays
+   the last good one until the loop stops.
+
+`eval_step(params, frozen, batch) -> detections` runs the model deterministically and returns
+the top-k (query, class) pairs per image, as `post_process_object_detection` ranks them, with
+boxes as normalised (x0, y0, x1, y1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from deformable_detr_jax.loss import LossConfig, loss_from_outputs
+from deformable_detr_jax.training import mesh as mesh_lib
+from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
+
+# Batch entries the device sees; the rest (image ids, sizes) stay on the host.
+TRAIN_KEYS = ("pixel_values", "pixel_mask", "labels", "boxes", "mask")
+EVAL_KEYS = ("pixel_values", "pixel_mask")
+
+
+def _sum_losses(total: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: total[k] + new[k] for k in total}
+
+
+def make_train_step(
+    spec: ModelSpec,
+    loss_config: LossConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state: TrainState,
+    *,
+    compute_dtype: Any = None,
+    schedules: Mapping[str, optax.Schedule] | None = None,
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """The jitted step (state donated). `state` gives the pytree structure for the shardings.
+
+    Args:
+      compute_dtype: e.g. `jnp.bfloat16` for bfloat16 forward/backward (float32 master
+        weights, optimizer and loss); None for float32.
+      schedules: learning-rate schedules to report as `lr_{group}` metrics.
+    """
+
+    def loss_fn(params, frozen, micro, num_boxes, key):
+        model = spec.merge(params, frozen, dropout_key=key, dtype=compute_dtype)
+        pixel_values = micro["pixel_values"]
+        if compute_dtype is not None:
+            pixel_values = pixel_values.astype(compute_dtype)
+        outputs = model(pixel_values, micro["pixel_mask"], deterministic=False)
+        total, losses = loss_from_outputs(
+            outputs, micro["labels"], micro["boxes"], micro["mask"], loss_config,
+            num_boxes=num_boxes,
+        )  # fmt: skip
+        losses = {k: v.astype(jnp.float32) for k, v in losses.items() if k != "is_finite"}
+        return total.astype(jnp.float32), losses
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+        accum = batch["mask"].shape[0]
+        # valid boxes of the global batch: an all-reduce over the data axis
+        num_boxes = jnp.maximum(batch["mask"].astype(jnp.float32).sum(), 1.0)
+        step_key = jax.random.fold_in(base_key, state.step)
+        if accum == 1:
+            micro = {k: v[0] for k, v in batch.items()}
+            (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, step_key)
+        else:
+
+            def body(carry, inputs):
+                index, micro = inputs
+                key = jax.random.fold_in(step_key, index)
+                (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, key)
+                acc_loss, acc_losses, acc_grads = carry
+                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+                return (acc_loss + loss, _sum_losses(acc_losses, losses), acc_grads), None
+
+            shapes = jax.eval_shape(
+                grad_fn, state.params, state.frozen, {k: v[0] for k, v in batch.items()},
+                num_boxes, step_key,
+            )  # fmt: skip
+            (_, loss_shapes), grad_shapes = shapes
+            zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+            init = (jnp.zeros((), jnp.float32), zeros(loss_shapes), zeros(grad_shapes))
+            (loss, losses, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), batch))
+            # cardinality_error is a per-batch mean (logging only): average it, sum the rest
+            losses = {
+                k: v / accum if k.startswith("cardinality_error") else v for k, v in losses.items()
+            }
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + ok.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_step=jnp.where(
+                state.bad_step >= 0, state.bad_step, jnp.where(ok, -1, state.step)
+            ).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "num_boxes": num_boxes}
+        for group, schedule in (schedules or {}).items():
+            metrics[f"lr_{group}"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new_state, metrics
+
+    shardings = state_sharding(state, mesh)
+    replicated = mesh_lib.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(
+    spec: ModelSpec, mesh: Mesh, *, top_k: int = 100, compute_dtype: Any = None
+) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted `(params, frozen, batch) -> {"scores", "labels", "boxes"}`, each `(bs, k, ...)`,
+    split over the data axis like the batch. Boxes are normalised (x0, y0, x1, y1)."""
+
+    def eval_step(params, frozen, batch):
+        model = spec.merge(params, frozen, dtype=compute_dtype)
+        pixel_values = batch["pixel_values"]
+        if compute_dtype is not None:
+            pixel_values = pixel_values.astype(compute_dtype)
+        outputs = model(pixel_values, batch["pixel_mask"], deterministic=True)
+        logits = outputs.logits.astype(jnp.float32)
+        boxes = outputs.pred_boxes.astype(jnp.float32)
+        bs, len_q, num_labels = logits.shape
+        k = min(top_k, len_q * num_labels)
+        # (bs, len_q * num_labels): rank (query, class) pairs jointly, as the post-processing
+        top_logits, index = jax.lax.top_k(logits.reshape(bs, len_q * num_labels), k)
+        query, labels = index // num_labels, index % num_labels
+        cx, cy, w, h = jnp.moveaxis(jnp.take_along_axis(boxes, query[..., None], axis=1), -1, 0)
+        # (bs, k, 4) x0, y0, x1, y1
+        corners = jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+        return {"scores": jax.nn.sigmoid(top_logits), "labels": labels, "boxes": corners}
+
+    replicated = mesh_lib.replicated(mesh)
+    data = mesh_lib.batch_sharding(mesh)
+    return jax.jit(eval_step, in_shardings=(replicated, replicated, data), out_shardings=data)

@@ -1,0 +1,84 @@
+"""`python -m deformable_detr_jax.predict`: detections printed, annotated images written, a bad
+image reported without stopping the others, exit status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from deformable_detr_jax.checkpoint import save_pretrained
+from deformable_detr_jax.predict import main
+from tests.test_inference import PHOTO_LANDSCAPE, PHOTO_PORTRAIT, small_processor, tiny_models
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "model"
+    save_pretrained(tiny_models()[1], folder, processor=small_processor())
+    return folder
+
+
+def test_cli_reports_bad_images_and_goes_on(model_folder, tmp_path, capsys):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a png")
+    # two inputs with the same stem: the second annotated image gets a suffix
+    other = tmp_path / "sub" / PHOTO_PORTRAIT.name
+    other.parent.mkdir()
+    shutil.copy(PHOTO_PORTRAIT, other)
+    images = [PHOTO_PORTRAIT, empty, PHOTO_LANDSCAPE, broken, other]
+    out = tmp_path / "out"
+    status = main(["--model", str(model_folder), *map(str, images), "--out", str(out),
+                   "--threshold", "0.5"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 1
+    assert f"image 1 ('{empty}'): the file is empty" in captured.err
+    assert f"image 3 ('{broken}'): cannot be read as an image" in captured.err
+    assert "3 of 5 image(s) processed" in captured.err
+    for path in (PHOTO_PORTRAIT, PHOTO_LANDSCAPE, other):
+        assert f"{path}: " in captured.out
+    assert "detection(s) in a 640x512 image" in captured.out
+    written = sorted(p.name for p in out.iterdir())
+    stem = PHOTO_PORTRAIT.stem
+    assert written == sorted([f"{stem}.png", f"{stem}-1.png", f"{PHOTO_LANDSCAPE.stem}.png"])
+    with PIL.Image.open(out / f"{stem}.png") as annotated, PIL.Image.open(PHOTO_PORTRAIT) as src:
+        assert annotated.size == src.size
+        assert not np.array_equal(np.asarray(annotated), np.asarray(src.convert("RGB")))
+
+
+def test_cli_json_and_success_status(model_folder, capsys):
+    status = main(["--model", str(model_folder), str(PHOTO_PORTRAIT), "--json",
+                   "--threshold", "0.52"])  # fmt: skip
+    assert status == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert record["image"] == str(PHOTO_PORTRAIT)
+    assert (record["height"], record["width"]) == (640, 512)
+    assert all(d["score"] > 0.52 for d in record["detections"])
+    assert {d["label"] for d in record["detections"]} <= {"cat", "dog", "bicycle", "person", "car"}
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "-0.2", "nan", "high"])
+def test_cli_rejects_threshold(model_folder, threshold, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(model_folder), str(PHOTO_PORTRAIT), "--threshold", threshold])
+    assert info.value.code == 2
+    assert "threshold must be" in capsys.readouterr().err
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), str(PHOTO_PORTRAIT)]) == 2
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+def test_cli_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "deformable_detr_jax.predict", "--help"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0
+    assert "--model" in result.stdout and "--threshold" in result.stdout

@@ -1,0 +1,134 @@
+"""Data parallelism across devices and processes gives the parameters of one device.
+
+The runs keep their weights in float64 (`train.param_dtype`, JAX_ENABLE_X64): some parameters
+have a gradient that is exactly zero in exact arithmetic (the attention key biases: softmax does
+not see a shift common to all keys), so in float32 it is pure rounding noise, and AdamW's
+normalisation `m / (sqrt(v) + eps)` turns noise of 1e-9 into a step of up to `lr`, differently
+for each reduction order. In float64 the noise is 1e-18 and every parameter must agree to 1e-5.
+
+Each run is a subprocess (`tests/test_training_workers.py`): 8 fake CPU devices need XLA_FLAGS
+before JAX starts, and two processes need `jax.distributed` (CPU collectives over gloo). All
+subprocesses share one persistent compilation cache so that identical programs compile once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _env(cache: str, devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        # O0: half the compile time; every run of a comparison uses the same flags
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def _worker(out, workdir, cache, *, devices=1, host_devices=None, extra=()):
+    command = [sys.executable, "-m", "tests.test_training_workers", "train", "--out", str(out),
+               "--workdir", str(workdir), "--devices", str(devices), "--x64", "--dropout", "0",
+               *extra]  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=ROOT, env=_env(cache, host_devices or devices),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _finish(process) -> str:
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"worker timed out:\n{output[-3000:]}")
+    assert process.returncode == 0, f"worker failed ({process.returncode}):\n{output[-5000:]}"
+    return output
+
+
+def _load(path) -> dict[str, np.ndarray]:
+    """The trained parameters a worker saved (its initial ones must differ: training moved)."""
+    with np.load(path) as data:
+        final = {k: data[k] for k in data.files if not k.startswith("init:")}
+        initial = {k[5:]: data[k] for k in data.files if k.startswith("init:")}
+    moved, _ = _max_difference(final, initial)
+    assert moved > 1e-4, f"training did not change the parameters ({path})"
+    return final
+
+
+def _max_difference(a: dict, b: dict) -> tuple[float, str]:
+    assert a.keys() == b.keys()
+    worst = max(a, key=lambda k: float(np.max(np.abs(a[k] - b[k]))))
+    return float(np.max(np.abs(a[worst] - b[worst]))), worst
+
+
+@pytest.fixture(scope="session")
+def single_device_run(tmp_path_factory, compilation_cache):
+    """3 steps of the tiny model on one device, global batch 8, no dropout (the reference: with
+    accumulation each micro-batch draws its own dropout masks, so none are drawn here)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    _finish(_worker(tmp / "params.npz", tmp / "work", compilation_cache, devices=1))
+    return _load(tmp / "params.npz")
+
+
+def test_eight_devices_match_one_device(tmp_path, compilation_cache, single_device_run):
+    _finish(_worker(tmp_path / "p8.npz", tmp_path / "w8", compilation_cache, devices=8))
+    sharded = _load(tmp_path / "p8.npz")
+    diff, name = _max_difference(sharded, single_device_run)
+    assert diff < 1e-5, f"8-way sharded run differs from 1 device by {diff:.3g} at {name}"
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path, compilation_cache, single_device_run):
+    """2 micro-batches of 4 on 4 devices == one batch of 8 on one device."""
+    process = _worker(tmp_path / "accum.npz", tmp_path / "accum", compilation_cache, devices=4,
+                      host_devices=8, extra=("--accum", "2"))  # fmt: skip
+    _finish(process)
+    diff, name = _max_difference(_load(tmp_path / "accum.npz"), single_device_run)
+    assert diff < 1e-5, f"accumulated step differs from the full batch by {diff:.3g} at {name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_in_lockstep(tmp_path, compilation_cache, single_device_run):
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [
+        _worker(
+            tmp_path / f"p{i}.npz",
+            tmp_path / "work",
+            compilation_cache,
+            devices=0,
+            host_devices=1,
+            extra=("--coordinator", address, "--num-processes", "2", "--process-id", str(i)),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [_finish(p) for p in processes]
+    assert all("2 processes" in out for out in outputs), outputs[0][-2000:]
+    first, second = _load(tmp_path / "p0.npz"), _load(tmp_path / "p1.npz")
+    diff, name = _max_difference(first, second)
+    assert diff == 0.0, f"the two processes disagree by {diff:.3g} at {name}"
+    diff, name = _max_difference(first, single_device_run)
+    assert diff < 1e-5, f"2-process run differs from 1 process by {diff:.3g} at {name}"
