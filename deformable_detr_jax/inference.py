@@ -55,7 +55,13 @@ from flax import nnx
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 from deformable_detr_jax.postprocessing import post_process_object_detection
-from deformable_detr_jax.processing import CONFIG_NAME, ImageError, ImageLike, ImageProcessor
+from deformable_detr_jax.processing import (
+    CONFIG_NAME,
+    ImageError,
+    ImageLike,
+    ImageProcessor,
+    _as_list,
+)
 
 # The backbone needs at least one stride-32 cell: pad smaller images (mask False) up to this.
 MIN_SIDE = 32
@@ -175,16 +181,6 @@ def _chunk_sizes(count: int, batch_size: int) -> list[int]:
         sizes.append(1 << (rest.bit_length() - 1))
         rest -= sizes[-1]
     return sizes
-
-
-def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("no images given (empty list)")
-        return list(images)
-    if getattr(images, "ndim", None) == 4 and hasattr(images, "__array__"):
-        return list(np.asarray(images))  # a [bs, height, width, channels] batch
-    return [images]
 
 
 def _capture(fn):
