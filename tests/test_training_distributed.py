@@ -21,6 +21,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.subprocess_utils import finish
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
 
@@ -55,14 +57,7 @@ def _worker(out, workdir, cache, *, devices=1, host_devices=None, extra=()):
 
 
 def _finish(process) -> str:
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"worker timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, f"worker failed ({process.returncode}):\n{output[-5000:]}"
-    return output
+    return finish(process, "worker", TIMEOUT)
 
 
 def _load(path) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.subprocess_utils import finish
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 TIMEOUT = 600
@@ -69,14 +71,7 @@ def _start(tmp, workdir) -> subprocess.Popen:
 
 
 def _finish(process) -> str:
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"train.py timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, f"train.py failed ({process.returncode}):\n{output[-5000:]}"
-    return output
+    return finish(process, "train.py", TIMEOUT)
 
 
 def _steps(workdir) -> list[int]:
