@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu
+from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu, reference
 from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from tests import msda_oracle
 
@@ -307,6 +307,25 @@ class MSDASuite:
 
 class TestXla(MSDASuite):
     implementation = "xla"
+
+    @pytest.mark.parametrize("chunk", [None, 5])
+    @pytest.mark.parametrize("neighbourhoods", [False, True])
+    @pytest.mark.parametrize("case", ["mixed", "five_levels"])
+    def test_every_gather_layout(self, case, neighbourhoods, chunk, monkeypatch):
+        """Every level through one layout: four corner rows per sample (what the decoder's
+        levels use) or one 2x2-neighbourhood row (the encoder's), all queries at once (GPU,
+        TPU) or in chunks of 5 that do not divide len_q (CPU), against the oracle."""
+        monkeypatch.setattr(reference, "_gathers_neighbourhoods", lambda *a: neighbourhoods)
+        monkeypatch.setattr(reference, "_query_chunk", lambda len_q: chunk)
+        (value, loc, attn, grad_out), (want_out, want_grads), _ = _expected(
+            case, "float32", 1, False
+        )
+        fn = functools.partial(ms_deform_attn_reference)  # a fresh jit cache entry
+        shapes = CASES[case].spatial_shapes
+        out, grads = _output_and_grads(fn, value, shapes, loc, attn, grad_out)
+        _assert_close(out, want_out, 1e-5, "forward")
+        for grad, want in zip(grads, want_grads):
+            _assert_close(grad, want, 1e-4, "grad")
 
 
 class TestPallasGpu(MSDASuite):

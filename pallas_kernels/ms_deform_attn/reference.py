@@ -5,9 +5,19 @@ Follows the PyTorch fallback of the original implementation (fundamentalvision
 sampling as `grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`,
 i.e. pixel coordinate = location * size - 0.5, and corners outside a level contribute zero.
 
-This is the correctness oracle for the Pallas kernels and the CPU/TPU fallback. It is
-written as four gathers per level (one per bilinear corner) whose products are reduced over
-points immediately, so the largest intermediate is `[bs, nheads, len_q, npoints, head_dim]`.
+This is the correctness oracle for the Pallas kernels and the CPU/TPU fallback. Per level it
+gathers whole rows batched over (bs, nheads), multiplies them by the bilinear x attention
+coefficients and reduces over points and corners at once. Two gather layouts, same result:
+
+- corners: four `head_dim` rows per sample straight from the level (when a level has fewer
+  samples than cells: the decoder);
+- neighbourhoods: one `4 * head_dim` row per sample, its whole 2x2 neighbourhood, from a
+  table built from the level bordered by zeros (when it has more: the encoder). A quarter of
+  the index work, which is what gathers cost on CPU.
+
+On CPU the queries are also processed in chunks (`lax.map`), so that the gathered rows of a
+chunk are reduced while they are still in cache instead of going through main memory; on
+GPU/TPU the whole level is one gather.
 """
 
 from __future__ import annotations
@@ -17,20 +27,140 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# (bs, nheads, len, head_dim), (bs, nheads, n) -> (bs, nheads, n, head_dim)
+# (bs, nheads, len, row), (bs, nheads, n) -> (bs, nheads, n, row)
 _gather_rows = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))
 
+# Queries per chunk on CPU: 256 queries x 8 heads x 4 points x 512 bytes of gathered rows
+# (4 MB) per level stay in cache; 128..512 measure the same, 2048 is 1.6x slower, unchunked 3x.
+CPU_QUERY_CHUNK = 256
 
-# Rematerialised in the backward pass: saving the gathered corners of every level as VJP
+
+def _gathers_neighbourhoods(samples: int, height: int, width: int) -> bool:
+    """Whether a level is sampled through the neighbourhood table (static, per level)."""
+    return samples >= (height + 1) * (width + 1)
+
+
+def _query_chunk(len_q: int) -> int | None:
+    """Queries per chunk, or None for one gather over all of them (static)."""
+    if jax.default_backend() == "cpu" and len_q > 2 * CPU_QUERY_CHUNK:
+        return CPU_QUERY_CHUNK
+    return None
+
+
+def _bilinear_terms(loc, attn, height, width, acc_dtype):
+    """Top-left corner and the four corner coefficients (bilinear weight x attention).
+
+    Returns `x0, y0` int32 `(bs, nheads, len_q, npoints)` (pixel index of the top-left corner,
+    may lie outside the level) and `coeffs` `(bs, nheads, len_q, npoints, 4)` for the corners
+    (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+    """
+    x = loc[..., 0].astype(acc_dtype) * width - 0.5
+    y = loc[..., 1].astype(acc_dtype) * height - 0.5
+    attn = attn.astype(acc_dtype)
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0
+    fy = y - y0
+    coeffs = jnp.stack(
+        [(1 - fy) * (1 - fx) * attn, (1 - fy) * fx * attn, fy * (1 - fx) * attn, fy * fx * attn],
+        axis=-1,
+    )
+    return x0.astype(jnp.int32), y0.astype(jnp.int32), coeffs
+
+
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dy, dx), the order of `coeffs`' last axis
+
+
+def _corner_rows(value_l, height, width, x0, y0, coeffs):
+    """Table = the level's `head_dim` rows; four indices per sample, one per corner.
+
+    Returns `table (bs, nheads, height * width, head_dim)`, `idx (bs, nheads, len_q,
+    npoints * 4)` and `coeffs` with out-of-level corners zeroed.
+    """
+    xi = x0[..., None] + jnp.asarray([dx for _, dx in _CORNERS])
+    yi = y0[..., None] + jnp.asarray([dy for dy, _ in _CORNERS])
+    valid = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    idx = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
+    bs, nheads, len_q = x0.shape[:3]
+    return value_l, idx.reshape(bs, nheads, len_q, -1), jnp.where(valid, coeffs, 0)
+
+
+def _neighbourhood_rows(value_l, height, width, x0, y0, coeffs):
+    """Table = every 2x2 neighbourhood as one `4 * head_dim` row; one index per sample.
+
+    Row (y0 + 1) * (width + 1) + (x0 + 1) holds the corners (y0, x0), (y0, x0 + 1),
+    (y0 + 1, x0), (y0 + 1, x0 + 1) for every top-left corner in [-1, height - 1] x
+    [-1, width - 1], read from the level bordered by one row/column of zeros, so corners
+    outside the level read zero; a top-left corner outside that range has all four corners
+    outside the level and its coefficients are zeroed.
+
+    Returns `table (bs, nheads, (height + 1) * (width + 1), 4 * head_dim)`,
+    `idx (bs, nheads, len_q, npoints)` and `coeffs`.
+    """
+    bs, nheads, _, head_dim = value_l.shape
+    # (bs, nheads, height + 2, width + 2, head_dim)
+    grid = jnp.pad(
+        value_l.reshape(bs, nheads, height, width, head_dim),
+        ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)),
+    )
+    table = jnp.concatenate(
+        [grid[:, :, dy : dy + height + 1, dx : dx + width + 1] for dy, dx in _CORNERS], axis=-1
+    ).reshape(bs, nheads, (height + 1) * (width + 1), 4 * head_dim)
+    inside = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
+    idx = jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width)
+    return table, idx, jnp.where(inside[..., None], coeffs, 0)
+
+
+def _gather_reduce(table, idx, coeffs):
+    """`sum over points and corners of coeffs * rows`.
+
+    Args:
+      table: `(bs, nheads, rows, k * head_dim)`.
+      idx: `(bs, nheads, len_q, npoints * 4 // k)`.
+      coeffs: `(bs, nheads, len_q, npoints, 4)`.
+
+    Returns:
+      `(bs, nheads, len_q, head_dim)`.
+    """
+    bs, nheads, len_q, npoints, _ = coeffs.shape
+    head_dim = table.shape[-1] * idx.shape[-1] // (4 * npoints)
+    # (bs, nheads, len_q, npoints, 4, head_dim)
+    rows = _gather_rows(table, idx.reshape(bs, nheads, -1)).reshape(
+        bs, nheads, len_q, npoints, 4, head_dim
+    )
+    return jnp.einsum("bhqpc,bhqpcd->bhqd", coeffs, rows)
+
+
+def _gather_reduce_chunked(table, idx, coeffs, chunk: int):
+    """`_gather_reduce` over `chunk` queries at a time (len_q padded with zero weights)."""
+    bs, nheads, len_q = idx.shape[:3]
+    nchunks = -(-len_q // chunk)
+    pad = nchunks * chunk - len_q
+
+    def split(x):
+        # (bs, nheads, len_q, ...) -> (nchunks, bs, nheads, chunk, ...)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+        x = x.reshape(bs, nheads, nchunks, chunk, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 0)
+
+    out = jax.lax.map(lambda args: _gather_reduce(table, *args), (split(idx), split(coeffs)))
+    # (nchunks, bs, nheads, chunk, head_dim) -> (bs, nheads, len_q, head_dim)
+    out = jnp.moveaxis(out, 0, 2).reshape(bs, nheads, nchunks * chunk, -1)
+    return out[:, :, :len_q]
+
+
+# Rematerialised in the backward pass: saving the gathered rows of every level as VJP
 # residuals costs 4 * nlevels * bs * nheads * len_q * npoints * head_dim floats (about 12 GB
-# for the encoder at batch 8), recomputing them costs four gathers.
-@functools.partial(jax.checkpoint, static_argnums=(1, 2))
+# for the encoder at batch 8), recomputing them costs the gathers again.
+@functools.partial(jax.checkpoint, static_argnums=(1, 2, 5, 6))
 def _sample_level(
     value_l: jax.Array,
     height: int,
     width: int,
     loc: jax.Array,
     attn: jax.Array,
+    neighbourhoods: bool,
+    chunk: int | None,
 ) -> jax.Array:
     """Bilinearly samples one level and reduces over points.
 
@@ -38,47 +168,22 @@ def _sample_level(
       value_l: `(bs, nheads, height * width, head_dim)`.
       loc: `(bs, nheads, len_q, npoints, 2)` as (x, y) in [0, 1] (may lie outside).
       attn: `(bs, nheads, len_q, npoints)`.
+      neighbourhoods: gather through the neighbourhood table rather than by corners.
+      chunk: queries per chunk, or None for all at once.
 
     Returns:
       `(bs, nheads, len_q, head_dim)` in float32 (or float64 for float64 inputs).
     """
-    bs, nheads, len_q, npoints, _ = loc.shape
     acc_dtype = jnp.promote_types(value_l.dtype, jnp.float32)
     # Gather from the accumulation dtype, so that the VJP's scatter-add into the value
     # gradient also accumulates in float32 for bfloat16 inputs (XLA fuses the convert).
     value_l = value_l.astype(acc_dtype)
-    loc = loc.astype(acc_dtype)
-    attn = attn.astype(acc_dtype)
-    x = loc[..., 0] * width - 0.5
-    y = loc[..., 1] * height - 0.5
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    fx = x - x0
-    fy = y - y0
-    x0 = x0.astype(jnp.int32)
-    y0 = y0.astype(jnp.int32)
-    out = jnp.zeros((bs, nheads, len_q, value_l.shape[-1]), acc_dtype)
-    for dy, dx, w in (
-        (0, 0, (1 - fy) * (1 - fx)),
-        (0, 1, (1 - fy) * fx),
-        (1, 0, fy * (1 - fx)),
-        (1, 1, fy * fx),
-    ):
-        xi = x0 + dx
-        yi = y0 + dy
-        valid = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-        # (bs, nheads, len_q * npoints)
-        idx = (jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)).reshape(
-            bs, nheads, len_q * npoints
-        )
-        # (bs, nheads, len_q * npoints, head_dim): whole head_dim rows per index, batched
-        # over (bs, nheads); take_along_axis would build an index per output element.
-        corner = _gather_rows(value_l, idx)
-        # (bs, nheads, len_q, npoints, head_dim)
-        corner = corner.reshape(bs, nheads, len_q, npoints, -1)
-        coeff = jnp.where(valid, w * attn, 0.0)
-        out = out + jnp.einsum("bhqp,bhqpd->bhqd", coeff, corner)
-    return out
+    x0, y0, coeffs = _bilinear_terms(loc, attn, height, width, acc_dtype)
+    rows = _neighbourhood_rows if neighbourhoods else _corner_rows
+    table, idx, coeffs = rows(value_l, height, width, x0, y0, coeffs)
+    if chunk is None:
+        return _gather_reduce(table, idx, coeffs)
+    return _gather_reduce_chunked(table, idx, coeffs, chunk)
 
 
 def ms_deform_attn_reference(
@@ -106,12 +211,16 @@ def ms_deform_attn_reference(
     loc_t = jnp.transpose(sampling_locations, (0, 2, 3, 1, 4, 5))
     # (bs, nheads, nlevels, len_q, npoints)
     attn_t = jnp.transpose(attention_weights, (0, 2, 3, 1, 4))
+    chunk = _query_chunk(len_q)
     out = None
     start = 0
     for level, (height, width) in enumerate(spatial_shapes):
         value_l = value_t[:, :, start : start + height * width]
         start += height * width
-        sampled = _sample_level(value_l, height, width, loc_t[:, :, level], attn_t[:, :, level])
+        neighbourhoods = _gathers_neighbourhoods(len_q * npoints, height, width)
+        sampled = _sample_level(
+            value_l, height, width, loc_t[:, :, level], attn_t[:, :, level], neighbourhoods, chunk
+        )
         out = sampled if out is None else out + sampled
     # (bs, nheads, len_q, head_dim) -> (bs, len_q, nheads * head_dim)
     out = jnp.transpose(out, (0, 2, 1, 3)).reshape(bs, len_q, nheads * head_dim)
