@@ -19,9 +19,11 @@ per batch, images/s, peak memory) and checks the outputs agree:
 
 `--bucket-study` measures how much the detections of `Detector` move with the padded size: each
 fixture photo (resized to shortest 800 / longest 1333) unpadded, in its default bucket, and on a
-1333 x 1333 canvas; per photo the max |difference| of the scores over all query x class pairs, of
-the boxes (pixels), and the overlap of the top-100 (query, class) pairs; for scale, the same
-numbers for the photo flipped upside down (unpadded), a change of content rather than padding.
+1333 x 1333 canvas, with `padding_invariant=True` (the default: padding masked throughout) and
+False (transformers' computation for padded batches); per photo the max |difference| of the
+scores over all query x class pairs, of the boxes (pixels), and the overlap of the top-100
+(query, class) pairs; for scale, the same numbers for the photo flipped upside down (unpadded),
+a change of content rather than padding.
 """
 
 from __future__ import annotations
@@ -247,12 +249,16 @@ def _bucket_study(args) -> None:
     del hf_model
     processor = ImageProcessor(resize_backend="pil")
     settings = {"unpadded": None, "default buckets": "auto", "1333 canvas": (1333,)}
-    detectors = {name: Detector(model, processor, buckets=b) for name, b in settings.items()}
+    detectors = {
+        (name, invariant): Detector(model, processor, buckets=b, padding_invariant=invariant)
+        for name, b in settings.items()
+        for invariant in (True, False)
+    }
     print(
-        "| photo | resized | vs unpadded | padded to | max score diff | mean score diff | "
-        "max box diff (px) | top-100 overlap |"
+        "| photo | resized | vs unpadded | padded to | padding_invariant | max score diff | "
+        "mean score diff | max box diff (px) | top-100 overlap |"
     )
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
     worst, spans = {}, []
     for path in FIXTURES[: args.study_images]:
         image = processor.load_image(path)
@@ -263,27 +269,34 @@ def _bucket_study(args) -> None:
             logits, boxes = detector.forward(batch["pixel_values"], batch["pixel_mask"])
             outputs[name] = (bucket, _sigmoid(np.asarray(logits)[0]), np.asarray(boxes)[0])
         # for scale: the same photo upside down, unpadded (a change of content, not of padding)
-        batch = processor.preprocess(image[::-1].copy(), pad_to=outputs["unpadded"][0])
-        logits, boxes = detectors["unpadded"].forward(batch["pixel_values"], batch["pixel_mask"])
-        outputs["flipped photo"] = (outputs["unpadded"][0], _sigmoid(np.asarray(logits)[0]),
-                                    np.asarray(boxes)[0])  # fmt: skip
+        unpadded = ("unpadded", True)
+        batch = processor.preprocess(image[::-1].copy(), pad_to=outputs[unpadded][0])
+        logits, boxes = detectors[unpadded].forward(batch["pixel_values"], batch["pixel_mask"])
+        outputs[("flipped photo", True)] = (outputs[unpadded][0], _sigmoid(np.asarray(logits)[0]),
+                                            np.asarray(boxes)[0])  # fmt: skip
         size = processor.resized_size(image.shape[:2])
-        _, ref_scores, ref_boxes = outputs["unpadded"]
+        _, ref_scores, ref_boxes = outputs[unpadded]
         scale = np.array([image.shape[1], image.shape[0]] * 2)
         ref_top = set(np.argsort(-ref_scores.ravel())[:100].tolist())
         for name in ("default buckets", "1333 canvas", "flipped photo"):
-            bucket, scores, boxes = outputs[name]
-            top = set(np.argsort(-scores.ravel())[:100].tolist())
-            diff = np.abs(scores - ref_scores)
-            box = np.abs((boxes - ref_boxes) * scale).max()
-            print(f"| {pathlib.Path(path).name} | {size[0]}x{size[1]} | {name} | "
-                  f"{bucket[0]}x{bucket[1]} | {diff.max():.4f} | {diff.mean():.5f} | {box:.2f} | "
-                  f"{len(top & ref_top)}/100 |", flush=True)  # fmt: skip
-            w = worst.setdefault(name, [0.0, 0.0])
-            w[0], w[1] = max(w[0], diff.max()), max(w[1], box)
+            for invariant in (True, False):
+                if (name, invariant) not in outputs:
+                    continue
+                bucket, scores, boxes = outputs[(name, invariant)]
+                top = set(np.argsort(-scores.ravel())[:100].tolist())
+                diff = np.abs(scores - ref_scores)
+                box = np.abs((boxes - ref_boxes) * scale).max()
+                print(f"| {pathlib.Path(path).name} | {size[0]}x{size[1]} | {name} | "
+                      f"{bucket[0]}x{bucket[1]} | {invariant if name != 'flipped photo' else '-'} | "
+                      f"{diff.max():.2e} | {diff.mean():.2e} | {box:.2e} | "
+                      f"{len(top & ref_top)}/100 |", flush=True)  # fmt: skip
+                w = worst.setdefault((name, invariant), [0.0, 0.0])
+                w[0], w[1] = max(w[0], diff.max()), max(w[1], box)
         spans.append((ref_scores.min(), ref_scores.max()))
-    for name, (score, box) in worst.items():
-        print(f"worst {name}: scores {score:.4f}, boxes {box:.2f} px")
+    for (name, invariant), (score, box) in worst.items():
+        print(
+            f"worst {name} (padding_invariant={invariant}): scores {score:.2e}, boxes {box:.2e} px"
+        )
     print("unpadded scores span " + ", ".join(f"{lo:.3f}..{hi:.3f}" for lo, hi in spans))
 
 

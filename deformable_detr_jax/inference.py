@@ -14,19 +14,16 @@ is compiled once by `jax.jit` and cached. Host pre-processing of the next chunk 
 device work of the previous one (JAX dispatches asynchronously). Post-processing: sigmoid, top-k
 over queries x classes, threshold, boxes (x0, y0, x1, y1) in pixels of the input image.
 
-Buckets and exactness. Without buckets (`buckets=None`) an image is not padded and its
-detections equal transformers' on that image alone (tested). With buckets the padding is masked,
-but the original architecture is not exactly padding-invariant: the backbone's convolutions carry
-non-zero values into the padding after the first layer and back across the border, the masks are
-downsampled by nearest-neighbour sampling of the padded grid, and `input_proj`'s GroupNorm
-statistics include the padded positions. transformers behaves the same way for any batch that
-needs padding. Measured with the full-size architecture and random weights on the four photos of
-`tests/fixtures` (`benchmarks/inference.py --bucket-study`, BENCHMARKS.md "Inference"), against the
-unpadded photo over all 300 queries x 91 classes: the default buckets move the scores by at most
-0.009 and the boxes by at most 0.3 px (97..100 of the top-100 pairs unchanged); a 1333 x 1333
-canvas by up to 0.025 and 1.1 px; flipping the photo, for scale, by 0.02..0.07 and 1.1..2.4 px.
-So only detections within about 0.01 of the threshold can flip with the bucket.
-`tests/test_inference.py` holds a small model to tolerances measured the same way.
+Buckets and exactness. Padding is invisible: the model runs with `padding_invariant=True`
+(`DeformableDetrForObjectDetection.__call__`), which zeroes the padding before every backbone
+convolution that mixes neighbours, strides the masks exactly and keeps padded positions out of
+the GroupNorm statistics and of two-stage proposals. Each image's detections therefore equal
+transformers' on that image alone, unpadded, whatever bucket or batch it runs in (tested at the
+float32 rounding level, about 1e-6). `padding_invariant=False` computes what transformers
+computes for a padded batch instead, where padding near the bottom/right border leaks into the
+features (with random full-size weights: scores move by up to 0.009 in the default buckets and
+0.025 on a 1333 x 1333 canvas; BENCHMARKS.md "Inference"). Without buckets (`buckets=None`) an
+image is not padded at all and the two settings agree.
 
 bfloat16 (`dtype=jnp.bfloat16`): the `nnx.Param`s and the pixel values are cast to bfloat16; the
 frozen batch-norm statistics (`nnx.BatchStat`) stay float32 so that `rsqrt(var + eps)` keeps its
@@ -112,16 +109,16 @@ class Detections:
         return "\n".join(lines)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
-def _forward(params, rest, pixel_values, pixel_mask, *, graphdef, dtype):
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "padding_invariant"))
+def _forward(params, rest, pixel_values, pixel_mask, *, graphdef, dtype, padding_invariant):
     """`(bs, height, width, 3)` float32, `(bs, height, width)` bool -> logits, boxes (float32).
 
-    One program per (shapes, graphdef, dtype): module-level so that every `Detector` of the same
+    One program per (shapes, graphdef, dtype, padding_invariant): module-level so that every `Detector` of the same
     architecture shares `jax.jit`'s cache; only logits and boxes leave the device (XLA drops the
     rest of the outputs).
     """
     model = nnx.merge(graphdef, params, rest)
-    out = model(pixel_values.astype(dtype), pixel_mask)
+    out = model(pixel_values.astype(dtype), pixel_mask, padding_invariant=padding_invariant)
     return out.logits.astype(jnp.float32), out.pred_boxes.astype(jnp.float32)
 
 
@@ -224,12 +221,13 @@ class Detector:
         edge (800): photos pad by at most 127 pixels per side, usually only along the long one.
         An int: `default_buckets` with that step. A sequence: those side lengths. `None`: no
         buckets, every image padded to its own size (exact transformers parity, one program per
-        distinct resized size). The padding is masked but not perfectly invisible: measured with
-        random full-size weights, default buckets move scores by <= 0.009 and boxes by <= 0.3
-        px, a 1333 x 1333 canvas by <= 0.025 and 1.1 px (see the module docstring).
+        distinct resized size). The bucket does not change the detections (`padding_invariant`).
       batch_size: largest batch sent to the device at once.
       top_k: (query, class) pairs kept per image before the threshold, as transformers.
       workers: threads that read and pre-process images (at most the number of CPUs).
+      padding_invariant: True (default): padding does not change any image's outputs, which
+        equal those of the image alone, unpadded (see the module docstring). False: what
+        transformers computes for a padded batch (padding leaks in near the border).
 
     `compiled_shapes` lists the (batch, height, width) programs used so far: a stream of images
     compiles at most one program per (bucket, batch size) pair, never one per image size.
@@ -245,6 +243,7 @@ class Detector:
         batch_size: int = 4,
         top_k: int = 100,
         workers: int = 4,
+        padding_invariant: bool = True,
     ):
         if not isinstance(model, DeformableDetrForObjectDetection):
             raise TypeError(
@@ -259,6 +258,9 @@ class Detector:
         self.dtype = _resolve_dtype(dtype)
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
+        if not isinstance(padding_invariant, bool):
+            raise TypeError(f"padding_invariant must be True or False, got {padding_invariant!r}")
+        self.padding_invariant = padding_invariant
         self.id2label = self.config.id2label_dict
 
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -289,7 +291,7 @@ class Detector:
 
         The processor comes from the folder's `preprocessor_config.json` when present, else
         `ImageProcessor()` defaults; `processor=` overrides both. `kwargs` go to `Detector`
-        (`buckets`, `batch_size`, `top_k`, `workers`).
+        (`buckets`, `batch_size`, `top_k`, `workers`, `padding_invariant`).
         """
         # imported here: orbax and the converter are needed only by this constructor
         from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
@@ -340,6 +342,7 @@ class Detector:
             np.asarray(pixel_mask, bool),
             graphdef=self._graphdef,
             dtype=self.dtype,
+            padding_invariant=self.padding_invariant,
         )
 
     # ------------------------------------------------------------------ detection

@@ -6,6 +6,15 @@ Module names mirror transformers' `ResNetBackbone` (`embedder.embedder.convoluti
 (ResNet v1.5, as torchvision and timm). DC5 (`config.dilation`) replaces the last stage's
 stride with dilation 2, the first block keeping dilation 1, as timm's `output_stride=16`.
 Batch norm is frozen as transformers' `DeformableDetrFrozenBatchNorm2d` (eps 1e-5).
+
+Padding. As in transformers, padded pixels are plain zeros to the convolutions: from the first
+BN + ReLU on, the padded region holds non-zero values that the next 3x3 convolution carries back
+across the border, so features near the bottom/right edge depend on how much padding there is.
+With `padding_invariant=True` the input of every convolution wider than 1x1 (and of the max pool)
+is zeroed on padded positions, at its own resolution (`mask_pyramid`: the pixel mask strided by
+2 per stride-2 layer, which is exactly the set of positions an unpadded image has), so every
+real position sees what it would see without padding: outputs on real positions equal those of
+the unpadded image up to float rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +41,30 @@ class FrozenBatchNorm2d(nnx.Module):
         scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + 1e-5)
         bias = self.bias[...] - self.running_mean[...] * scale
         return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+Masks = dict[tuple[int, int], jax.Array]  # (h, w) -> (bs, h, w) bool, one per resolution
+
+
+def mask_pyramid(pixel_mask: jax.Array, strides: int = 6) -> Masks:
+    """The pixel mask at every resolution the backbone reaches, keyed by (height, width).
+
+    A stride-2 layer (3x3 pad 1, 7x7 pad 3, 1x1, max pool 3 pad 1) maps n positions to
+    ceil(n / 2) and output i to input 2i, so the real positions of a top-left-aligned image
+    at each resolution are the pixel mask's every other row and column, recursively.
+    """
+    masks = {}
+    for _ in range(strides + 1):
+        masks[tuple(pixel_mask.shape[1:3])] = pixel_mask
+        pixel_mask = pixel_mask[:, ::2, ::2]
+    return masks
+
+
+def mask_padding(x: jax.Array, masks: Masks | None) -> jax.Array:
+    """`(bs, h, w, c)` with padded positions set to zero (unchanged when `masks` is None)."""
+    if masks is None:
+        return x
+    return jnp.where(masks[tuple(x.shape[1:3])][..., None], x, jnp.zeros((), x.dtype))
 
 
 class ResNetConvLayer(nnx.Module):
@@ -96,10 +129,10 @@ class ResNetBasicLayer(nnx.Module):
             ResNetConvLayer(out_channels, out_channels, 3, 1, dilation, False, rngs=rngs),
         ])  # fmt: skip
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
-        for layer in self.layer:
-            x = layer(x)
+        x = self.layer[0](mask_padding(x, masks))
+        x = self.layer[1](mask_padding(x, masks))
         return jax.nn.relu(x + residual)
 
 
@@ -120,10 +153,11 @@ class ResNetBottleNeckLayer(nnx.Module):
             ResNetConvLayer(reduces, out_channels, 1, activation=False, rngs=rngs),
         ])  # fmt: skip
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
-        for layer in self.layer:
-            x = layer(x)
+        x = self.layer[0](x)  # 1x1: no neighbours to leak from
+        x = self.layer[1](mask_padding(x, masks))
+        x = self.layer[2](x)
         return jax.nn.relu(x + residual)
 
 
@@ -136,9 +170,9 @@ class ResNetStage(nnx.Module):
             for i in range(depth)
         ])  # fmt: skip
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, masks)
         return x
 
 
@@ -148,8 +182,11 @@ class ResNetEmbeddings(nnx.Module):
     def __init__(self, embedding_size: int, *, rngs: nnx.Rngs):
         self.embedder = ResNetConvLayer(3, embedding_size, 7, 2, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.embedder(x)
+    def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
+        x = self.embedder(mask_padding(x, masks))
+        # After ReLU, zeroed padding cannot raise a maximum that has a real position in its
+        # window (every window of a real output position has one).
+        x = mask_padding(x, masks)
         # (bs, height, width, channels), padded with -inf like torch's MaxPool2d(3, 2, 1).
         return jax.lax.reduce_window(
             x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
@@ -174,10 +211,10 @@ class ResNetEncoder(nnx.Module):
             in_channels = out_channels
         self.stages = nnx.List(stages)
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
+    def __call__(self, x: jax.Array, masks: Masks | None = None) -> list[jax.Array]:
         outputs = []
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, masks)
             outputs.append(x)
         return outputs
 
@@ -188,8 +225,10 @@ class ResNetBackbone(nnx.Module):
         self.encoder = ResNetEncoder(config, rngs=rngs)
         self.out_stages = config.backbone_out_stages
 
-    def __call__(self, pixel_values: jax.Array) -> list[jax.Array]:
-        stages = self.encoder(self.embedder(pixel_values))
+    def __call__(self, pixel_values: jax.Array, masks: Masks | None = None) -> list[jax.Array]:
+        """C2..C5 selected by `out_stages`; `masks` (from `mask_pyramid`) zero the padding
+        before every convolution that mixes neighbours."""
+        stages = self.encoder(self.embedder(pixel_values, masks), masks)
         return [stages[i] for i in self.out_stages]
 
 
@@ -221,8 +260,16 @@ class DeformableDetrConvEncoder(nnx.Module):
         )
 
     def __call__(
-        self, pixel_values: jax.Array, pixel_mask: jax.Array
+        self, pixel_values: jax.Array, pixel_mask: jax.Array, padding_invariant: bool = False
     ) -> list[tuple[jax.Array, jax.Array]]:
-        """`(bs, H, W, 3)`, `(bs, H, W)` -> [(features `(bs, h, w, c)`, mask `(bs, h, w)`)]."""
+        """`(bs, H, W, 3)`, `(bs, H, W)` -> [(features `(bs, h, w, c)`, mask `(bs, h, w)`)].
+
+        Masks are the pixel mask resized by nearest neighbour (transformers), or with
+        `padding_invariant` strided (`mask_pyramid`) and applied inside the ResNet.
+        """
+        if padding_invariant:
+            masks = mask_pyramid(pixel_mask)
+            features = self.model(pixel_values, masks)
+            return [(f, masks[tuple(f.shape[1:3])]) for f in features]
         features = self.model(pixel_values)
         return [(f, downsample_mask(pixel_mask, f.shape[1], f.shape[2])) for f in features]

@@ -21,7 +21,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from deformable_detr_jax.config import DeformableDetrConfig
-from deformable_detr_jax.modeling.backbone import DeformableDetrConvEncoder, downsample_mask
+from deformable_detr_jax.modeling.backbone import (
+    DeformableDetrConvEncoder,
+    downsample_mask,
+    mask_padding,
+)
 from deformable_detr_jax.modeling.position_encoding import (
     DeformableDetrLearnedPositionEmbedding,
     sine_position_embedding,
@@ -85,8 +89,13 @@ class InputProjection(nnx.Module):
         self.norm = nnx.GroupNorm(out_channels, num_groups=32, epsilon=1e-5,
                                   use_fast_variance=False, rngs=rngs)  # fmt: skip
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.conv(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`(bs, h, w, c_in)` -> `(bs, h', w', d_model)`; GroupNorm statistics over the
+        positions where `mask` `(bs, h', w')` is True (all positions when None)."""
+        x = self.conv(x)
+        if mask is None:
+            return self.norm(x)
+        return self.norm(x, mask=jnp.broadcast_to(mask[..., None], x.shape))
 
 
 class DeformableDetrMLPPredictionHead(nnx.Module):
@@ -166,26 +175,34 @@ class DeformableDetrModel(nnx.Module):
         class_embed=None,
         bbox_embed=None,
         deterministic: bool = True,
+        padding_invariant: bool = False,
     ) -> DeformableDetrModelOutput:
         """Runs backbone, encoder and decoder.
 
         `class_embed`/`bbox_embed` are the detection heads: the decoder refines boxes with
         `bbox_embed` when `config.with_box_refine`, and two-stage scores proposals with the
-        last pair.
+        last pair. `padding_invariant`: see `DeformableDetrForObjectDetection.__call__`.
         """
         config = self.config
         dtype = pixel_values.dtype
-        features = self.backbone(pixel_values, pixel_mask)
+        features = self.backbone(pixel_values, pixel_mask, padding_invariant)
 
         sources, masks = [], []
         for level, (source, mask) in enumerate(features):
-            sources.append(self.input_proj[level](source))
+            sources.append(self.input_proj[level](source, mask if padding_invariant else None))
             masks.append(mask)
         for level in range(len(sources), config.num_feature_levels):
             src = features[-1][0] if level == len(features) else sources[-1]
-            source = self.input_proj[level](src)
+            if padding_invariant:
+                # zero the padding the 3x3 stride-2 conv would read; its real outputs are
+                # the strided real inputs (see backbone.mask_pyramid)
+                src = mask_padding(src, {tuple(masks[-1].shape[1:3]): masks[-1]})
+                mask = masks[-1][:, ::2, ::2]
+            source = self.input_proj[level](src, mask if padding_invariant else None)
             sources.append(source)
-            masks.append(downsample_mask(pixel_mask, source.shape[1], source.shape[2]))
+            if not padding_invariant:
+                mask = downsample_mask(pixel_mask, source.shape[1], source.shape[2])
+            masks.append(mask)
 
         # Flatten the levels: (bs, h, w, d_model) -> (bs, h * w, d_model), concatenated.
         spatial_shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
@@ -217,7 +234,10 @@ class DeformableDetrModel(nnx.Module):
             enc_outputs_class = class_embed[-1](object_query)
             enc_outputs_coord_logits = bbox_embed[-1](object_query) + output_proposals
             # (bs, num_proposals) indices of the highest-scoring proposals
-            _, topk = jax.lax.top_k(enc_outputs_class[..., 0], config.two_stage_num_proposals)
+            scores = enc_outputs_class[..., 0]
+            if padding_invariant:  # padded positions are not proposals of the unpadded image
+                scores = jnp.where(mask_flatten, scores, -jnp.inf)
+            _, topk = jax.lax.top_k(scores, config.two_stage_num_proposals)
             topk_coords_logits = jnp.take_along_axis(
                 enc_outputs_coord_logits, topk[..., None], axis=1
             )
@@ -298,14 +318,22 @@ class DeformableDetrForObjectDetection(nnx.Module):
         pixel_mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        padding_invariant: bool = False,
     ) -> DeformableDetrObjectDetectionOutput:
         """Detects objects.
 
         Args:
           pixel_values: `(bs, height, width, 3)` normalised images (NHWC).
-          pixel_mask: `(bs, height, width)`, True/1 on real pixels, 0 on padding; all
-            pixels are real when None.
+          pixel_mask: `(bs, height, width)`, True/1 on real pixels, 0 on padding (bottom and
+            right, as the image processor pads); all pixels are real when None.
           deterministic: False enables dropout (needs the model's `dropout` rng stream).
+          padding_invariant: False (default) computes exactly what transformers and the
+            original do, where padding leaks into the features near the bottom/right border
+            (backbone convolutions, nearest-neighbour masks, `input_proj` GroupNorm statistics
+            over all positions, two-stage proposals at padded positions). True masks all four,
+            so each image's outputs equal those of the image alone, unpadded, up to float
+            rounding, whatever the padding (`Detector` uses this). Identical when nothing is
+            padded.
 
         Returns:
           `DeformableDetrObjectDetectionOutput` with `logits (bs, num_queries, num_labels)`
@@ -313,7 +341,7 @@ class DeformableDetrForObjectDetection(nnx.Module):
         """
         pixel_values, pixel_mask = check_inputs(pixel_values, pixel_mask)
         outputs = self.model(pixel_values, pixel_mask, self.class_embed, self.bbox_embed,
-                             deterministic)  # fmt: skip
+                             deterministic, padding_invariant)  # fmt: skip
         hidden = outputs.intermediate_hidden_states
         logits, boxes = [], []
         for level in range(hidden.shape[1]):
