@@ -252,7 +252,7 @@ def _bucket_study(args) -> None:
     detectors = {
         (name, invariant): Detector(model, processor, buckets=b, padding_invariant=invariant)
         for name, b in settings.items()
-        for invariant in (True, False)
+        for invariant in ((True,) if b is None else (True, False))  # unpadded: no difference
     }
     print(
         "| photo | resized | vs unpadded | padded to | padding_invariant | max score diff | "
