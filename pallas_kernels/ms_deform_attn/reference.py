@@ -56,8 +56,16 @@ def _bilinear_terms(loc, attn, height, width, acc_dtype):
     may lie outside the level) and `coeffs` `(bs, nheads, len_q, npoints, 4)` for the corners
     (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
     """
-    x = loc[..., 0].astype(acc_dtype) * width - 0.5
-    y = loc[..., 1].astype(acc_dtype) * height - 0.5
+    # `loc * size - 0.5`, written as a subtraction before the multiplication so that no
+    # compiler can contract it into a fused multiply-add. XLA recomputes these few
+    # elementwise ops in every fusion that needs them (the gather/scatter indices in one, the
+    # coefficients in another); jaxlib 0.10.2's CPU fusion emitter contracted `loc * size -
+    # 0.5` into an FMA in some of them and not in others (only where it may use FMA
+    # instructions: not with --xla_cpu_max_isa=AVX), so under jit a point within an ulp of a
+    # pixel centre got its corner indices from one side of the centre and its coefficients
+    # from the other, and its value gradient went to the wrong (or a zero-border) pixel.
+    x = (loc[..., 0].astype(acc_dtype) - 0.5 / width) * width
+    y = (loc[..., 1].astype(acc_dtype) - 0.5 / height) * height
     attn = attn.astype(acc_dtype)
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
