@@ -1,30 +1,73 @@
 # Set up and run everything on a fresh machine: `make demo`, `make test`.
+#
+# Two environments, the two lanes CI tests:
+#   .venv         Python 3.11 ($(PYTHON)): jax 0.10.2, torch 2.13.0 CPU, transformers; the
+#                 whole suite. `make demo` puts only the runtime dependencies here.
+#   .venv-newest  Python 3.12 (.ci/find_python): the newest jax, jaxlib, flax, optax,
+#                 orbax-checkpoint and grain the index serves; every test not marked torch.
 PYTHON ?= python3
+PYTHON_NEWEST ?= $(shell .ci/find_python 3.12)
 VENV ?= .venv
+VENV_NEWEST ?= .venv-newest
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PY_NEWEST := $(VENV_NEWEST)/bin/python
 # pytest-xdist workers; the parity suite is CPU-bound and the CI machine has 2 cores.
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install install-test install-newest test test-main test-newest demo clean clean-newest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
+$(PY_NEWEST):
+	@test -n "$(PYTHON_NEWEST)" || { echo "error: no Python 3.12 found (see .ci/find_python)" >&2; exit 1; }
+	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
+	$(PY_NEWEST) -m pip install --upgrade pip
+
+# The runtime dependencies only: what `make demo` needs.
+$(VENV)/.installed-runtime: pyproject.toml | $(PY)
+	$(PY) -m pip install -e .
+	touch $@
+
 # torch is installed first and pinned: any other spec pulls the CUDA build.
-$(STAMP): pyproject.toml | $(PY)
+$(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[test]"
-	touch $(STAMP)
+	$(PY) -m pip install -e ".[test,torch]"
+	touch $@ $(VENV)/.installed-runtime
 
-install: $(STAMP)
+# No torch here; fails unless the index's newest releases were installed.
+$(VENV_NEWEST)/.installed-test: pyproject.toml | $(PY_NEWEST)
+	$(PY_NEWEST) -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
+	$(PY_NEWEST) .ci/check_newest.py
+	touch $@
 
-test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) tests
+install: $(VENV)/.installed-runtime
+install-test: $(VENV)/.installed-test
+install-newest: $(VENV_NEWEST)/.installed-test
 
-demo: $(STAMP)
+# Both lanes; each runs even if the other fails, and `make test` fails if either does.
+test: $(VENV)/.installed-test $(VENV_NEWEST)/.installed-test
+	@status=0; \
+	$(MAKE) --no-print-directory test-main || status=1; \
+	$(MAKE) --no-print-directory test-newest || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: a lane failed (see above)" >&2; fi; \
+	exit $$status
+
+test-main: $(VENV)/.installed-test
+	@echo "== lane 1: Python 3.11, jax 0.10.2, torch: the whole suite =="
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
+
+test-newest: $(VENV_NEWEST)/.installed-test
+	@echo "== lane 2: Python 3.12, newest jax: tests not marked torch =="
+	$(PY_NEWEST) -m pytest -n $(TEST_WORKERS) -m "not torch" $(PYTEST_ARGS) tests
+
+demo: $(VENV)/.installed-runtime
 	$(PY) -m deformable_detr_jax.demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_NEWEST) .pytest_cache
+
+clean-newest:
+	rm -rf $(VENV_NEWEST)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from deformable_detr_jax import _versions
+
+_versions.check()
+
 # public name -> module that defines it
 _EXPORTS = {
     "DeformableDetrConfig": "config",

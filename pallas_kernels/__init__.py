@@ -1,5 +1,7 @@
 """Pallas kernels used by deformable_detr_jax, each beside its pure-XLA reference."""
 
+# Importing the package checks the Python/jax/jaxlib/flax versions (one clear error).
+import deformable_detr_jax  # noqa: F401
 from pallas_kernels.ms_deform_attn import ms_deform_attn
 
 __all__ = ["ms_deform_attn"]

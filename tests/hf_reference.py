@@ -3,6 +3,10 @@
 Every parameter and buffer is perturbed away from transformers' initialisation (which
 zeroes the sampling-offset and attention-weight projections and leaves batch-norm
 statistics at 0/1), so that a wrong layout, a swapped axis or a missed term shows up.
+
+Importing this module does not import torch or transformers (the functions that need them
+do), so torch-free test modules may use its plain data (`VARIANTS`, `two_images`, ...);
+calling `hf_config`, `random_hf_model` or `state_dict_numpy` makes a test a `torch` test.
 """
 
 from __future__ import annotations
@@ -10,10 +14,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
-from transformers import DeformableDetrConfig as HFConfig
-from transformers import DeformableDetrForObjectDetection as HFModel
-from transformers import ResNetConfig
 
 FULL_SIZE = dict(
     d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
@@ -30,6 +30,9 @@ VARIANTS = {
 
 
 def hf_config(depth_layout=((3, 4, 6, 3), "bottleneck", (256, 512, 1024, 2048)), **kwargs):
+    from transformers import DeformableDetrConfig as HFConfig
+    from transformers import ResNetConfig
+
     depths, layer_type, hidden_sizes = depth_layout
     kwargs = {**FULL_SIZE, **kwargs}
     levels = kwargs["num_feature_levels"]
@@ -40,8 +43,11 @@ def hf_config(depth_layout=((3, 4, 6, 3), "bottleneck", (256, 512, 1024, 2048)),
     return HFConfig(use_timm_backbone=False, backbone_config=backbone, **kwargs)
 
 
-@torch.no_grad()
-def random_hf_model(config: HFConfig, seed: int = 0) -> HFModel:
+def random_hf_model(config, seed: int = 0):
+    """`transformers.DeformableDetrForObjectDetection(config)` in eval mode, every weight random."""
+    import torch
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
     torch.manual_seed(seed)
     model = HFModel(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -49,21 +55,22 @@ def random_hf_model(config: HFConfig, seed: int = 0) -> HFModel:
     def randn(t):
         return torch.randn(t.shape, generator=gen, dtype=t.dtype)
 
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not tensor.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1.5 + 0.5)
-        elif name.endswith("running_mean"):
-            tensor.copy_(randn(tensor) * 0.1)
-        elif ".normalization.weight" in name:
-            tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-        else:
-            tensor.add_(randn(tensor) * 0.02)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1.5 + 0.5)
+            elif name.endswith("running_mean"):
+                tensor.copy_(randn(tensor) * 0.1)
+            elif ".normalization.weight" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            else:
+                tensor.add_(randn(tensor) * 0.02)
     return model
 
 
-def state_dict_numpy(model: HFModel) -> dict[str, np.ndarray]:
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 

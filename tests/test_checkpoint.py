@@ -19,7 +19,7 @@ from deformable_detr_jax.convert import (
     CheckpointKeyError,
     load_pytorch_checkpoint,
 )
-from deformable_detr_jax.convert.state_dict import abstract_model, fresh_rng_value
+from tests.random_models import random_model
 
 TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
             decoder_ffn_dim=40, num_queries=10, two_stage_num_proposals=10, num_labels=5,
@@ -33,23 +33,6 @@ VARIANTS = {
     "single_scale_dc5": {"num_feature_levels": 1, "dilation": True},
 }
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
-
-
-def _random_model(config: DeformableDetrConfig, seed: int = 0):
-    """A model whose every weight is random (no zero biases, no unit statistics)."""
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(abstract_model(config))
-    flat = []
-    for index, (path, var) in enumerate(nnx.to_flat_state(state)):
-        if isinstance(var, nnx.RngState):
-            value = fresh_rng_value(var, index)
-        else:
-            value = 0.05 * rng.standard_normal(var.shape)
-            if path[-1] == "running_var":
-                value = np.abs(value) + 0.5
-            value = jnp.asarray(value, var.dtype)
-        flat.append((path, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _weights(model) -> dict:
@@ -67,7 +50,7 @@ def _assert_same_weights(a, b):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_round_trip_is_exact(variant, tmp_path):
     config = DeformableDetrConfig(**TINY, **VARIANTS[variant])
-    model = _random_model(config, seed=len(variant))
+    model = random_model(config, seed=len(variant))
     folder = save_pretrained(model, tmp_path / "saved")
     assert sorted(os.listdir(folder)) == ["config.json", "params"]
     assert is_pretrained_folder(folder)
@@ -83,7 +66,7 @@ def test_round_trip_is_exact(variant, tmp_path):
 def test_outputs_and_dropout_after_loading(tmp_path):
     """Same outputs; the dropout streams (not saved) are fresh and working."""
     config = DeformableDetrConfig(**TINY, dropout=0.3)
-    model = _random_model(config, seed=1)
+    model = random_model(config, seed=1)
     loaded = load_pretrained(save_pretrained(model, tmp_path / "saved"))
     x = jax.random.normal(jax.random.key(2), (1, 64, 64, 3))
     mask = jnp.ones((1, 64, 64), bool)
@@ -95,7 +78,7 @@ def test_outputs_and_dropout_after_loading(tmp_path):
 
 def test_dtype_and_processor(tmp_path):
     config = DeformableDetrConfig(**TINY, id2label={i: f"class {i}" for i in range(5)})
-    model = _random_model(config, seed=3)
+    model = random_model(config, seed=3)
     processor = ImageProcessor(size={"shortest_edge": 480, "longest_edge": 640})
     folder = save_pretrained(model, tmp_path / "saved", processor=processor)
     assert sorted(os.listdir(folder)) == ["config.json", "params", "preprocessor_config.json"]
@@ -116,7 +99,7 @@ def test_dtype_and_processor(tmp_path):
 
 
 def test_existing_folder_and_failures_leave_nothing(tmp_path):
-    model = _random_model(DeformableDetrConfig(**TINY), seed=4)
+    model = random_model(DeformableDetrConfig(**TINY), seed=4)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -149,7 +132,7 @@ def test_errors_name_the_problem(tmp_path):
         load_pretrained(tmp_path / "hub")
 
     config = DeformableDetrConfig(**TINY)
-    folder = save_pretrained(_random_model(config), tmp_path / "saved")
+    folder = save_pretrained(random_model(config), tmp_path / "saved")
     with pytest.raises(CheckpointFormatError, match="save_pretrained.*load_pretrained"):
         load_pytorch_checkpoint(folder)
     hub_config = json.loads((folder / "config.json").read_text())

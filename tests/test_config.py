@@ -1,14 +1,13 @@
-"""`DeformableDetrConfig`: reading transformers config.json forms, writing them back, presets."""
+"""`DeformableDetrConfig`: reading the hub's config.json form, presets, bad settings (the
+configs transformers builds and reads back: tests/test_config_vs_transformers.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from transformers import DeformableDetrConfig as HFConfig
 
 from deformable_detr_jax import PRESETS, DeformableDetrConfig, preset
-from tests import hf_reference as ref
 
 # The shape of the hub's SenseTime/deformable-detr-with-box-refine-two-stage config.json.
 HUB_TWO_STAGE = {
@@ -38,33 +37,6 @@ def test_from_hub_config_json(tmp_path):
         assert config.num_labels == 91 and config.id2label_dict[90] == "class90"
         assert config.backbone_depth == 50
         assert config.num_decoder_predictions == 7
-
-
-def test_hub_single_scale_dc5_reads_dilation():
-    hf = HFConfig(use_timm_backbone=True, backbone="resnet50", dilation=True,
-                  num_feature_levels=1).to_dict()  # fmt: skip
-    config = DeformableDetrConfig.from_hf(hf)
-    assert config.dilation and config.num_feature_levels == 1
-    assert config.backbone_out_stages == (3,)
-
-
-@pytest.mark.parametrize("variant", sorted(ref.VARIANTS))
-def test_transformers5_round_trip(variant):
-    hf = ref.hf_config(num_labels=7, **ref.VARIANTS[variant])
-    config = DeformableDetrConfig.from_hf(hf.to_dict())
-    assert config.num_labels == 7
-    assert config.backbone_depth == 50
-    for field, value in ref.VARIANTS[variant].items():
-        assert getattr(config, field) == value
-    back = HFConfig(**config.to_hf())  # transformers accepts what we write
-    assert back.to_dict()["backbone_config"]["depths"] == [3, 4, 6, 3]
-    assert DeformableDetrConfig.from_hf(back.to_dict()) == config
-
-
-def test_basic_block_backbone_from_transformers():
-    hf = ref.hf_config(depth_layout=((2, 2, 2, 2), "basic", (64, 128, 256, 512)))
-    config = DeformableDetrConfig.from_hf(hf.to_dict())
-    assert config.backbone_layer_type == "basic" and config.backbone_depth == 18
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])

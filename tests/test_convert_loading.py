@@ -23,10 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import save_file
-from transformers import DeformableDetrForObjectDetection as HFModel
 
 from deformable_detr_jax import DeformableDetrConfig, preset
 from deformable_detr_jax.convert import (
@@ -41,6 +39,7 @@ from deformable_detr_jax.convert import (
 from deformable_detr_jax.convert.__main__ import main
 from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
 from tests import hf_reference as ref
+from tests.test_convert_bad_files import _cli_fails
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-4
@@ -52,6 +51,8 @@ TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
 BACKBONE = ((1, 1, 1, 1), "bottleneck", (32, 64, 128, 256))
 SIZES = ((128, 160), (96, 136))
 OUTPUTS = ("logits", "pred_boxes", "enc_outputs_class", "enc_outputs_coord_logits")
+
+pytestmark = pytest.mark.torch
 
 
 def _hf_config(variant: str):
@@ -73,10 +74,14 @@ def _original_args(config) -> argparse.Namespace:
 
 
 def _torch_tensors(state_dict):
+    import torch
+
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
 
 
 def _save_original(path, state_dict, args=None):
+    import torch
+
     original = _torch_tensors(hub_to_original(ref.to_hub_naming(state_dict)))
     if args is None:
         torch.save(original, path, _use_new_zipfile_serialization=False)  # legacy format
@@ -93,6 +98,8 @@ def _save_original(path, state_dict, args=None):
 
 
 def _torch_outputs(model, pixels, mask):
+    import torch
+
     with torch.no_grad():
         out = model(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask))
     return {name: getattr(out, name).numpy() for name in OUTPUTS if getattr(out, name) is not None}
@@ -115,6 +122,8 @@ def images():
 def checkpoints(hf_models, tmp_path_factory):
     """name -> (variant, path, config argument, format, config source): every variant in
     two formats, every format in at least two variants."""
+    import torch
+
     root = tmp_path_factory.mktemp("checkpoints")
     cases = {}
     sd = {v: ref.state_dict_numpy(m) for v, m in hf_models.items()}
@@ -249,6 +258,8 @@ def _perturbed(model, seed):
 def test_save_pytorch_checkpoint_loads_in_transformers(variant, hf_models, images, tmp_path):
     """A JAX model's weights reach transformers exactly; outputs agree (two variants, the
     other two are covered by the weights' equality and the parity tests)."""
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
     config = DeformableDetrConfig.from_hf(_hf_config(variant).to_dict())
     model = convert_state_dict(ref.state_dict_numpy(hf_models[variant]), config)
     model = _perturbed(model, seed=4)
@@ -306,20 +317,9 @@ def plain_state_dict(hf_models):
     return ref.state_dict_numpy(hf_models["plain"])
 
 
-def _cli_fails(src, dst, capsys, *extra):
-    capsys.readouterr()
-    assert main([str(src), str(dst), *extra]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
-    assert not os.path.exists(dst)
-    parent = pathlib.Path(dst).parent
-    while not parent.exists():
-        parent = parent.parent
-    assert not [p for p in os.listdir(parent) if p.startswith(".")], "temporary folder left"
-    return err
-
-
 def test_truncated_file(hf_models, tmp_path, capsys):
+    import torch
+
     hf_models["plain"].save_pretrained(tmp_path / "folder")
     data = (tmp_path / "folder" / "model.safetensors").read_bytes()
     (tmp_path / "folder" / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -334,32 +334,9 @@ def test_truncated_file(hf_models, tmp_path, capsys):
         load_pytorch_checkpoint(tmp_path / "sd.bin")
 
 
-@pytest.mark.parametrize(
-    "content, pattern",
-    [
-        (b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG image"),
-        (b'{"model_type": "deformable_detr"}\n', "text file"),
-        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "Git LFS"),
-    ],
-)
-def test_wrong_file_type(content, pattern, tmp_path, capsys):
-    (tmp_path / "model.safetensors").write_bytes(content)
-    with pytest.raises(CheckpointFormatError, match=pattern):
-        load_pytorch_checkpoint(tmp_path / "model.safetensors")
-    assert pattern in _cli_fails(tmp_path / "model.safetensors", tmp_path / "dst", capsys)
-
-
-def test_folder_without_weights(tmp_path, capsys):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "config.json").write_text("{}")
-    with pytest.raises(CheckpointFormatError, match="no weights.*model.safetensors"):
-        load_pytorch_checkpoint(tmp_path / "src")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_pytorch_checkpoint(tmp_path / "nothing.pth")
-    assert "no checkpoint" in _cli_fails(tmp_path / "nothing.pth", tmp_path / "dst", capsys)
-
-
 def test_pickle_with_foreign_global(plain_state_dict, tmp_path, capsys):
+    import torch
+
     class Exploit:
         def __reduce__(self):
             return os.system, (f"touch {tmp_path / 'pwned'}",)
@@ -484,6 +461,8 @@ def test_failure_while_writing_leaves_nothing(hf_models, tmp_path, monkeypatch):
 
 def test_cli_round_trip(checkpoints, hf_models, tmp_path):
     """PyTorch original .pth -> JAX folder -> transformers folder, in subprocesses."""
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
     _, src, _, _, _ = checkpoints["two_stage_original"]
     run = dict(env=_subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     done = subprocess.run([sys.executable, "-m", "deformable_detr_jax.convert", str(src),

@@ -9,23 +9,18 @@ import nbclient  # test dependencies: nbclient, nbformat, ipykernel (the "python
 import nbformat
 
 from deformable_detr_jax.checkpoint import save_pretrained
-from tests import hf_reference as ref
-from tests.test_inference import PHOTO_PORTRAIT, small_processor, tiny_hf_config
+from tests.test_inference import PHOTO_PORTRAIT, small_processor, tiny_model
 
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "examples" / "inference.ipynb"
 
 
 def test_inference_notebook_runs(tmp_path, monkeypatch):
-    from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
-
     # single-scale, 1+2 layers: the fresh kernel compiles it in a few seconds
-    hf_model = ref.random_hf_model(tiny_hf_config(num_feature_levels=1), seed=5)
-    model = convert_state_dict(ref.state_dict_numpy(hf_model),
-                               DeformableDetrConfig.from_hf(hf_model.config.to_dict()))  # fmt: skip
-    save_pretrained(model, tmp_path / "model", processor=small_processor())
+    save_pretrained(tiny_model(seed=5, num_feature_levels=1), tmp_path / "model",
+                    processor=small_processor())  # fmt: skip
     monkeypatch.setenv("DEFORMABLE_DETR_MODEL", str(tmp_path / "model"))
     monkeypatch.setenv("DEFORMABLE_DETR_IMAGES", str(PHOTO_PORTRAIT))
-    monkeypatch.setenv("DEFORMABLE_DETR_THRESHOLD", "0.4")
+    monkeypatch.setenv("DEFORMABLE_DETR_THRESHOLD", "0.02")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)

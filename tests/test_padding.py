@@ -1,7 +1,7 @@
 """`padding_invariant=True`: each image of a padded batch gives what it gives alone, unpadded.
 
-The oracle is transformers on the image alone (no padding, so nothing leaks), with the same
-random weights; and, tighter, this package's model on the image alone. Canvases are chosen so
+The oracle is this package's model on the image alone, unpadded (which is transformers' on
+the same weights: tests/test_padding_vs_transformers.py). Canvases are chosen so
 that padding matters: the default computation (`padding_invariant=False`, transformers' own
 for a padded batch) is checked to differ from the unpadded outputs by far more than the
 tolerance, so these tests would catch a leak.
@@ -9,30 +9,18 @@ tolerance, so these tests would catch a leak.
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
 
-from deformable_detr_jax import (
-    DeformableDetrConfig,
-    DeformableDetrForObjectDetection,
-    convert_state_dict,
-)
 from deformable_detr_jax.modeling.backbone import mask_pyramid
-from tests import hf_reference as ref
-from tests.test_model import BASIC_18, SMALL, TINY_BOTTLENECK
+from tests.random_models import BASIC_18, TINY_BOTTLENECK, random_model, small_config
 
 SIZES = ((75, 110), (101, 66))  # (height, width) of the two images, neither a multiple of 32
 CANVASES = ((128, 160), (131, 141))  # padded (height, width): multiples of 32, and odd sizes
 
 OUTPUTS = ("logits", "pred_boxes", "intermediate_logits", "intermediate_boxes")
 SAME_MODEL_TOL = 2e-5  # float32 rounding: reductions over different extents
-TRANSFORMERS_TOL = 1e-4  # as tests/test_parity.py
 LEAK_MIN = 1e-3  # what padding_invariant=False is at least off by on these canvases
 
 
@@ -77,37 +65,23 @@ def _check_invariance(model, images, canvas, alone):
         )
 
 
-@pytest.mark.parametrize(
-    "depth_layout, kwargs",
-    [
-        (BASIC_18, {}),
-        (BASIC_18, {"position_embedding_type": "learned"}),
-        (TINY_BOTTLENECK, {"with_box_refine": True, "two_stage": True}),
-        (TINY_BOTTLENECK, {"num_feature_levels": 5, "with_box_refine": True}),
-        (TINY_BOTTLENECK, {"num_feature_levels": 1}),
-    ],
-)
-def test_padded_batch_equals_each_image_alone_in_transformers(depth_layout, kwargs):
-    hf_cfg = ref.hf_config(depth_layout=depth_layout, **{**SMALL, **kwargs})
-    hf_model = ref.random_hf_model(hf_cfg, seed=21)
-    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
-    model = convert_state_dict(ref.state_dict_numpy(hf_model), config)
-    images = _images(seed=5)
+CONFIGS = [
+    (BASIC_18, {}),
+    (BASIC_18, {"position_embedding_type": "learned"}),
+    (TINY_BOTTLENECK, {"with_box_refine": True, "two_stage": True}),
+    (TINY_BOTTLENECK, {"num_feature_levels": 5, "with_box_refine": True}),
+    (TINY_BOTTLENECK, {"num_feature_levels": 1}),
+]
 
-    alone, theirs = [], []
-    for image in images:
-        alone.append(_outputs(model(jnp.asarray(image[None]), None), 0))
-        with torch.no_grad():
-            out = hf_model(pixel_values=torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))
-        theirs.append(
-            {
-                "logits": torch.sigmoid(out.logits)[0].numpy(),
-                "pred_boxes": out.pred_boxes[0].numpy(),
-            }
-        )
-    for expected, hf in zip(alone, theirs):  # the unpadded runs are the transformers ones
-        for name, value in hf.items():
-            np.testing.assert_allclose(expected[name], value, rtol=0, atol=TRANSFORMERS_TOL)
+
+@pytest.mark.parametrize("depth_layout, kwargs", CONFIGS)
+def test_padded_batch_equals_each_image_alone(depth_layout, kwargs):
+    """ResNet-18 (sine and learned positions), two-stage + box refinement, five levels (two
+    extra convs), one level; tests/test_padding_vs_transformers.py shows that the unpadded
+    runs are transformers' on the same weights."""
+    model = random_model(small_config(depth_layout, **kwargs), seed=21)
+    images = _images(seed=5)
+    alone = [_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
     for canvas in CANVASES:
         _check_invariance(model, images, canvas, alone)
 
@@ -115,22 +89,7 @@ def test_padded_batch_equals_each_image_alone_in_transformers(depth_layout, kwar
 def test_dilated_backbone():
     """DC5 (stride-1 dilated last stage; transformers' HF ResNet has no such option, so the
     expected outputs are this model's on the unpadded images), with perturbed weights."""
-    config = DeformableDetrConfig.from_hf(
-        ref.hf_config(depth_layout=TINY_BOTTLENECK, **{**SMALL, "num_feature_levels": 1}).to_dict()
-    )
-    config = dataclasses.replace(config, dilation=True)
-    model = DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    state = jax.tree.map(
-        lambda x: (
-            x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
-            if jnp.issubdtype(x.dtype, jnp.floating)
-            else x
-        ),
-        state,
-    )
-    model = nnx.merge(graphdef, state)
+    model = random_model(small_config(num_feature_levels=1, dilation=True), seed=1)
     images = _images(seed=6)
     alone = [_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
     for canvas in CANVASES:
@@ -138,10 +97,7 @@ def test_dilated_backbone():
 
 
 def test_nothing_padded_is_the_default_computation():
-    hf_cfg = ref.hf_config(depth_layout=TINY_BOTTLENECK, **{**SMALL, "two_stage": True,
-                                                           "with_box_refine": True})  # fmt: skip
-    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
-    model = convert_state_dict(ref.state_dict_numpy(ref.random_hf_model(hf_cfg, seed=3)), config)
+    model = random_model(small_config(two_stage=True, with_box_refine=True), seed=3)
     pixels, _ = _padded(_images(seed=7)[:1], SIZES[0])
     default = _outputs(model(pixels, None))
     invariant = _outputs(model(pixels, None, padding_invariant=True))

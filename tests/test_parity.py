@@ -10,15 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
 from tests import hf_reference as ref
 
 RTOL = ATOL = 1e-4
 
+pytestmark = pytest.mark.torch
+
 
 def _torch_outputs(model, pixels, mask):
+    import torch
+
     labels = [  # labels only make transformers return every layer's auxiliary outputs
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
     ] * len(pixels)
@@ -37,6 +40,8 @@ def _compare(jax_out, torch_out, rtol, atol, valid_tokens=None):
     libraries. Those positions are masked out of every attention, so they never reach the
     detections; float64 runs compare them too.
     """
+    import torch
+
     def check(name, ours, theirs):
         np.testing.assert_allclose(
             np.asarray(ours), theirs.detach().numpy(), rtol=rtol, atol=atol, err_msg=name
@@ -151,6 +156,8 @@ def test_float64_parity(variant, monkeypatch):
 def _torch_proposal_pos_embed(proposals, d_model):
     """transformers' `get_proposal_pos_embed` without its float32 cast."""
     import math
+
+    import torch
 
     num_pos_feats = d_model // 2
     dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype)

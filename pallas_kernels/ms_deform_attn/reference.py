@@ -49,6 +49,27 @@ def _query_chunk(len_q: int, bytes_per_query: int) -> int | None:
     return chunk if len_q > 2 * chunk else None
 
 
+def _corner(loc, size, acc_dtype):
+    """`floor(x)` and `x - floor(x)` of the pixel coordinate `x = loc * size - 0.5`.
+
+    The corner is decided from `t = loc * size` by a comparison, never from an expression
+    in which the multiplication feeds an addition: XLA recomputes these few elementwise ops
+    in every fusion that needs them (the gather/scatter indices in one, the coefficients in
+    another), and a compiler may contract `loc * size - 0.5` into a fused multiply-add in
+    some of them and not in others. jaxlib 0.10.2's CPU fusion emitter did (where the CPU
+    has FMA: not with --xla_cpu_max_isa=AVX), so under jit a point within an ulp of a pixel
+    centre took its corner indices from one side of the centre and its coefficients from the
+    other, and its value gradient went to the wrong (or a zero-border) pixel. Here the corner
+    is the same in every fusion; only the fraction may differ there by a rounding. Exactly
+    on a centre (`t = k + 0.5`) the corner is `k` and the fraction 0, as `floor` gives.
+    """
+    t = loc.astype(acc_dtype) * size
+    t_floor = jnp.floor(t)
+    # (t_floor + 0.5 is exact: an integer plus a half)
+    corner = jnp.where(t >= t_floor + 0.5, t_floor, t_floor - 1)
+    return corner.astype(jnp.int32), t - (corner + 0.5)
+
+
 def _bilinear_terms(loc, attn, height, width, acc_dtype):
     """Top-left corner and the four corner coefficients (bilinear weight x attention).
 
@@ -56,26 +77,14 @@ def _bilinear_terms(loc, attn, height, width, acc_dtype):
     may lie outside the level) and `coeffs` `(bs, nheads, len_q, npoints, 4)` for the corners
     (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
     """
-    # `loc * size - 0.5`, written as a subtraction before the multiplication so that no
-    # compiler can contract it into a fused multiply-add. XLA recomputes these few
-    # elementwise ops in every fusion that needs them (the gather/scatter indices in one, the
-    # coefficients in another); jaxlib 0.10.2's CPU fusion emitter contracted `loc * size -
-    # 0.5` into an FMA in some of them and not in others (only where it may use FMA
-    # instructions: not with --xla_cpu_max_isa=AVX), so under jit a point within an ulp of a
-    # pixel centre got its corner indices from one side of the centre and its coefficients
-    # from the other, and its value gradient went to the wrong (or a zero-border) pixel.
-    x = (loc[..., 0].astype(acc_dtype) - 0.5 / width) * width
-    y = (loc[..., 1].astype(acc_dtype) - 0.5 / height) * height
+    x0, fx = _corner(loc[..., 0], width, acc_dtype)
+    y0, fy = _corner(loc[..., 1], height, acc_dtype)
     attn = attn.astype(acc_dtype)
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    fx = x - x0
-    fy = y - y0
     coeffs = jnp.stack(
         [(1 - fy) * (1 - fx) * attn, (1 - fy) * fx * attn, fy * (1 - fx) * attn, fy * fx * attn],
         axis=-1,
     )
-    return x0.astype(jnp.int32), y0.astype(jnp.int32), coeffs
+    return x0, y0, coeffs
 
 
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dy, dx), the order of `coeffs`' last axis

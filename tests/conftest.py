@@ -1,0 +1,47 @@
+"""Suite-wide rules: the `torch` marker and the test modules' imports.
+
+Tests that need PyTorch or transformers carry `@pytest.mark.torch` (or a module-level
+`pytestmark`) and import them inside the test or a fixture. Every other test runs where
+neither is installed (CI's second lane: the newest jax on Python 3.12, `-m "not torch"`).
+Two checks keep it that way:
+
+- after collection, torch and transformers must not have been imported: an import at
+  module level is an error here, in either lane, not only where torch is missing;
+- selecting tests marked `torch` where torch is not installed is an error that says what to
+  install, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+_TORCH_MODULES = ("torch", "transformers")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    imported = [name for name in _TORCH_MODULES if name in sys.modules]
+    if imported:
+        raise pytest.UsageError(
+            f"collecting the tests imported {' and '.join(imported)}: import them inside the "
+            "tests marked `torch` (or their fixtures), never at module level, so that the "
+            "other tests run without them"
+        )
+    wanted = [item for item in session.items if item.get_closest_marker("torch")]
+    missing = [name for name in _TORCH_MODULES if importlib.util.find_spec(name) is None]
+    if wanted and missing:
+        raise pytest.UsageError(
+            f"{len(wanted)} selected tests are marked `torch` but {' and '.join(missing)} "
+            "is not installed: install the test extra (`make test` does) or deselect them "
+            "with -m 'not torch'"
+        )
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded by the test's name: fresh random inputs per test, reproducible."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
