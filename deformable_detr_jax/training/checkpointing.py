@@ -298,20 +298,27 @@ class Checkpoints:
         failures: list[tuple[int, str, str]] = []  # (step, moved to, reason)
         details = []
         for step in reversed(self._agreed_steps()):
-            outcome, result = "ok", None
+            outcome, result, detail = {}, None, ""
             try:
                 result = self.restore(abstract_state, step)
             except CheckpointCorruptError as err:
-                outcome = err.reason
-                details.append(f"checkpoint {step}:\n{err.details or err.reason}\n")
+                outcome = {"corrupt": err.reason}
+                detail = f"checkpoint {step}:\n{err.details or err.reason}\n"
+                details.append(detail)
+            except CheckpointMismatchError as err:
+                outcome = {"mismatch": str(err)}
+            # every process decides on the same outcomes (a collective: all of them get here)
             outcomes = mesh_lib.all_gather_json(outcome)
-            bad = [(i, o) for i, o in enumerate(outcomes) if o != "ok"]
+            mismatch = [o["mismatch"] for o in outcomes if "mismatch" in o]
+            if mismatch:
+                raise CheckpointMismatchError(mismatch[0])
+            bad = [(i, o["corrupt"]) for i, o in enumerate(outcomes) if "corrupt" in o]
             if not bad:
                 return result
             index, reason = bad[0]
             if jax.process_count() > 1:
                 reason = f"{reason} (on process {index})"
-            moved = self._move_aside(step, reason, details[-1] if outcome != "ok" else "")
+            moved = self._move_aside(step, reason, detail)
             failures.append((step, moved, reason))
             logger.warning(
                 "checkpoint %d in %s does not restore (%s); moved it to %s, nothing deleted; "
