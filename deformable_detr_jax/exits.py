@@ -52,14 +52,18 @@ def write_report(prog: str, text: str, folder: str | os.PathLike | None = None) 
     places = [os.path.join(os.fspath(folder), "errors")] if folder else []
     places.append(tempfile.gettempdir())
     for place in places:
+        path = os.path.join(place, name)
         try:
             os.makedirs(place, exist_ok=True)
-            path = os.path.join(place, name)
             with open(path, "w") as f:
                 f.write(text)
             return path
-        except OSError:
-            continue
+        except OSError:  # e.g. the disk that filled up: leave no partial report there
+            if os.path.isfile(path):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
     return None
 
 

@@ -244,3 +244,20 @@ def test_settings_differences_name_each_and_skip_what_may_change(tmp_path):
     ]
     assert lines[-1] == "use another --workdir or the same settings"
     assert json.loads((tmp_path / "config.json").read_text()) == saved
+
+
+def test_a_workdir_without_config_json_is_compared_with_its_newest_checkpoint(tmp_path):
+    from deformable_detr_jax.training.loop import _settings_from_checkpoints
+    from tests.test_training_workers import tiny_model_config
+
+    saved = _payload()
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    meta = {"config": saved["config"], "model_config": tiny_model_config().to_hf()}
+    checkpoints.save(_state(1), None, meta)  # as a version before config.json wrote it
+    checkpoints.wait()
+    fallback = _settings_from_checkpoints(checkpoints)
+    checkpoints.close()
+    assert not (tmp_path / "config.json").exists()
+    resume.check_settings(str(tmp_path), _payload(**{"train.num_steps": 9}), fallback=fallback)
+    with pytest.raises(ConfigError, match=r"with model\.d_model=64; this run has 96: use another"):
+        resume.check_settings(str(tmp_path), _payload(**{"model.d_model": 96}), fallback=fallback)

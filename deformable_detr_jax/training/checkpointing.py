@@ -93,7 +93,7 @@ class CheckpointWriteError(OSError):
 
 def short_reason(err: BaseException) -> str:
     """The most specific message in an exception chain (orbax wraps tensorstore's errors), as one
-    line of at most 300 characters."""
+    line of at most 300 characters (its start and its end, where tensorstore puts the OS error)."""
     seen, chain = set(), [err]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         nxt = chain[-1].__cause__ or chain[-1].__context__
@@ -105,7 +105,7 @@ def short_reason(err: BaseException) -> str:
         text = " ".join(str(candidate).split())
         if text:
             text = f"{type(candidate).__name__}: {text}"
-            return text if len(text) <= 300 else text[:297] + "..."
+            return text if len(text) <= 300 else f"{text[:180]} ... {text[-115:]}"
     return type(err).__name__
 
 
@@ -162,16 +162,15 @@ class Checkpoints:
             return []
         return sorted(n for n in os.listdir(self.directory) if n.startswith(CORRUPT_PREFIX))
 
-    def _intact_step(self) -> int | None:
-        steps = [s for s in self.all_steps() if s != self._pending]
-        return steps[-1] if steps else None
-
     # ------------------------------------------------------------------------- saving
 
     def _write_error(self, err: BaseException, step: int | None) -> CheckpointWriteError:
         failed = self._pending if step is None else step
         self._pending = None
-        self.manager.reload()
+        try:
+            self.manager.reload()  # the failed step is not a checkpoint
+        except Exception:  # noqa: S110 (the listing below is then orbax's last one)
+            pass
         intact = [s for s in self.all_steps() if s != failed]
         return CheckpointWriteError(failed, self.directory, short_reason(err),
                                     intact[-1] if intact else None, _full_traceback(err))  # fmt: skip

@@ -250,8 +250,9 @@ def train(
     failed = False
     try:
         if checkpoints.all_steps() or checkpoints.corrupt_folders():
-            resume.check_settings(workdir, settings, shown=shown,
-                                  fallback=_settings_from_checkpoints(checkpoints))  # fmt: skip
+            recorded = os.path.isfile(os.path.join(workdir, resume.SETTINGS_FILE))
+            fallback = None if recorded else _settings_from_checkpoints(checkpoints)
+            resume.check_settings(workdir, settings, shown=shown, fallback=fallback)
         abstract = state_lib.abstract_train_state(spec, tx, mesh, param_dtype)
         restored = checkpoints.restore_latest(abstract)
         data_position = None
