@@ -148,3 +148,24 @@ def test_tfds_invalid_boxes_are_logged_when_read(monkeypatch, caplog):
     assert "zero height" in caplog.text and "negative width" in caplog.text
     with pytest.raises(InvalidBoxError, match=r"train\[0\] \(image id 77\) object 1"):
         TfdsCocoSource("train", strict=True)[0]
+
+
+def test_data_strict_stops_train_before_compiling(tmp_path, monkeypatch):
+    from deformable_detr_jax.training import ConfigError, train
+    from tests.test_training_workers import get_config
+
+    _yolo_folder(tmp_path / "yolo", ["0 0.5 0.5 0.2 0.3", "1 0.5 0.5 -0.2 0.3"])
+    config = get_config()
+    config.data.source = "yolo"
+    config.data.yolo.folder = str(tmp_path / "yolo")
+    config.data.yolo.train_split = config.data.yolo.eval_split = "val"
+    config.data.strict = True
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the train step was built before the invalid box was reported")
+
+    monkeypatch.setattr("deformable_detr_jax.training.loop.make_train_step", fail)
+    label_file = tmp_path / "yolo" / "labels" / "val" / "000000000086.txt"
+    with pytest.raises(ConfigError, match=rf"data\.yolo \(train split\): {label_file}:2: invalid"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
