@@ -8,17 +8,26 @@ A workdir that holds checkpoints is resumed. Several hosts: run the same command
 on a cluster JAX detects (TPU pods, SLURM) add `--distributed`, elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
-Exit status: 0 when training finished or stopped on SIGTERM with a checkpoint saved; 2 on a bad
-setting (the message names it); 3 when the loss became NaN/inf (the last good checkpoint is kept).
+Exit status (`deformable_detr_jax/exits.py`): 0 when training finished or stopped on SIGTERM with
+a checkpoint saved; 2 on a bad setting, or a workdir trained with other settings (the message names
+each); 3 when the loss became NaN/inf (the last good checkpoint is kept); 4 when the workdir has
+checkpoints but none restores; 5 when a checkpoint cannot be written (disk full: the previous one
+is intact); 70 on an internal error; 130 on Ctrl-C. Every failure is one `error: ...` line on
+stderr, with the path of a full report where it helps.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from deformable_detr_jax import exits
+
+PROG = "train.py"
 
 config_flags.DEFINE_config_file(
     "config", None, "a recipe: configs/<name>.py (get_config())", lock_config=True
@@ -34,29 +43,51 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        return exits.report(PROG, f"unexpected arguments: {argv[1:]}", exits.BAD_INPUT)
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    from deformable_detr_jax import training
+    # for the whole process: orbax's background threads may log a failure's aftermath at exit
+    captured = exits.quiet_orbax()
+    return exits.guarded(PROG, lambda: _train(captured))
 
-    training.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
-    )
+
+def _train(captured: exits.CapturedLogs) -> int:
+    from deformable_detr_jax import training
+    from deformable_detr_jax.data import DataError
+
+    workdir = FLAGS.workdir
+    report = functools.partial(exits.report, PROG, folder=workdir)
     try:
-        result = training.train(FLAGS.config, FLAGS.workdir)
+        training.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            auto=FLAGS.distributed,
+        )  # fmt: skip
+        result = training.train(FLAGS.config, workdir)
     except training.ConfigError as err:
-        print(f"train.py: configuration error: {err}", file=sys.stderr)
-        return 2
+        return report(f"configuration: {err}", exits.BAD_INPUT)
+    except DataError as err:
+        return report(f"data: {err}", exits.BAD_INPUT)
     except training.NonFiniteLossError as err:
-        print(f"train.py: {err}", file=sys.stderr)
-        return 3
+        return report(str(err), exits.NON_FINITE)
+    except training.NoCheckpointRestoresError as err:
+        return report(str(err), exits.NO_CHECKPOINT, details=err.details, logs=captured.records)
+    except training.CheckpointWriteError as err:
+        return report(str(err), exits.WRITE_FAILED, details=err.details, logs=captured.records)
+    except OSError as err:
+        if err.errno in exits.WRITE_ERRNOS:
+            return report(f"cannot write {err.filename or 'a file'}: {err.strerror}; what was "
+                          "written before is intact", exits.WRITE_FAILED, error=err,
+                          logs=captured.records)  # fmt: skip
+        return exits.internal_error(PROG, err, folder=workdir, logs=captured.records)
+    except Exception as err:
+        return exits.internal_error(PROG, err, folder=workdir, logs=captured.records)
     if result.stopped == "preempted":
-        print(f"train.py: stopped at step {result.step} on SIGTERM; checkpoint saved, rerun the "
+        print(f"{PROG}: stopped at step {result.step} on SIGTERM; checkpoint saved, rerun the "
               "same command to resume", file=sys.stderr)  # fmt: skip
     elif result.eval_metrics:
         metrics = " ".join(f"{k} {v:.3f}" for k, v in result.eval_metrics.items())
-        print(f"train.py: step {result.step}: {metrics}")
-    return 0
+        print(f"{PROG}: step {result.step}: {metrics}")
+    return exits.OK
 
 
 def parse_flags(argv):
@@ -66,12 +97,12 @@ def parse_flags(argv):
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
         text = str(err).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        print(
-            f"train.py: bad command line: {text}\n(config overrides given: {overrides}; each must "
+        exits.report(
+            PROG, f"bad command line: {text} (config overrides given: {overrides}; each must "
             "name an existing setting of the recipe, e.g. --config.train.num_steps=100)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+            exits.BAD_INPUT,
+        )  # fmt: skip
+        sys.exit(exits.BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ prints them, and with `--out DIR` writes each image with its labelled boxes to
 `DIR/<name>.png`. A bad image (unreadable, empty, ...) is reported on stderr and the others are
 still processed.
 
-Exit status: 0 when every image was processed, 1 when at least one could not be, 2 for a usage
-error (bad option, threshold outside [0, 1], a model folder that cannot be loaded).
+Exit status (`deformable_detr_jax/exits.py`): 0 when every image was processed, 1 when at least one
+could not be, 2 for a usage error (bad option, threshold outside [0, 1], a model folder that cannot
+be loaded), 5 when the output folder cannot be created, 70 on an internal error (the `error:` line
+names the file with the traceback), 130 on Ctrl-C.
 
     python -m deformable_detr_jax.predict --model deformable-detr photos/*.jpg --out detected
     python -m deformable_detr_jax.predict --model deformable-detr a.jpg --threshold 0.7 --json
@@ -22,6 +24,10 @@ import pathlib
 import sys
 import time
 from collections.abc import Sequence
+
+from deformable_detr_jax import exits
+
+PROG = "python -m deformable_detr_jax.predict"
 
 
 def _threshold(text: str) -> float:
@@ -79,7 +85,11 @@ def _output_path(out: pathlib.Path, image: str, taken: set[str]) -> pathlib.Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exits.quiet_orbax()
+    return exits.guarded(PROG, lambda: _predict(args))
 
+
+def _predict(args: argparse.Namespace) -> int:
     from deformable_detr_jax.inference import Detector
     from deformable_detr_jax.processing import ImageError
 
@@ -87,11 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         detector = Detector.from_pretrained(args.model, dtype=args.dtype,
                                             batch_size=args.batch_size)  # fmt: skip
     except (OSError, ValueError) as err:  # missing folder, bad checkpoint or config
-        print(f"error: cannot load the model from {args.model!r}: {err}", file=sys.stderr)
-        return 2
+        return exits.report(PROG, f"cannot load the model from {args.model!r}: {err}",
+                            exits.BAD_INPUT)  # fmt: skip
     out = pathlib.Path(args.out) if args.out else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return exits.report(PROG, f"cannot create --out {str(out)!r}: {err}",
+                                exits.WRITE_FAILED)  # fmt: skip
 
     start = time.perf_counter()
     results = detector(args.images, threshold=args.threshold, on_error="return")
@@ -126,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{ok} of {len(args.images)} image(s) processed in {seconds:.1f} s "
           f"(programs compiled for {len(detector.compiled_shapes)} shape(s))",
           file=sys.stderr)  # fmt: skip
-    return 1 if failed else 0
+    return exits.SOME_FAILED if failed else exits.OK
 
 
 if __name__ == "__main__":

@@ -127,3 +127,30 @@ def test_two_processes_train_in_lockstep(tmp_path, compilation_cache, single_dev
     assert diff == 0.0, f"the two processes disagree by {diff:.3g} at {name}"
     diff, name = _max_difference(first, single_device_run)
     assert diff < 1e-5, f"2-process run differs from 1 process by {diff:.3g} at {name}"
+
+
+def test_two_processes_agree_on_the_checkpoint_they_fall_back_to(tmp_path, compilation_cache):
+    """Checkpoint 4 fails to read on process 1 only: both move it aside and resume from 2."""
+
+    def run(steps, *extra):
+        address = f"127.0.0.1:{_free_port()}"
+        processes = [
+            _worker(tmp_path / f"p{i}.npz", tmp_path / "work", compilation_cache, devices=0,
+                    host_devices=1, extra=("--coordinator", address, "--num-processes", "2",
+                                           "--process-id", str(i), "--steps", str(steps),
+                                           "--checkpoint-every", "2", *extra))
+            for i in range(2)
+        ]  # fmt: skip
+        return [_finish(p) for p in processes]
+
+    run(4)
+    folder = tmp_path / "work" / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["2", "4"]
+    outputs = run(6, "--fail-restore", "4")
+    for output in outputs:
+        assert "injected on this process (on process 1)); moved it to" in output, output[-3000:]
+        assert "resumed from checkpoint 2" in output, output[-3000:]
+    assert sorted(os.listdir(folder)) == ["2", "4", "6", "corrupt-4"]
+    assert "(on process 1)" in (folder / "corrupt-4" / "CORRUPT.txt").read_text()
+    diff, name = _max_difference(_load(tmp_path / "p0.npz"), _load(tmp_path / "p1.npz"))
+    assert diff == 0.0, f"the two processes disagree by {diff:.3g} at {name}"

@@ -5,6 +5,7 @@ starts (8 fake CPU devices via XLA_FLAGS, or `jax.distributed` across two proces
 
     python -m tests.test_training_workers train --out OUT.npz --steps 3 [--accum 2]
         [--devices N] [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+        [--checkpoint-every K] [--fail-restore STEP]
 
 trains the tiny model on `SyntheticBatches` with `training.train` and saves the final trained
 parameters. `python -m tests.test_training_workers tiny_config` prints nothing; the tiny recipe
@@ -14,6 +15,7 @@ for `train.py` is `get_config` below (a config file can import it).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import numpy as np
@@ -147,6 +149,20 @@ def flat_params(state) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in {**state.params, **state.frozen}.items()}
 
 
+def _fail_restore_here(step: int) -> None:
+    """This process alone cannot read checkpoint `step` (the others can)."""
+    from deformable_detr_jax.training import checkpointing
+
+    read = checkpointing.read_step
+
+    def failing_read(directory, at, abstract_state=None):
+        if int(at) == step:
+            raise checkpointing.CheckpointCorruptError(at, directory, "injected on this process")
+        return read(directory, at, abstract_state)
+
+    checkpointing.read_step = failing_read
+
+
 def _train_worker(args) -> None:
     import jax
 
@@ -158,6 +174,10 @@ def _train_worker(args) -> None:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from deformable_detr_jax.training import make_data_mesh, train
 
+    if args.fail_restore is not None and jax.process_index() == jax.process_count() - 1:
+        _fail_restore_here(args.fail_restore)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("deformable_detr_jax.training.loop").setLevel(logging.INFO)
     devices = jax.devices()[: args.devices] if args.devices else None
     mesh = make_data_mesh(devices)
     config = get_config()
@@ -166,7 +186,7 @@ def _train_worker(args) -> None:
     config.data.batch_size = args.batch
     config.train.num_steps = args.steps
     config.train.grad_accum_steps = args.accum
-    config.train.checkpoint_every = 0
+    config.train.checkpoint_every = args.checkpoint_every
     config.train.log_every = args.steps
     data = SyntheticBatches(args.batch, process_index=jax.process_index(),
                             process_count=jax.process_count(), seed=1, accum=args.accum)  # fmt: skip
@@ -196,6 +216,9 @@ def main(argv=None) -> int:
     worker.add_argument("--coordinator", default=None)
     worker.add_argument("--num-processes", type=int, default=1)
     worker.add_argument("--process-id", type=int, default=0)
+    worker.add_argument("--checkpoint-every", type=int, default=0)
+    worker.add_argument("--fail-restore", type=int, default=None,
+                        help="the last process cannot read this checkpoint step")  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "train":
         _train_worker(args)

@@ -7,8 +7,10 @@
     python -m deformable_detr_jax.convert out/dd out/dd-hf --to pytorch
 
 Prints one line, `converted hub checkpoint (variant two-stage, 40.1M parameters) -> DST`.
-On failure prints `error: <message>` to stderr, exits with status 2 and leaves no DST
-behind. A `preprocessor_config.json` beside SRC is carried over.
+On failure prints one `error: <message>` line to stderr and leaves no DST behind; exit status
+(`deformable_detr_jax/exits.py`) 2 for a checkpoint or setting that cannot be converted, 5 when
+DST cannot be written (disk full, permissions), 70 on an internal error (the line names the file
+with the traceback), 130 on Ctrl-C. A `preprocessor_config.json` beside SRC is carried over.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from deformable_detr_jax import exits
 from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained, save_pretrained
 from deformable_detr_jax.convert.errors import CheckpointError
 from deformable_detr_jax.convert.loading import import_pytorch_checkpoint, save_pytorch_checkpoint
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
+PROG = "python -m deformable_detr_jax.convert"
 
 
 def parameter_count(model) -> int:
@@ -102,14 +106,21 @@ def convert(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    exits.quiet_orbax()
+    return exits.guarded(PROG, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         line = convert(args.src, args.dst, to=args.to, config=args.config,
                        num_heads=args.num_heads, overwrite=args.overwrite)  # fmt: skip
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        code = exits.WRITE_FAILED if e.errno in exits.WRITE_ERRNOS else exits.BAD_INPUT
+        return exits.report(PROG, str(e), code)
+    except (CheckpointError, ValueError) as e:
+        return exits.report(PROG, str(e), exits.BAD_INPUT)
     print(line)
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Example::
     saved = batches.state()  # later: make_batches(..., state=saved) continues after this batch
 """
 
+from deformable_detr_jax.data.box_checks import DataError, InvalidBoxError
 from deformable_detr_jax.data.pipeline import Batches, collate, grain_available, make_batches
 from deformable_detr_jax.data.shapes import BACKGROUNDS, SHAPE_NAMES, ShapesSource
 from deformable_detr_jax.data.sources import (
@@ -40,6 +41,8 @@ __all__ = [
     "AugmentConfig",
     "Batches",
     "CocoJsonSource",
+    "DataError",
+    "InvalidBoxError",
     "ShapesSource",
     "TfdsCocoSource",
     "YoloFolderSource",

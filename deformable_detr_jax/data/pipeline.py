@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from deformable_detr_jax.data import transforms
+from deformable_detr_jax.data.box_checks import DataError
 from deformable_detr_jax.processing import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -51,6 +52,11 @@ from deformable_detr_jax.processing import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class NoReadableImagesError(DataError, RuntimeError):
+    """Every image of a process's shard failed to read (wrong paths, a broken dataset)."""
+
 
 BACKENDS = ("auto", "grain", "python")
 _PAD_BOX = (0.5, 0.5, 1.0, 1.0)  # a finite, valid box under mask False
@@ -345,7 +351,7 @@ class Batches:
             self.stats["skipped_images"],
         )
         if self._consecutive_skips >= self.shard_len:
-            raise RuntimeError(
+            raise NoReadableImagesError(
                 f"no image of this process's shard ({self.shard_len} records) could be read; the "
                 f"last: {element['what']}: {element['reason']}. Check the dataset paths and files."
             )

@@ -10,6 +10,10 @@ and raises `processing.ImageError` for an image that cannot be used (unreadable,
 another size than its annotations say): the pipeline skips, counts and logs those. Everything that
 can be checked without decoding images (paths, json structure, image ids, categories, class ids) is
 checked in the constructor, so a bad setting fails at start-up with a message that names it.
+Invalid boxes (NaN, negative or zero size, outside the image: `box_checks.py`) are dropped, counted
+in `source.invalid_boxes` and logged with their file:line or image and annotation id, in the
+constructor (TFDS: when the record is read, since that decodes the image); `strict=True` makes
+them an `InvalidBoxError` instead.
 
 Images are decoded as stored, without applying EXIF orientation: COCO's boxes refer to the stored
 pixels (as in torchvision's `CocoDetection`, which DETR uses). The synthetic `ShapesSource` lives in
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Sequence
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from deformable_detr_jax.data.box_checks import InvalidBoxes, check_xywh, check_xyxy
 from deformable_detr_jax.processing import ImageError, convert_coco_detection_annotation
 
 # The 80 COCO detection categories: names in the order of the TFDS / YOLO contiguous labels, and
@@ -52,6 +58,8 @@ COCO_CATEGORY_IDS = (
 )  # fmt: skip
 LABEL_MODES = ("contiguous", "category_id")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+logger = logging.getLogger(__name__)
 
 
 def decode_image(data: bytes | str | os.PathLike, name: str) -> np.ndarray:
@@ -108,8 +116,9 @@ class CocoJsonSource:
     `label_mode="contiguous"` numbers the categories 0..K-1 in order of category id (`num_labels`
     K); `"category_id"` uses the ids themselves (`num_labels` = largest id + 1), as the original
     Deformable DETR and the Hugging Face COCO checkpoints (91 labels) do. `category_ids[label]`
-    maps a label back to its COCO category id. Crowd boxes are dropped; boxes are clipped to the
-    image and empty ones dropped (`processing.convert_coco_detection_annotation`).
+    maps a label back to its COCO category id. Crowd boxes are dropped, as DETR does (counted in
+    `crowd_boxes`); boxes are clipped to the image (`processing.convert_coco_detection_annotation`);
+    invalid ones are dropped, counted and logged, or an `InvalidBoxError` with `strict=True`.
     """
 
     def __init__(
@@ -118,6 +127,7 @@ class CocoJsonSource:
         annotations_json: str | os.PathLike,
         *,
         label_mode: str = "contiguous",
+        strict: bool = False,
     ):
         self.images_dir = _require_dir(images_dir, "images_dir", "the folder of the image files")
         path = pathlib.Path(annotations_json).expanduser()
@@ -140,7 +150,12 @@ class CocoJsonSource:
                 f"annotations_json={str(path)!r} is not a COCO detection file: it needs the lists "
                 "'images', 'annotations' and 'categories'"
             )
+        self.invalid_boxes = InvalidBoxes(f"annotations_json={str(path)!r}", strict=strict)
         self._parse(data, label_mode)
+        self.invalid_boxes.log()
+        if self.crowd_boxes:
+            logger.info("annotations_json=%r: %d crowd boxes (iscrowd=1) are not trained on, as in "
+                        "DETR", str(path), self.crowd_boxes)  # fmt: skip
 
     def _parse(self, data: dict[str, Any], label_mode: str) -> None:
         where = f"annotations_json={str(self.annotations_json)!r}"
@@ -170,6 +185,7 @@ class CocoJsonSource:
 
         row = {image_id: i for i, image_id in enumerate(ids)}
         per_image: list[list[tuple]] = [[] for _ in images]
+        self.crowd_boxes = 0
         unknown_images, unknown_categories = set(), set()
         for ann in data["annotations"]:
             try:
@@ -186,12 +202,20 @@ class CocoJsonSource:
             if category not in categories:
                 unknown_categories.add(category)
                 continue
-            if len(bbox) != 4 or not np.all(np.isfinite(bbox)) or bbox[2] < 0 or bbox[3] < 0:
+            if len(bbox) != 4:
                 raise ValueError(
                     f"{where}: annotation {ann.get('id')} of image {image_id} has bbox {bbox}; "
-                    "a bbox is [x, y, width, height] with finite values and width, height >= 0"
+                    "a bbox is [x, y, width, height]"
                 )
-            per_image[row[image_id]].append((bbox, category, int(ann.get("iscrowd", 0))))
+            crowd = int(ann.get("iscrowd", 0))
+            _, name, height, width = images[row[image_id]]
+            problem = None if crowd else check_xywh(*bbox, width, height)
+            if problem is not None:
+                where_box = f"annotation id {ann.get('id')} of image id {image_id} ({name})"
+                self.invalid_boxes.add(where_box, problem)
+                continue
+            self.crowd_boxes += crowd
+            per_image[row[image_id]].append((bbox, category, crowd))
         if unknown_images:
             raise ValueError(
                 f"{where}: {len(unknown_images)} image ids in 'annotations' are not in 'images' "
@@ -291,7 +315,9 @@ class YoloFolderSource:
     """A YOLO-format folder: `images/<split>/*.jpg` and `labels/<split>/<stem>.txt` with lines
     `class cx cy w h` normalised to the image (polygon lines `class x1 y1 x2 y2 ...` become their
     bounding box); class names from `names.yaml` (or `names=`). A missing or empty label file
-    means no objects. All label files are read and checked here, at construction."""
+    means no objects. All label files are read and checked here, at construction: a malformed
+    line or a class outside the names is an error, an invalid box is dropped, counted and logged
+    as `file:line` (an `InvalidBoxError` with `strict=True`)."""
 
     def __init__(
         self,
@@ -299,6 +325,7 @@ class YoloFolderSource:
         split: str = "train2017",
         *,
         names: Sequence[str] | None = None,
+        strict: bool = False,
     ):
         self.folder = _require_dir(
             folder, "folder", "a YOLO folder (images/<split>, labels/<split>)"
@@ -321,7 +348,9 @@ class YoloFolderSource:
         if not self._files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
         labels_dir = self.folder / "labels" / split
+        self.invalid_boxes = InvalidBoxes(f"YOLO labels {str(labels_dir)!r}", strict=strict)
         self._targets = [self._read_labels(labels_dir / f"{p.stem}.txt") for p in self._files]
+        self.invalid_boxes.log()
         self._image_ids = [
             int(p.stem) if p.stem.isdigit() else i for i, p in enumerate(self._files)
         ]
@@ -353,8 +382,10 @@ class YoloFolderSource:
                         f"{path}:{number}: class {fields[0]} is not in 0..{self.num_labels - 1} "
                         f"(the {self.num_labels} names); fix the label or the class names"
                     )
-                if not np.all(np.isfinite(xyxy)):
-                    raise ValueError(f"{path}:{number}: non-finite box {line!r}")
+                problem = check_xyxy(*xyxy)
+                if problem is not None:
+                    self.invalid_boxes.add(f"{path}:{number}", f"{problem} ({line.strip()!r})")
+                    continue
                 labels.append(int(label))
                 boxes.append(xyxy)
         boxes, keep = _clip_normalised(np.asarray(boxes, dtype=np.float32))
@@ -389,7 +420,10 @@ class TfdsCocoSource:
     --file_format=array_record --data_dir=DIR`. Labels are TFDS's contiguous 0..79
     (`label_mode="contiguous"`) or the COCO category ids 1..90 (`"category_id"`, 91 labels, as the
     Hugging Face checkpoints). TFDS decodes the images (OpenCV when installed, else PIL); a record
-    that fails to read or decode is an ImageError, so the pipeline skips it.
+    that fails to read or decode is an ImageError, so the pipeline skips it. Boxes are checked when
+    a record is read (reading every record here would decode every image): an invalid one is
+    dropped and logged with its record, image id and object index, counted in `invalid_boxes` of
+    the process that read it, or an `InvalidBoxError` with `strict=True`.
     """
 
     def __init__(
@@ -399,6 +433,7 @@ class TfdsCocoSource:
         *,
         name: str = "coco/2017:1.1.0",
         label_mode: str = "contiguous",
+        strict: bool = False,
     ):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -430,6 +465,7 @@ class TfdsCocoSource:
             self.label_names = tuple(names.get(c, "N/A") for c in self.category_ids)
             self._labels = np.asarray(COCO_CATEGORY_IDS, dtype=np.int32)
         self.num_labels = len(self.label_names)
+        self.invalid_boxes = InvalidBoxes(f"TFDS {name} {split}", strict=strict)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -466,6 +502,22 @@ class TfdsCocoSource:
             image = image[..., None]
         image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
         keep = ~crowd
-        boxes, valid = _clip_normalised(bbox[keep][:, [1, 0, 3, 2]])
+        xyxy = bbox[:, [1, 0, 3, 2]]
+        dropped = []
+        for k in np.flatnonzero(keep):
+            problem = check_xyxy(*(float(v) for v in xyxy[k]))
+            if problem is not None:
+                reason = f"{problem} (ymin, xmin, ymax, xmax {bbox[k].tolist()})"
+                self.invalid_boxes.add(f"{self.describe(index)} (image id {image_id}) object {k}",
+                                       reason)  # fmt: skip
+                dropped.append(f"object {k}: {reason}")
+                keep[k] = False
+        if dropped:
+            logger.warning(
+                "%s (image id %d): dropped %d invalid box(es), %d in this process so far "
+                "(data.strict=True makes them errors): %s", self.describe(index), image_id,
+                len(dropped), len(self.invalid_boxes), "; ".join(dropped),
+            )  # fmt: skip
+        boxes, valid = _clip_normalised(xyxy[keep])
         labels = self._labels[label[keep][valid]]
         return {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id}

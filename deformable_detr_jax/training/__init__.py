@@ -5,11 +5,18 @@
 
 Rooms: `setup` (config -> objects, start-up checks), `mesh` (devices, shardings),
 `optimizer` (param groups, schedule), `train_state`, `step` (jitted train/eval steps),
-`checkpointing` (orbax), `metrics` (JSONL, TensorBoard, progress), `initialization`
+`checkpointing` (orbax, with `integrity` checksums), `resume` (what a workdir remembers of its
+settings), `metrics` (JSONL, TensorBoard, progress), `initialization`
 (pretrained weights), `recipes` (the default ConfigDict), `loop`.
 """
 
-from deformable_detr_jax.training.checkpointing import Checkpoints
+from deformable_detr_jax.training.checkpointing import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    Checkpoints,
+    CheckpointWriteError,
+    NoCheckpointRestoresError,
+)
 from deformable_detr_jax.training.export import export_model
 from deformable_detr_jax.training.loop import (
     NonFiniteLossError,
@@ -31,9 +38,13 @@ from deformable_detr_jax.training.train_state import (
 )
 
 __all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "CheckpointWriteError",
     "Checkpoints",
     "ConfigError",
     "ModelSpec",
+    "NoCheckpointRestoresError",
     "NonFiniteLossError",
     "TrainResult",
     "TrainState",

@@ -4,7 +4,8 @@
     python -m deformable_detr_jax.training.export runs/ddetr_r50 models/ddetr_r50 [--step N]
 
 Runs in one process on any machine: the weights are read as host arrays, whatever mesh wrote
-them. The model config is the one the run stored in the checkpoint's `meta` item.
+them, and checked against the checksums written with them (read-only: safe beside a running
+job). The model config is the one the run stored in the checkpoint's `meta` item.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import os
 import pathlib
 
 import numpy as np
-import orbax.checkpoint as ocp
+
+from deformable_detr_jax import exits
+from deformable_detr_jax.training.checkpointing import CheckpointCorruptError, read_step
+
+PROG = "python -m deformable_detr_jax.training.export"
 
 
 def export_model(workdir: str | os.PathLike, folder: str | os.PathLike, *,
@@ -36,14 +41,11 @@ def export_model(workdir: str | os.PathLike, folder: str | os.PathLike, *,
     step = steps[-1] if step is None else int(step)
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; there are {steps}")
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-        meta = reader.restore(directory / str(step) / "meta")
+    state, _, meta = read_step(directory, step)  # checked against its checksums
     if "model_config" not in meta:
         raise ValueError(f"checkpoint {step} in {directory} does not record its model config")
     config = DeformableDetrConfig.from_hf(meta["model_config"])
     spec = model_spec(config, ())
-    with ocp.StandardCheckpointer() as reader:
-        state = reader.restore(directory / str(step) / "state")
     weights = {k: np.asarray(v) for k, v in {**state["params"], **state["frozen"]}.items()}
     model = model_from_weights(spec, weights)
     processor = meta.get("processor")
@@ -58,9 +60,23 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    path = export_model(args.workdir, args.folder, step=args.step, overwrite=args.overwrite)
+    exits.quiet_orbax()
+    return exits.guarded(PROG, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        path = export_model(args.workdir, args.folder, step=args.step, overwrite=args.overwrite)
+    except CheckpointCorruptError as err:
+        return exits.report(PROG, f"{err}; export another --step", exits.NO_CHECKPOINT,
+                            details=err.details)  # fmt: skip
+    except OSError as err:
+        code = exits.WRITE_FAILED if err.errno in exits.WRITE_ERRNOS else exits.BAD_INPUT
+        return exits.report(PROG, str(err), code)
+    except ValueError as err:
+        return exits.report(PROG, str(err), exits.BAD_INPUT)
     print(f"saved {path}")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

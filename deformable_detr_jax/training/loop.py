@@ -2,8 +2,11 @@
 
     setup (no compilation): config groups, batch layout vs devices, data sources, model and loss
       configs, optimizer groups          -> ConfigError naming the setting on bad input
-    state: resume the latest checkpoint in workdir/checkpoints, else initialise (random, ImageNet
-      backbone, or a detection checkpoint) replicated on the mesh
+    workdir: a workdir with checkpoints must have been trained with the same settings
+      (`resume.py`: one ConfigError listing every difference); it remembers them in config.json
+    state: resume the newest checkpoint in workdir/checkpoints that restores (a corrupt one is
+      moved aside, see `checkpointing.py`), else initialise (random, ImageNet backbone, or a
+      detection checkpoint) replicated on the mesh
     loop: `accum` batches per step from this process's stream -> one global (accum, bs, ...)
       array split over "data" -> jitted `train_step` (donated state) -> metrics every
       `log_every` steps (JSONL, TensorBoard, progress line), async checkpoints every
@@ -13,12 +16,14 @@
 Stops: SIGTERM (or, on several hosts, JAX's preemption notice) saves a checkpoint at the
 current step and returns `stopped="preempted"`; a non-finite loss raises `NonFiniteLossError`
 without saving, so the last checkpoint is the last good state (the step itself never applies a
-non-finite update: see `step.py`).
+non-finite update: see `step.py`); a checkpoint that cannot be written (disk full) raises
+`CheckpointWriteError` naming the last intact one. The checkpoint manager is closed on every path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -32,9 +37,9 @@ from jax.experimental import multihost_utils
 
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
-from deformable_detr_jax.training import setup
+from deformable_detr_jax.training import resume, setup
 from deformable_detr_jax.training import train_state as state_lib
-from deformable_detr_jax.training.checkpointing import Checkpoints
+from deformable_detr_jax.training.checkpointing import Checkpoints, CheckpointWriteError
 from deformable_detr_jax.training.metrics import MetricsWriter, ProgressBar, format_duration
 from deformable_detr_jax.training.step import TRAIN_KEYS, make_eval_step, make_train_step
 
@@ -162,16 +167,6 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
-def _config_json(config: Any) -> Any:
-    to_dict = getattr(config, "to_dict", None)
-    try:
-        import json
-
-        return json.loads(json.dumps(to_dict() if to_dict else dict(config), default=str))
-    except (TypeError, ValueError):
-        return str(config)
-
-
 def train(
     config: Any,
     workdir: str | os.PathLike,
@@ -185,8 +180,8 @@ def train(
 
     Args:
       config: a recipe's ConfigDict (`configs/*.py`) or a mapping of the same groups.
-      workdir: checkpoints/, metrics.jsonl, tensorboard/, model/ go here; an existing
-        checkpoint is resumed.
+      workdir: checkpoints/, config.json, metrics.jsonl, tensorboard/, model/ go here; the newest
+        checkpoint that restores is resumed (`checkpointing.Checkpoints.restore_latest`).
       mesh: default: every device of every process on one "data" axis.
       train_data: instead of the configured source: an iterator of this process's batches
         (numpy dicts with `TRAIN_KEYS`), with `state()` / `restore(state)` when resuming is to
@@ -195,10 +190,14 @@ def train(
       on_step: called as `on_step(step, state)` after each step is dispatched (tests, hooks).
 
     Raises:
-      ConfigError: a setting is wrong (before any compilation).
+      ConfigError: a setting is wrong, or differs from the one the workdir was trained with
+        (`resume.py`), before any compilation.
       NonFiniteLossError: the loss became NaN/inf (no checkpoint of that state is written).
+      NoCheckpointRestoresError: the workdir has checkpoints but none restores.
+      CheckpointWriteError: a checkpoint could not be written (the previous one is intact).
     """
-    workdir = os.path.abspath(os.fspath(workdir))
+    shown = os.fspath(workdir)
+    workdir = os.path.abspath(shown)
     setup.check_groups(config)
     train_cfg, opt_cfg = config["train"], config["optimizer"]
     cache_dir = setup._get(train_cfg, "compilation_cache_dir")
@@ -240,49 +239,112 @@ def train(
             mesh.size, jax.process_count(),
         )  # fmt: skip
 
-    # ---- state: resume or initialise
+    # ---- the workdir's settings, then its newest checkpoint that restores
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"),
         max_to_keep=int(setup._get(train_cfg, "keep_checkpoints", 3)),
         async_saves=bool(setup._get(train_cfg, "async_checkpoints", True)),
     )
-    data_position = None
-    if checkpoints.latest_step() is not None:
+    settings = resume.payload(config, model_cfg)
+    closers: list[Callable[[], None]] = []
+    failed = False
+    try:
+        if checkpoints.all_steps() or checkpoints.corrupt_folders():
+            recorded = os.path.isfile(os.path.join(workdir, resume.SETTINGS_FILE))
+            fallback = None if recorded else _settings_from_checkpoints(checkpoints)
+            resume.check_settings(workdir, settings, shown=shown, fallback=fallback)
         abstract = state_lib.abstract_train_state(spec, tx, mesh, param_dtype)
-        state, data_position, _ = checkpoints.restore(abstract)
-        logger.info("resumed from checkpoint %d in %s", int(state.step), checkpoints.directory)
-    else:
-        params, frozen = initial_weights(config, spec, mesh, param_dtype)
-        state = state_lib.create_train_state(params, frozen, tx, mesh)
+        restored = checkpoints.restore_latest(abstract)
+        data_position = None
+        if restored is not None:
+            state, data_position, _ = restored
+            logger.info("resumed from checkpoint %d in %s", int(state.step), checkpoints.directory)
+        else:
+            params, frozen = initial_weights(config, spec, mesh, param_dtype)
+            state = state_lib.create_train_state(params, frozen, tx, mesh)
 
-    if train_data is None:
-        batches = setup.make_batches(
-            config, train_source, train=True, batch_size=layout.per_process,
-            num_labels=model_cfg.num_labels, state=data_position,
+        if train_data is None:
+            batches = setup.make_batches(
+                config, train_source, train=True, batch_size=layout.per_process,
+                num_labels=model_cfg.num_labels, state=data_position,
+            )  # fmt: skip
+        else:
+            batches = train_data
+            if data_position is not None:
+                batches.restore(data_position)
+        if getattr(batches, "close", None) is not None:
+            closers.append(batches.close)
+
+        train_step = make_train_step(spec, loss_cfg, tx, mesh, state, compute_dtype=dtype,
+                                     schedules=schedules)  # fmt: skip
+        seed = int(setup._get(train_cfg, "seed", 0))
+        base_key = jax.jit(lambda: jax.random.key(seed), out_shardings=mesh_lib.replicated(mesh))()
+        evaluate = None
+        if eval_source is not None:
+            evaluate = _make_evaluator(config, spec, mesh, eval_source, layout, model_cfg, dtype)
+
+        writer = MetricsWriter(workdir, active=primary,
+                               tensorboard=bool(setup._get(train_cfg, "tensorboard", True)))  # fmt: skip
+        closers.append(writer.close)
+        meta = {"config": settings["config"], "total_steps": total,
+                "num_processes": jax.process_count(), "model_config": model_cfg.to_hf(),
+                "processor": processor_for(config).to_dict() if train_source is not None else None}  # fmt: skip
+        preemption = _Preemption(enabled=bool(setup._get(train_cfg, "handle_sigterm", True)))
+        closers.append(preemption.restore)
+        state, step, stopped, eval_metrics = _loop(
+            state, batches, train_step, base_key, checkpoints, writer, preemption, evaluate,
+            workdir=workdir, settings=settings, meta=meta, layout=layout, mesh=mesh, total=total,
+            log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
+            checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
+            eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step,
         )  # fmt: skip
-    else:
-        batches = train_data
-        if data_position is not None:
-            batches.restore(data_position)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for close in reversed(closers):
+            close()
+        try:
+            checkpoints.close()
+        except CheckpointWriteError:
+            if not failed:  # else the error in flight is the one to report
+                raise
 
-    train_step = make_train_step(spec, loss_cfg, tx, mesh, state, compute_dtype=dtype,
-                                 schedules=schedules)  # fmt: skip
-    seed = int(setup._get(train_cfg, "seed", 0))
-    base_key = jax.jit(lambda: jax.random.key(seed), out_shardings=mesh_lib.replicated(mesh))()
-    evaluate = None
-    if eval_source is not None:
-        evaluate = _make_evaluator(config, spec, mesh, eval_source, layout, model_cfg, dtype)
+    model_dir = None
+    if stopped == "finished" and bool(setup._get(train_cfg, "save_model", True)):
+        if jax.process_count() == 1:
+            model_dir = save_model(config, spec, state, os.path.join(workdir, "model"))
+        elif primary:
+            logger.warning(
+                "several processes: the model is in the last checkpoint of %s; export it from one "
+                "process: python -m deformable_detr_jax.training.export WORKDIR FOLDER",
+                checkpoints.directory,
+            )
+    return TrainResult(state, spec, step, stopped, eval_metrics, model_dir)
 
-    writer = MetricsWriter(workdir, active=primary,
-                           tensorboard=bool(setup._get(train_cfg, "tensorboard", True)))  # fmt: skip
-    log_every = max(int(setup._get(train_cfg, "log_every", 50)), 1)
-    checkpoint_every = int(setup._get(train_cfg, "checkpoint_every", 0) or 0)
+
+def _settings_from_checkpoints(checkpoints: Checkpoints) -> dict[str, Any] | None:
+    """The `resume.payload` of a workdir written before `config.json` existed, rebuilt from the
+    newest checkpoint whose meta item reads."""
+    from deformable_detr_jax.config import DeformableDetrConfig
+
+    for step in reversed(checkpoints.all_steps()):
+        meta = checkpoints.read_meta(step)
+        if meta and "config" in meta and "model_config" in meta:
+            model = DeformableDetrConfig.from_hf(meta["model_config"])
+            return {"config": meta["config"], "model": json.loads(json.dumps(
+                dataclasses.asdict(model)))}  # fmt: skip
+    return None
+
+
+def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer: MetricsWriter,
+          preemption: _Preemption, evaluate, *, workdir: str, settings: dict, meta: dict,
+          layout: setup.BatchLayout, mesh, total: int, log_every: int, checkpoint_every: int,
+          eval_every: int, eval_at_end: bool, on_step):  # fmt: skip
+    """The steps of `train`: returns `(state, step, stopped, eval_metrics)`."""
+    primary = jax.process_index() == 0
     step = int(jax.device_get(state.step))
     progress = ProgressBar(total, layout.total, start_step=step, active=primary)
-    meta = {"config": _config_json(config), "total_steps": total,
-            "num_processes": jax.process_count(), "model_config": model_cfg.to_hf(),
-            "processor": processor_for(config).to_dict() if train_source is not None else None}  # fmt: skip
-    preemption = _Preemption(enabled=bool(setup._get(train_cfg, "handle_sigterm", True)))
     history: list[dict[str, jax.Array]] = []
     eval_metrics, stopped = None, "finished"
 
@@ -307,75 +369,78 @@ def train(
             "check the data for broken boxes or images, then rerun to resume from that checkpoint."
         )
 
+    def save(position):
+        # the settings go with the first checkpoint (replacing those of a run that wrote none)
+        first = not checkpoints.all_steps()
+        if primary and (first or not os.path.isfile(os.path.join(workdir, resume.SETTINGS_FILE))):
+            try:
+                resume.write_settings(workdir, settings)
+            except OSError as err:
+                raise CheckpointWriteError(step, workdir, f"{resume.SETTINGS_FILE}: {err}",
+                                           checkpoints.latest_step()) from err  # fmt: skip
+        checkpoints.save(state, position, meta)
+
+    def check_writes():
+        """Every process stops together when a background save failed on any of them."""
+        try:
+            checkpoints.check()
+            error = None
+        except CheckpointWriteError as err:
+            error = err
+        if mesh_lib.any_process(error is not None):
+            if error is None:
+                error = CheckpointWriteError(None, checkpoints.directory, "failed on another "
+                                             "process", checkpoints.latest_step())  # fmt: skip
+            raise error
+
     start_time = time.perf_counter()
     position = None
-    try:
-        while step < total:
-            micro = [next(batches) for _ in range(layout.accum)]
-            position = batches.state() if hasattr(batches, "state") else None
-            device_batch = global_train_batch(micro, mesh)
-            state, metrics = train_step(state, device_batch, base_key)
-            step += 1
-            history.append(metrics)
-            if on_step is not None:
-                on_step(step, state)
-            if step % log_every == 0 or step == total:
-                check_finite(metrics)
-                values = _mean_metrics(history)
-                history = []
-                writer.write(step, values, split="train")
-                progress.update(step, {"loss": values["loss"]})
-            if preemption.reached(step):
-                check_finite()
-                checkpoints.save(state, position, meta)
-                checkpoints.wait()
-                stopped = "preempted"
-                logger.warning("stopped at step %d on SIGTERM; checkpoint saved", step)
-                break
-            if checkpoint_every and step % checkpoint_every == 0:
-                check_finite()
-                checkpoints.save(state, position, meta)
-            if evaluate is not None and eval_every and step % eval_every == 0 and step < total:
-                check_finite()
-                eval_metrics = evaluate(state)
-                writer.write(step, eval_metrics or {}, split="eval")
-        progress.close()
-        check_finite()
-        if stopped == "finished":
-            if step not in checkpoints.all_steps():
-                checkpoints.save(state, position, meta)
+    while step < total:
+        micro = [next(batches) for _ in range(layout.accum)]
+        position = batches.state() if hasattr(batches, "state") else None
+        device_batch = global_train_batch(micro, mesh)
+        state, metrics = train_step(state, device_batch, base_key)
+        step += 1
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, state)
+        if step % log_every == 0 or step == total:
+            check_finite(metrics)
+            check_writes()
+            values = _mean_metrics(history)
+            history = []
+            writer.write(step, values, split="train")
+            progress.update(step, {"loss": values["loss"]})
+        if preemption.reached(step):
+            check_finite()
+            save(position)
             checkpoints.wait()
-            if primary:
-                logger.info(
-                    "trained %d steps in %s",
-                    step,
-                    format_duration(time.perf_counter() - start_time),
-                )
-            if evaluate is not None and eval_at_end:
-                eval_metrics = evaluate(state)
-                writer.write(step, eval_metrics or {}, split="eval")
-                if primary and eval_metrics:
-                    logger.info("evaluation at step %d: AP %.3f AP50 %.3f AP75 %.3f", step,
-                                eval_metrics["AP"], eval_metrics["AP50"], eval_metrics["AP75"])  # fmt: skip
-    finally:
-        preemption.restore()
-        writer.close()
-        checkpoints.close()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-
-    model_dir = None
-    if stopped == "finished" and bool(setup._get(train_cfg, "save_model", True)):
-        if jax.process_count() == 1:
-            model_dir = save_model(config, spec, state, os.path.join(workdir, "model"))
-        elif primary:
-            logger.warning(
-                "several processes: the model is in the last checkpoint of %s; export it from one "
-                "process: python -m deformable_detr_jax.training.export WORKDIR FOLDER",
-                checkpoints.directory,
-            )
-    return TrainResult(state, spec, step, stopped, eval_metrics, model_dir)
+            stopped = "preempted"
+            logger.warning("stopped at step %d on SIGTERM; checkpoint saved", step)
+            break
+        if checkpoint_every and step % checkpoint_every == 0:
+            check_finite()
+            save(position)
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < total:
+            check_finite()
+            eval_metrics = evaluate(state)
+            writer.write(step, eval_metrics or {}, split="eval")
+    progress.close()
+    check_finite()
+    if stopped == "finished":
+        if step not in checkpoints.all_steps():
+            save(position)
+        checkpoints.wait()
+        if primary:
+            logger.info("trained %d steps in %s", step,
+                        format_duration(time.perf_counter() - start_time))  # fmt: skip
+        if evaluate is not None and eval_at_end:
+            eval_metrics = evaluate(state)
+            writer.write(step, eval_metrics or {}, split="eval")
+            if primary and eval_metrics:
+                logger.info("evaluation at step %d: AP %.3f AP50 %.3f AP75 %.3f", step,
+                            eval_metrics["AP"], eval_metrics["AP50"], eval_metrics["AP75"])  # fmt: skip
+    return state, step, stopped, eval_metrics
 
 
 # ----------------------------------------------------------------------------- helpers

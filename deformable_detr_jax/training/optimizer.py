@@ -119,9 +119,8 @@ def make_optimizer(
         )
         for group, schedule in schedules.items()
     }
-    chain = []
     clip = float(settings.get("clip_max_norm", 0.0))
-    if clip > 0:
-        chain.append(optax.clip_by_global_norm(clip))
-    chain.append(optax.multi_transform(transforms, dict(labels)))
-    return optax.chain(*chain), schedules
+    # identity when not clipping: the same state structure either way, so a run may change
+    # clip_max_norm when it resumes
+    clipping = optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()
+    return optax.chain(clipping, optax.multi_transform(transforms, dict(labels))), schedules

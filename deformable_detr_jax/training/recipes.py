@@ -52,6 +52,7 @@ def data_group():
     group.buckets = config_dict.placeholder(tuple)  # padded side lengths; default 128-steps
     group.num_threads = config_dict.placeholder(int)
     group.backend = "auto"  # grain | python | auto
+    group.strict = False  # invalid boxes (NaN, no area, outside the image) are errors, not dropped
     augment = dataclasses.asdict(AugmentConfig())
     augment["scale"] = 1.0  # AugmentConfig.scaled(scale) applied after the fields
     group.augment = ml_collections.ConfigDict(augment)

@@ -151,6 +151,7 @@ def make_source(config: Mapping[str, Any], split: str):
         raise ConfigError(f"data.source must be one of {SOURCES}, got {kind!r}")
     group = data[kind]
     where = f"data.{kind}"
+    strict = bool(_get(data, "strict", False))  # invalid boxes: errors, not dropped and counted
     try:
         if kind == "shapes":
             count = int(group["num_train" if split == "train" else "num_eval"])
@@ -168,14 +169,17 @@ def make_source(config: Mapping[str, Any], split: str):
                     f"{where}.{split}_images and {where}.{split}_annotations must be set (a "
                     "folder of images and its COCO instances json)"
                 )
-            return data_lib.CocoJsonSource(images, annotations, label_mode=group["label_mode"])
+            return data_lib.CocoJsonSource(images, annotations, label_mode=group["label_mode"],
+                                           strict=strict)  # fmt: skip
         if kind == "yolo":
             if not group["folder"]:
                 raise ConfigError(f"{where}.folder must be set (images/<split>, labels/<split>)")
             names = tuple(group["names"]) if group["names"] else None
-            return data_lib.YoloFolderSource(group["folder"], group[f"{split}_split"], names=names)
+            return data_lib.YoloFolderSource(group["folder"], group[f"{split}_split"], names=names,
+                                             strict=strict)  # fmt: skip
         return data_lib.TfdsCocoSource(
-            group[f"{split}_split"], group["data_dir"] or None, label_mode=group["label_mode"]
+            group[f"{split}_split"], group["data_dir"] or None, label_mode=group["label_mode"],
+            strict=strict,
         )
     except ConfigError:
         raise
