@@ -510,16 +510,6 @@ def _export_fwd_and_grad(fn, platform, disabled_checks=()):
             assert exported.mlir_module()
 
 
-@pytest.mark.skipif(
-    jax.__version_info__ > (0, 10, 2),
-    reason="newer jax compiles Triton while lowering, which needs a GPU",
-)
-def test_pallas_gpu_lowers_to_triton_without_a_gpu():
-    """The Triton lowering of both kernels (forward, and backward with atomics) succeeds."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    _export_fwd_and_grad(pallas_gpu.ms_deform_attn_pallas_gpu, "cuda", checks)
-
-
 def test_pallas_tpu_lowers_to_mosaic_without_a_tpu():
     """The Mosaic lowering of the forward kernel succeeds (Mosaic's own passes run on TPU)."""
     _export_fwd_and_grad(pallas_tpu.ms_deform_attn_pallas_tpu, "tpu")
