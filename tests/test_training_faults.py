@@ -25,6 +25,7 @@ import pytest
 
 from deformable_detr_jax.training.checkpointing import read_step
 from tests.fault_config import EVERY, STEPS
+from tests.subprocess_utils import finish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
@@ -70,12 +71,7 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
                os.path.join(ROOT, "tests", "fault_config.py"), "--workdir", str(workdir), *extra]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"train.py (FAULT={fault!r}) timed out:\n{output[-3000:]}")
+    output = finish(process, f"train.py (FAULT={fault!r})", TIMEOUT, check=False)
     return process.returncode, output
 
 
