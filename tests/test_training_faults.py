@@ -116,7 +116,10 @@ def _error_lines(output: str) -> list[str]:
     """The `error:` block at the end of the output; fails on a traceback anywhere."""
     assert "Traceback" not in output, output[-5000:]
     assert output.count("error:") == 1, output[-5000:]
-    return output[output.index("error:") :].strip().splitlines()
+    lines = output[output.index("error:") :].strip().splitlines()
+    assert all(line.startswith(("error:", "  ", "(full report: ")) for line in lines), \
+        output[-5000:]  # fmt: skip
+    return lines
 
 
 def _copy(baseline, target, steps=None):
@@ -209,7 +212,9 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
     workdir = tmp_path / "full"
     code, output = _run(shared, workdir, "enospc:2")
     assert code == 5, output[-5000:]
-    (line,) = _error_lines(output)
+    lines = _error_lines(output)
+    assert len(lines) == 1, output[-5000:]
+    (line,) = lines
     assert line.startswith(f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
                            "OSError: [Errno 28] No space left on device")  # fmt: skip
     assert "checkpoint 4 is intact; fix that (e.g. free disk space), then rerun" in line
