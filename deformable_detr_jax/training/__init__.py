@@ -10,7 +10,7 @@ Rooms: `setup` (config -> objects, start-up checks), `mesh` (devices, shardings)
 """
 
 from deformable_detr_jax.training.checkpointing import Checkpoints
-from deformable_detr_jax.training.export import export_model
+from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.loop import (
     NonFiniteLossError,
     TrainResult,

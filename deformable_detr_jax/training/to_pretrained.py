@@ -1,7 +1,7 @@
 """A training checkpoint -> a `save_pretrained` folder (for `Detector.from_pretrained`).
 
     export_model("runs/ddetr_r50", "models/ddetr_r50")      # the latest checkpoint
-    python -m deformable_detr_jax.training.export runs/ddetr_r50 models/ddetr_r50 [--step N]
+    python -m deformable_detr_jax.training.to_pretrained runs/ddetr_r50 models/ddetr_r50 [--step N]
 
 Runs in one process on any machine: the weights are read as host arrays, whatever mesh wrote
 them. The model config is the one the run stored in the checkpoint's `meta` item.

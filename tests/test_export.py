@@ -1,0 +1,176 @@
+"""Deployment export (`deformable_detr_jax.export`) of every variant, run outside this package.
+
+Each variant (plain, box refinement, two-stage, single-scale, five levels; small random models,
+tests/random_models.py) is exported once, as ONNX and as StableHLO, for a batch of two padded
+images (random pixels, different real regions). The ONNX file runs in onnxruntime (CPU) and the
+StableHLO file is reloaded by `jax.export.deserialize` in a subprocess that never imports this
+package; both are compared with the JAX model as `Detector` runs it (jitted, padding masked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx", reason="the [export] extra is not installed")
+pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+pytest.importorskip("jax2onnx", reason="jax2onnx is not installed (make test installs it)")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from deformable_detr_jax import Detector  # noqa: E402
+from deformable_detr_jax.export import (  # noqa: E402
+    OPSET,
+    export_onnx,
+    export_stablehlo,
+)
+from tests.random_models import small_config, random_model  # noqa: E402
+
+VARIANTS = {
+    "plain": {},
+    "box_refine": {"with_box_refine": True},
+    "two_stage": {"with_box_refine": True, "two_stage": True},
+    "single_scale": {"num_feature_levels": 1},
+    "five_levels": {"num_feature_levels": 5},
+}
+BATCH, HEIGHT, WIDTH = 2, 96, 128
+REAL = ((70, 100), (96, 81))  # (height, width) of each image's real region: padding on both sides
+ONNX_TOL = {"two_stage": 1e-3}  # 1e-4 for the others
+STABLEHLO_TOL = 1e-6
+
+_RELOAD = """
+import sys
+import jax
+import numpy as np
+
+inputs = np.load(sys.argv[1])
+for path in sys.argv[2:]:
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    logits, pred_boxes = exported.call(inputs["pixel_values"], inputs["pixel_mask"])
+    np.savez(path + ".out.npz", logits=np.asarray(logits), pred_boxes=np.asarray(pred_boxes))
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("deformable_detr_jax", "pallas_kernels"))
+assert not ours, ours
+print("reloaded", len(sys.argv) - 2)
+"""
+
+
+def _inputs():
+    rng = np.random.default_rng(13)
+    pixel_values = rng.standard_normal((BATCH, HEIGHT, WIDTH, 3)).astype(np.float32)
+    pixel_mask = np.zeros((BATCH, HEIGHT, WIDTH), bool)
+    for i, (h, w) in enumerate(REAL):
+        pixel_mask[i, :h, :w] = True
+    return pixel_values, pixel_mask
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Per variant: the JAX outputs and both exported files; StableHLO reloaded elsewhere."""
+    folder = tmp_path_factory.mktemp("export")
+    pixel_values, pixel_mask = _inputs()
+    np.savez(folder / "inputs.npz", pixel_values=pixel_values, pixel_mask=pixel_mask)
+    runs = {}
+    for seed, (name, fields) in enumerate(VARIANTS.items()):
+        detector = Detector(random_model(small_config(**fields), seed=seed), compile_cache=None)
+        logits, boxes = detector.forward(pixel_values, pixel_mask)
+        runs[name] = {
+            "detector": detector,
+            "expected": {"logits": np.asarray(logits), "pred_boxes": np.asarray(boxes)},
+            "onnx": export_onnx(detector, folder / f"{name}.onnx", height=HEIGHT, width=WIDTH,
+                                batch=BATCH),  # fmt: skip
+            "stablehlo": export_stablehlo(detector, folder / f"{name}.stablehlo", height=HEIGHT,
+                                          width=WIDTH, batch=BATCH),  # fmt: skip
+        }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"),
+         *(str(run["stablehlo"]) for run in runs.values())],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-5000:]
+    for run in runs.values():
+        run["reloaded"] = dict(np.load(str(run["stablehlo"]) + ".out.npz"))
+    return runs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_onnx_runs_in_onnxruntime_like_the_jax_model(exported, variant):
+    run = exported[variant]
+    model = onnx.load(run["onnx"])
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    # standard operators only: no custom domain, no local functions, no loops
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert not model.functions
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"Loop", "Scan", "If"}, ops
+    # the sampling core became GridSample: one per level per attention layer
+    config = run["detector"].config
+    layers = config.encoder_layers + config.decoder_layers
+    assert sum(n.op_type == "GridSample" for n in model.graph.node) == (
+        layers * config.num_feature_levels
+    )
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["config"]) == config.to_hf()
+    assert json.loads(meta["input_size"]) == {"batch": BATCH, "height": HEIGHT, "width": WIDTH}
+
+    session = ort.InferenceSession(os.fspath(run["onnx"]), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [
+        ("pixel_values", [BATCH, HEIGHT, WIDTH, 3], "tensor(float)"),
+        ("pixel_mask", [BATCH, HEIGHT, WIDTH], "tensor(bool)"),
+    ]
+    assert [o.name for o in session.get_outputs()] == ["logits", "pred_boxes"]
+    pixel_values, pixel_mask = _inputs()
+    logits, pred_boxes = session.run(None, {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
+    tol = ONNX_TOL.get(variant, 1e-4)
+    expected = run["expected"]
+    assert logits.shape == (BATCH, config.num_queries, config.num_labels)
+    np.testing.assert_allclose(logits, expected["logits"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(pred_boxes, expected["pred_boxes"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stablehlo_reloaded_without_this_package_computes_the_jax_model(exported, variant):
+    run = exported[variant]
+    for name in ("logits", "pred_boxes"):
+        np.testing.assert_allclose(run["reloaded"][name], run["expected"][name],
+                                   rtol=STABLEHLO_TOL, atol=STABLEHLO_TOL)  # fmt: skip
+    exported_program = jax.export.deserialize(bytearray(run["stablehlo"].read_bytes()))
+    assert [a.shape for a in exported_program.in_avals] == [(BATCH, HEIGHT, WIDTH, 3),
+                                                            (BATCH, HEIGHT, WIDTH)]  # fmt: skip
+    assert exported_program.platforms == (jax.default_backend(),)
+
+
+def test_the_padding_does_not_leak_into_the_exported_outputs(exported):
+    """The image whose real region is 70 x 100 gives in the 96 x 128 ONNX program what the
+    model gives on the 70 x 100 image alone (the padding is masked through the model)."""
+    run = exported["box_refine"]
+    pixel_values, pixel_mask = _inputs()
+    session = ort.InferenceSession(os.fspath(run["onnx"]), providers=["CPUExecutionProvider"])
+    logits, _ = session.run(None, {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
+    h, w = REAL[0]
+    alone, _ = run["detector"].forward(pixel_values[:1, :h, :w], pixel_mask[:1, :h, :w])
+    np.testing.assert_allclose(logits[0], np.asarray(alone)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_stablehlo_is_the_bfloat16_detector(tmp_path):
+    detector = Detector(random_model(small_config(), seed=4), dtype="bfloat16",
+                        compile_cache=None)  # fmt: skip
+    pixel_values, pixel_mask = _inputs()
+    path = export_stablehlo(detector, tmp_path / "bf16.stablehlo", height=HEIGHT, width=WIDTH,
+                            batch=BATCH, dtype="bfloat16")  # fmt: skip
+    program = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+    got = program.call(pixel_values, pixel_mask)
+    want = detector.forward(pixel_values, pixel_mask)
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-2, atol=1e-2)
