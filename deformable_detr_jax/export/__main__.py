@@ -7,7 +7,8 @@ refused unless `--overwrite`; nothing is left behind when the export fails.
 Exit status: 0 written; 2 bad input (option, size the model cannot take, unknown format, OUT
 exists, MODEL not a model, a missing dependency), printed as one `error: ...` line.
 
-    python -m deformable_detr_jax.export deformable-detr ddetr.onnx --format onnx --height 800 --width 1216
+    python -m deformable_detr_jax.export deformable-detr ddetr.onnx --format onnx \
+        --height 800 --width 1216
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a Deformable DETR model as ONNX or StableHLO for a fixed input size.",
     )
     parser.add_argument("model", metavar="MODEL",
-                        help="model folder (hub-style or saved by deformable_detr_jax) or weights file")  # fmt: skip
+                        help="what Detector.from_pretrained reads: a hub-style model folder or "
+                             "one saved by deformable_detr_jax")  # fmt: skip
     parser.add_argument("out", metavar="OUT", help="file to write (.onnx / .stablehlo)")
     parser.add_argument("--format", required=True, metavar="onnx|stablehlo")
     parser.add_argument("--height", type=int, required=True, metavar="H",

@@ -155,8 +155,7 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
         raise OutputExistsError(f"{os.fspath(out)!r} is a directory; give a file name to write")
     if path.exists() and not overwrite:
         raise OutputExistsError(
-            f"{os.fspath(out)!r} exists; choose another name or pass overwrite=True "
-            "(--overwrite)"
+            f"{os.fspath(out)!r} exists; choose another name or pass overwrite=True (--overwrite)"
         )
     return path
 

@@ -38,7 +38,10 @@ from deformable_detr_jax.export.common import (
 # onnxruntime >= 1.20 runs opset 23).
 OPSET = 23
 JAX2ONNX_VERSION = "0.17.1"
-_INSTALL = f"pip install 'deformable_detr_jax[export]' && pip install --no-deps jax2onnx=={JAX2ONNX_VERSION}"
+_INSTALL = (
+    "pip install 'deformable_detr_jax[export]' && "
+    f"pip install --no-deps jax2onnx=={JAX2ONNX_VERSION}"
+)
 _PROTOBUF_LIMIT = 2**31 - 1  # one protobuf message: larger models need external data
 
 
@@ -47,7 +50,9 @@ def _require():
         import jax2onnx  # noqa: F401
         import onnx  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"ONNX export needs onnx and jax2onnx ({err}); install them: {_INSTALL}") from err
+        raise ImportError(
+            f"ONNX export needs onnx and jax2onnx ({err}); install them: {_INSTALL}"
+        ) from err
 
 
 @contextlib.contextmanager

@@ -132,7 +132,9 @@ def ms_deform_attn_grid_sample(
         out = sampled if out is None else out + sampled
     # (bs * nheads, head_dim, len_q) -> (bs, len_q, nheads * head_dim)
     out = jnp.transpose(out.reshape(bs, nheads, head_dim, len_q), (0, 3, 1, 2))
-    return out.reshape(bs, len_q, nheads * head_dim).astype(jax.dtypes.canonicalize_dtype(value.dtype))
+    return out.reshape(bs, len_q, nheads * head_dim).astype(
+        jax.dtypes.canonicalize_dtype(value.dtype)
+    )
 
 
 def _output_name(ctx, out_spec, hint: str) -> str:

@@ -10,7 +10,6 @@ Rooms: `setup` (config -> objects, start-up checks), `mesh` (devices, shardings)
 """
 
 from deformable_detr_jax.training.checkpointing import Checkpoints
-from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.loop import (
     NonFiniteLossError,
     TrainResult,
@@ -22,6 +21,7 @@ from deformable_detr_jax.training.mesh import initialize_distributed, make_data_
 from deformable_detr_jax.training.optimizer import make_optimizer, param_group
 from deformable_detr_jax.training.recipes import base_config
 from deformable_detr_jax.training.setup import ConfigError
+from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.train_state import (
     ModelSpec,
     TrainState,
