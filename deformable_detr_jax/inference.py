@@ -25,6 +25,12 @@ features (with random full-size weights: scores move by up to 0.009 in the defau
 0.025 on a 1333 x 1333 canvas; BENCHMARKS.md "Inference"). Without buckets (`buckets=None`) an
 image is not padded at all and the two settings agree.
 
+Cold starts. Programs are compiled once per machine, not once per process: `Detector` turns on
+JAX's persistent compilation cache (`compile_cache.py`; `compile_cache=None` or
+`DEFORMABLE_DETR_JAX_COMPILE_CACHE=off` opts out), so a new process's first call traces the
+model and reads the compiled program back. `warmup(sizes)` prepares the programs of given image
+sizes before the first call (e.g. while a notebook loads its images).
+
 bfloat16 (`dtype=jnp.bfloat16`): the `nnx.Param`s and the pixel values are cast to bfloat16; the
 frozen batch-norm statistics (`nnx.BatchStat`) stay float32 so that `rsqrt(var + eps)` keeps its
 precision (it is folded into a scale and cast to the activations' dtype anyway); the deformable

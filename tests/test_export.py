@@ -17,22 +17,13 @@ import sys
 
 import jax
 import numpy as np
+import onnx  # the [export] extra and jax2onnx: `make test` installs them in both lanes
+import onnxruntime as ort
 import pytest
 
-pytest.importorskip("onnx", reason="the [export] extra is not installed")
-pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
-pytest.importorskip("jax2onnx", reason="jax2onnx is not installed (make test installs it)")
-
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-
-from deformable_detr_jax import Detector  # noqa: E402
-from deformable_detr_jax.export import (  # noqa: E402
-    OPSET,
-    export_onnx,
-    export_stablehlo,
-)
-from tests.random_models import random_model, small_config  # noqa: E402
+from deformable_detr_jax import Detector
+from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
+from tests.random_models import random_model, small_config
 
 VARIANTS = {
     "plain": {},

@@ -147,6 +147,14 @@ def test_a_path_that_is_not_a_model_is_a_typed_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_model"]
 
 
+def test_onnx_is_float32_only(detector, tmp_path):
+    from deformable_detr_jax.export import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match="float32 only"):
+        export_onnx(detector, tmp_path / "m.onnx", height=64, width=64, dtype="bfloat16")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_bfloat16_detector_cannot_export_float32(tmp_path):
     from deformable_detr_jax.export import ExportError
 
@@ -183,6 +191,7 @@ def test_cli_writes_a_program_that_reloads(model_folder, tmp_path, capsys, rng):
 @pytest.mark.parametrize("case, extra, message", [
     ("format", ["--format", "tflite"], "unknown export format 'tflite'"),
     ("dtype", ["--format", "onnx", "--dtype", "float16"], "--dtype must be one of"),
+    ("onnx_bf16", ["--format", "onnx", "--dtype", "bfloat16"], "onnx is float32 only"),
     ("size", ["--format", "stablehlo", "--height", "20"], "at least 32x32"),
     ("proposals", ["--format", "stablehlo", "--height", "32", "--width", "32"], "proposals"),
     ("height", ["--format", "onnx", "--height", "tall"], "invalid int value: 'tall'"),
@@ -246,7 +255,6 @@ def _core_inputs(rng, bs=2, len_q=37, nheads=3, npoints=4, head_dim=8):
 
 
 def test_grid_sample_core_matches_the_reference(rng):
-    pytest.importorskip("jax2onnx")
     from deformable_detr_jax.export.onnx_rules import ms_deform_attn_grid_sample
 
     value, loc, attn = _core_inputs(rng)
@@ -256,9 +264,8 @@ def test_grid_sample_core_matches_the_reference(rng):
 
 
 def test_grid_sample_core_in_onnxruntime_matches_the_reference(rng):
-    pytest.importorskip("jax2onnx")
-    ort = pytest.importorskip("onnxruntime")
     import jax2onnx
+    import onnxruntime as ort
 
     from deformable_detr_jax.export.onnx_rules import ms_deform_attn_grid_sample, onnx_rules
 
@@ -276,7 +283,6 @@ def test_grid_sample_core_in_onnxruntime_matches_the_reference(rng):
 
 
 def test_the_conversion_rules_are_undone_afterwards():
-    pytest.importorskip("jax2onnx")
     from jax2onnx.plugins import plugin_system
 
     from deformable_detr_jax.export import onnx_rules as rules

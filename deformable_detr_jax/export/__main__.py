@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_format(args.format)
         if args.dtype not in DTYPES:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        if args.format == "onnx" and args.dtype != "float32":
+            raise ExportError("--format onnx is float32 only; bfloat16 exports as --format stablehlo")
         check_output(args.out, args.overwrite)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)

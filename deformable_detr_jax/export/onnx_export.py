@@ -70,6 +70,12 @@ def _quiet_converter() -> Iterator[None]:
 
 def to_onnx_proto(model: Any, *, height: int, width: int, batch: int = 1, dtype: str = "float32"):
     """The checked `onnx.ModelProto` of `model` (see `export_onnx`), not written anywhere."""
+    if dtype != "float32":
+        raise ExportError(
+            f"ONNX export is float32 only (dtype={dtype!r}): opset {OPSET} has no bfloat16 "
+            "Einsum and onnxruntime's CPU provider no bfloat16 kernels for most operators; export "
+            "bfloat16 as --format stablehlo, or convert the float32 ONNX model with ONNX tools"
+        )
     _require()
     import jax2onnx
     import onnx
@@ -127,8 +133,7 @@ def export_onnx(
         `DeformableDetrForObjectDetection`.
       out: the `.onnx` file to write (its folder is created).
       height, width, batch: the static input size (pad images to it, mask False on padding).
-      dtype: "float32", or "bfloat16" (bfloat16 weights and activations; onnxruntime's CPU
-        provider has no bfloat16 convolution, see README "Deploy").
+      dtype: "float32" only (bfloat16: `ExportError`, see `to_onnx_proto`; StableHLO takes it).
       overwrite: replace an existing `out`.
 
     Raises:
