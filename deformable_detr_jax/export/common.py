@@ -2,7 +2,8 @@
 
 The exported program is `Detector.model_function()`: the model with `padding_invariant=True`
 (the padding of a bucket is masked all the way through, so the outputs on a padded input are
-those of the image alone) in the compute dtype, logits and boxes cast to float32. Inputs:
+those of the image alone; a `Detector` passed in keeps its own setting) in the compute dtype,
+logits and boxes cast to float32. Inputs:
 `pixel_values [batch, height, width, 3]` float32 (normalised, NHWC, as `ImageProcessor` makes
 them) and `pixel_mask [batch, height, width]` bool (True on real pixels); outputs `logits
 [batch, num_queries, num_labels]` and `pred_boxes [batch, num_queries, 4]` (cx, cy, w, h

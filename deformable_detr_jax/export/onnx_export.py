@@ -68,6 +68,16 @@ def _quiet_converter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _drop_unused_initializers(graph) -> None:
+    """jax2onnx leaves a few shape constants no node reads (onnxruntime warns about each)."""
+    used = {name for node in graph.node for name in node.input}
+    used |= {value.name for value in graph.output}
+    keep = [tensor for tensor in graph.initializer if tensor.name in used]
+    if len(keep) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
 def to_onnx_proto(model: Any, *, height: int, width: int, batch: int = 1, dtype: str = "float32"):
     """The checked `onnx.ModelProto` of `model` (see `export_onnx`), not written anywhere."""
     if dtype != "float32":
@@ -94,13 +104,14 @@ def to_onnx_proto(model: Any, *, height: int, width: int, batch: int = 1, dtype:
                 input_names=list(INPUT_NAMES),
                 output_names=list(OUTPUT_NAMES),
             )
+    _drop_unused_initializers(proto.graph)
     metadata = {
         "producer": "deformable_detr_jax",
         "config": json.dumps(detector.config.to_hf()),
         "preprocessor": json.dumps(detector.processor.to_dict()),
         "input_size": json.dumps({"batch": spec.batch, "height": spec.height, "width": spec.width}),
         "dtype": detector.dtype.name,
-        "padding_invariant": "true",
+        "padding_invariant": json.dumps(detector.padding_invariant),
     }
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
