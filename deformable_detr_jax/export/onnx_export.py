@@ -93,11 +93,11 @@ def to_onnx_proto(model: Any, *, height: int, width: int, batch: int = 1, dtype:
     detector = as_detector(model, dtype)
     spec = check_input(detector.config, height, width, batch)
     with _quiet_converter():
-        from deformable_detr_jax.export.onnx_rules import onnx_rules
+        from deformable_detr_jax.export.onnx_rules import flat_function, onnx_rules
 
         with onnx_rules():
             proto = jax2onnx.to_onnx(
-                detector.model_function(),
+                flat_function(detector.model_function(), spec.shapes),
                 list(spec.shapes),
                 model_name="deformable_detr",
                 opset=OPSET,

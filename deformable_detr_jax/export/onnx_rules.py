@@ -18,19 +18,31 @@ only inside `onnx_rules()` (the ONNX export enters it around the conversion):
   over every axis (a 4-D pool for a 4-D array), which onnxruntime refuses ("Unsupported pooling
   size"). `_NhwcMaxPoolPlugin` lowers a window that is 1 on the batch and channel axes to
   Transpose -> 2-D `MaxPool` -> Transpose and leaves every other case to jax2onnx's rule.
+
+`flat_function` hands jax2onnx the program traced once with its nested calls inlined (`jit`, and
+`custom_jvp_call`, whose derivative rule an inference graph never needs): one first-order jaxpr.
+jax2onnx 0.17.1's own `jit` rule reads `jax.core.ClosedJaxpr`, which jax 0.12 merged into
+`Jaxpr`; inlined, the conversion does not depend on it, on either jax. Two consequences are
+handled here: Linear layers on 3-D activations become 2-D products (`Gemm`, not `Einsum`), and
+jax2onnx's folding of broadcasts of constants (which inlining exposes: `jnp.where(mask, x, 0)`
+broadcasts a zero to the whole feature map) is kept to small results, so that the file holds
+the weights and not copies of zero-filled feature maps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import onnx_ir as ir
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 from jax2onnx.plugins import plugin_system
+from jax2onnx.plugins.jax.lax import broadcast_in_dim as jax2onnx_broadcast
 from jax2onnx.plugins.jax.lax.reduce_window_max import ReduceWindowMaxPrimitivePlugin
 from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin
 
@@ -219,6 +231,86 @@ class _NhwcMaxPoolPlugin(ReduceWindowMaxPrimitivePlugin):
         _bind(ctx, out_var, out_spec, result)
 
 
+# ----------------------------------------------------------------------------- inlining
+
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr"}  # fmt: skip
+
+
+def _dense_layer(eqn) -> bool:
+    """`x (..., k) @ w (k, n)`: no batch dimensions, the last axis of x against the first of a
+    2-D w (a Linear layer on a (bs, len, d_model) activation)."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+    lhs, rhs = (var.aval for var in eqn.invars)
+    return (
+        not lhs_batch and not rhs_batch and lhs.ndim > 2 and rhs.ndim == 2
+        and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+    )  # fmt: skip
+
+
+def _as_matrix_product(eqn, lhs, rhs):
+    """The same product on `lhs` flattened to 2-D: jax2onnx lowers a 2-D product to `Gemm`, and
+    one with more axes to `Einsum`, which onnxruntime runs 1.4x slower here."""
+    params = {**eqn.params, "dimension_numbers": (((1,), (0,)), ((), ()))}
+    # (bs, len, d) -> (bs * len, d) @ (d, n) -> (bs, len, n)
+    out = eqn.primitive.bind(jnp.reshape(lhs, (-1, lhs.shape[-1])), rhs, **params)
+    return jnp.reshape(out, (*lhs.shape[:-1], rhs.shape[1]))
+
+
+def _evaluate(jaxpr, consts, args) -> list:
+    """Binds `jaxpr`'s equations on `args`, evaluating the bodies of `_CALLS` in place."""
+    env = {}
+
+    def read(var):
+        return var.val if isinstance(var, jax.extend.core.Literal) else env[var]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        values = [read(var) for var in eqn.invars]
+        name = eqn.primitive.name
+        if name == "dot_general" and _dense_layer(eqn):
+            outs = [_as_matrix_product(eqn, *values)]
+        elif name in _CALLS:
+            body = eqn.params[_CALLS[name]]  # a ClosedJaxpr (jax < 0.11: .jaxpr is the Jaxpr)
+            outs = _evaluate(body.jaxpr, body.consts, values)
+        else:
+            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(var) for var in jaxpr.outvars]
+
+
+def flat_function(fn, shapes):
+    """`fn` traced on `shapes` (inside `onnx_rules()`: with the grid-sample core), as a function
+    of the same arguments whose trace has no nested calls (see the module docstring)."""
+    closed = jax.make_jaxpr(fn)(*shapes)
+
+    def flat(*args):
+        return tuple(_evaluate(closed.jaxpr, closed.consts, args))
+
+    return flat
+
+
+# ----------------------------------------------------------------------------- constant folding
+
+# Largest broadcast of a constant that jax2onnx may store as a materialised initializer.
+FOLD_LIMIT = 4096
+_fold_broadcast = jax2onnx_broadcast._maybe_inline_constant_broadcast
+
+
+def _fold_small_broadcasts(ctx, out_var, x_val, shape, *args):
+    """jax2onnx's constant-broadcast folding for results of at most `FOLD_LIMIT` elements;
+    larger ones stay `Expand` nodes."""
+    try:
+        size = math.prod(int(d) for d in shape)
+    except TypeError:  # a symbolic dimension: leave it to jax2onnx
+        size = 0
+    if size > FOLD_LIMIT:
+        return False
+    return _fold_broadcast(ctx, out_var, x_val, shape, *args)
+
+
 # ----------------------------------------------------------------------------- activation
 
 
@@ -231,9 +323,10 @@ def _new_plugin(cls, primitive: str) -> PrimitiveLeafPlugin:
 
 @contextlib.contextmanager
 def onnx_rules() -> Iterator[None]:
-    """Within: jax2onnx converts `grid_sample_p` and NHWC max pools, and Deformable DETR's
-    attention modules sample through `ms_deform_attn_grid_sample`. Everything is restored on
-    exit (jax2onnx's own rules, the attention modules' sampling core)."""
+    """Within: jax2onnx converts `grid_sample_p` and NHWC max pools and folds only small constant
+    broadcasts, and Deformable DETR's attention modules sample through
+    `ms_deform_attn_grid_sample`. Everything is restored on exit (jax2onnx's own rules and
+    folding, the attention modules' sampling core)."""
     plugin_system.import_all_plugins()  # jax2onnx's rules first, so that ours replace theirs
     registry = plugin_system.PLUGIN_REGISTRY
     ours = {
@@ -246,9 +339,11 @@ def onnx_rules() -> Iterator[None]:
     core = deformable_attention.ms_deform_attn
     registry.update(ours)
     deformable_attention.ms_deform_attn = ms_deform_attn_grid_sample
+    jax2onnx_broadcast._maybe_inline_constant_broadcast = _fold_small_broadcasts
     try:
         yield
     finally:
+        jax2onnx_broadcast._maybe_inline_constant_broadcast = _fold_broadcast
         deformable_attention.ms_deform_attn = core
         for name, plugin in saved.items():
             if plugin is None:
@@ -257,4 +352,10 @@ def onnx_rules() -> Iterator[None]:
                 registry[name] = plugin
 
 
-__all__ = ["grid_sample", "grid_sample_p", "ms_deform_attn_grid_sample", "onnx_rules"]
+__all__ = [
+    "flat_function",
+    "grid_sample",
+    "grid_sample_p",
+    "ms_deform_attn_grid_sample",
+    "onnx_rules",
+]
