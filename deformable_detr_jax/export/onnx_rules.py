@@ -250,7 +250,7 @@ def _dense_layer(eqn) -> bool:
 
 def _as_matrix_product(eqn, lhs, rhs):
     """The same product on `lhs` flattened to 2-D: jax2onnx lowers a 2-D product to `Gemm`, and
-    one with more axes to `Einsum`, which onnxruntime runs 1.4x slower here."""
+    one with more axes to `Einsum`, which onnxruntime runs slower (BENCHMARKS.md "Export")."""
     params = {**eqn.params, "dimension_numbers": (((1,), (0,)), ((), ()))}
     # (bs, len, d) -> (bs * len, d) @ (d, n) -> (bs, len, n)
     out = eqn.primitive.bind(jnp.reshape(lhs, (-1, lhs.shape[-1])), rhs, **params)
