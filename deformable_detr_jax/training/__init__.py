@@ -17,7 +17,7 @@ from deformable_detr_jax.training.checkpointing import (
     CheckpointWriteError,
     NoCheckpointRestoresError,
 )
-from deformable_detr_jax.training.export import export_model
+from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.loop import (
     NonFiniteLossError,
     TrainResult,
