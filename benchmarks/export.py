@@ -44,7 +44,9 @@ def _inputs(args):
 
     processor = ImageProcessor.from_pretrained(args.folder)
     batch = processor.preprocess(_images(args.height, args.width, 1))
-    assert batch["pixel_values"].shape[1:3] == (args.height, args.width), batch["pixel_values"].shape
+    assert batch["pixel_values"].shape[1:3] == (args.height, args.width), batch[
+        "pixel_values"
+    ].shape
     return np.asarray(batch["pixel_values"], np.float32), np.asarray(batch["pixel_mask"], bool)
 
 

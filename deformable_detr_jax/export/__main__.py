@@ -66,7 +66,9 @@ def _main(args: argparse.Namespace) -> int:
         if args.dtype not in DTYPES:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
         if args.format == "onnx" and args.dtype != "float32":
-            raise ExportError("--format onnx is float32 only; bfloat16 exports as --format stablehlo")
+            raise ExportError(
+                "--format onnx is float32 only; bfloat16 exports as --format stablehlo"
+            )
         check_output(args.out, args.overwrite)
     except ExportError as err:
         return exits.report(PROG, str(err), exits.BAD_INPUT)
