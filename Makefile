@@ -71,3 +71,23 @@ clean:
 
 clean-newest:
 	rm -rf $(VENV_NEWEST)
+
+# The GPU check of the lent H200 (benchmarks/gpu_check.sh). gpu-wheels fetches the wheels
+# its Python 3.12 lacks (what the check imports beyond that machine's packages) into .whl/,
+# which git ignores and the device tool carries; gpu-check-rehearsal runs the same script
+# on this CPU with a Python 3.12 env (GPU_CHECK_PYTHON), without what needs a GPU or torch.
+GPU_WHEELS := ml-collections==1.1.0
+GPU_CHECK_PYTHON ?= $(PY_NEWEST)
+
+.PHONY: gpu-wheels gpu-check-rehearsal
+
+gpu-wheels: | $(PY)
+	rm -rf .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip download --no-deps --only-binary=:all: -d .whl/fallback "flax==0.12.8"
+	du -sh .whl
+
+gpu-check-rehearsal: gpu-wheels $(VENV_NEWEST)/.installed-test
+	PYTHON=$(GPU_CHECK_PYTHON) bash benchmarks/gpu_check.sh --rehearse

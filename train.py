@@ -48,7 +48,10 @@ def main(argv) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     # for the whole process: orbax's background threads may log a failure's aftermath at exit
     captured = exits.quiet_orbax()
-    return exits.guarded(PROG, lambda: _train(captured))
+    code = exits.guarded(PROG, lambda: _train(captured))
+    if code != exits.OK:
+        exits.mute_teardown()
+    return code
 
 
 def _train(captured: exits.CapturedLogs) -> int:

@@ -300,6 +300,21 @@ def _bucket_study(args) -> None:
     print("unpadded scores span " + ", ".join(f"{lo:.3f}..{hi:.3f}" for lo, hi in spans))
 
 
+def goal_check(results: dict, args) -> None:
+    """Issue 15's goal on a GPU: `Detector` float32 at least 3x transformers' eager float32
+    images/s at batch 4, both on the GPU."""
+    ours, ref = results.get("jax-float32"), results["torch-float32"]
+    rows = {row["batch"]: row for row in (ours or {}).get("rows", [])}
+    ref_rows = {row["batch"]: row for row in ref["rows"]}
+    if args.torch_device != "cuda" or "(gpu)" not in (ours or {}).get("name", "") or 4 not in rows:
+        print("# goal Detector >= 3x transformers at batch 4: not measured here (needs jax "
+              "and torch on a GPU, float32, batch 4)")  # fmt: skip
+        return
+    speedup = statistics.median(ref_rows[4]["times_s"]) / statistics.median(rows[4]["times_s"])
+    print(f"# goal Detector float32 >= 3x transformers eager float32 images/s at batch 4: "
+          f"{speedup:.2f}x {'PASS' if speedup >= 3 else 'FAIL'}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--height", type=int, default=800)
@@ -392,6 +407,7 @@ def main(argv=None) -> int:
                     f"  batch {row['batch']}: {speedup:.2f}x transformers' images/s "
                     f"(wall clock), {cpu:.2f}x less CPU time"
                 )
+        goal_check(results, args)
         print("- transformers detections per image: " + "; ".join(
             f"b{row['batch']}: " + "/".join(str(len(d["labels"])) for d in row["detections"])
             for row in torch_result["rows"]))  # fmt: skip

@@ -26,13 +26,20 @@ On a CUDA GPU it finally checks the goals of issue 3 at the encoder shape, batch
 pallas_gpu forward within 4x of the floor, forward+backward at least 3x faster than "xla",
 and bfloat16 forward faster than float32.
 
+`--sweep` times pallas_gpu at other tiles (encoder batch 2, decoder batch 8, both dtypes)
+beside the default ones, so that a row of `pallas_gpu.default_block_sizes` is set by a
+measurement; `--profile` runs pallas_gpu forward+backward at the encoder shape, batch 2,
+float32, once after a warm-up, for `ncu` (benchmarks/gpu_check.sh).
+
     python benchmarks/msda.py                          # everything, 20 repeats
     python benchmarks/msda.py --repeats 3 --batches 1 2  # quicker (CPU)
+    python benchmarks/msda.py --sweep                  # tile sweep (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import platform
@@ -43,9 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ms_deform_attn import api
+from pallas_kernels.ms_deform_attn import api, pallas_gpu
+from pallas_kernels.ms_deform_attn.resources import ENCODER_LEVELS
 
-ENCODER_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 LEN_V = sum(h * w for h, w in ENCODER_LEVELS)  # 22223
 NHEADS, HEAD_DIM, NPOINTS = 8, 32, 4
 DECODER_QUERIES = 300
@@ -180,7 +187,13 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--no-decoder", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="pallas_gpu at other tiles")
+    parser.add_argument("--profile", action="store_true", help="one fwd+bwd for ncu")
     args = parser.parse_args()
+    if args.profile:
+        return profile_once()
+    if args.sweep:
+        return tile_sweep(args.repeats)
 
     device = jax.devices()[0]
     print(
@@ -234,7 +247,7 @@ def main() -> None:
                     fwdbwd_ms = _torch_median_ms(
                         t_forward_backward, *t_grad, to_torch(grad_out), repeats=torch_repeats
                     )
-                except RuntimeError as e:  # e.g. a dtype grid_sample lacks on this device
+                except Exception as e:  # noqa: BLE001 - a dtype or signature torch lacks here
                     print(f"skip torch grid_sample {dtype_name}: {e}")
                 else:
                     report(f"torch grid_sample ({t_device})", fwd_ms, fwdbwd_ms)
@@ -305,6 +318,73 @@ def goal_checks(results, bandwidth) -> None:
             f"# goal bf16 forward faster than fp32: {bf16[0]:.3f} vs {fwd:.3f} ms "
             f"{'PASS' if bf16[0] < fwd else 'FAIL'}"
         )
+
+
+# (forward tiles, backward tiles) tried by --sweep beside the defaults.
+SWEEP_BLOCK_Q = (8, 16, 32, 64)
+SWEEP_BLOCK_Q_BWD = (4, 8, 16)
+
+
+def _pallas_gpu_here() -> bool:
+    if api._platform() != "cuda":
+        print(f"# skip: pallas_gpu compiles for CUDA GPUs, this is {api._platform()!r}")
+        return False
+    return True
+
+
+def tile_sweep(repeats: int) -> None:
+    """Forward and forward+backward ms of pallas_gpu at each tile of the sweep."""
+    if not _pallas_gpu_here():
+        return
+    print("| shape | bs | dtype | kernel | block_q | ms | vs default |")
+    print("|---|---:|---|---|---:|---:|---:|")
+    for shape, bs, len_q in (("encoder", 2, LEN_V), ("decoder", 8, DECODER_QUERIES)):
+        for dtype_name in ("float32", "bfloat16"):
+            value, loc, attn, grad_out = make_inputs(bs, len_q, jnp.dtype(dtype_name))
+            default = pallas_gpu.default_block_sizes(value.dtype, HEAD_DIM)
+            for kernel, sizes, field in (
+                ("forward", SWEEP_BLOCK_Q, "block_q"),
+                ("forward+backward", SWEEP_BLOCK_Q_BWD, "block_q_bwd"),
+            ):
+                times = {}
+                for size in sorted(set(sizes) | {getattr(default, field)}):
+                    tiles = dataclasses.replace(default, **{field: size})
+                    fn = functools.partial(pallas_gpu.ms_deform_attn_pallas_gpu, block_sizes=tiles)
+                    forward = jax.jit(lambda v, s, a, fn=fn: fn(v, ENCODER_LEVELS, s, a))
+                    if kernel == "forward":
+                        times[size] = _median_ms(forward, value, loc, attn, repeats=repeats)
+                    else:
+                        fwd_bwd = jax.jit(lambda v, s, a, g, f=forward: jax.vjp(f, v, s, a)[1](g))
+                        times[size] = _median_ms(
+                            fwd_bwd, value, loc, attn, grad_out, repeats=repeats
+                        )
+                base = times[getattr(default, field)]
+                best = min(times, key=times.get)
+                for size, ms in sorted(times.items()):
+                    mark = " (default)" if size == getattr(default, field) else ""
+                    mark += " (fastest)" if size == best else ""
+                    print(f"| {shape} | {bs} | {dtype_name} | {kernel} | {size}{mark} | "
+                          f"{ms:.3f} | {ms / base:.2f} |", flush=True)  # fmt: skip
+
+
+def profile_once() -> None:
+    """pallas_gpu forward+backward, encoder batch 2 float32: compiled and run once to warm
+    up, then once more (the launches ncu is told to profile: `--launch-skip 2`)."""
+    if not _pallas_gpu_here():
+        return
+    value, loc, attn, grad_out = make_inputs(2, LEN_V, jnp.float32)
+
+    @jax.jit
+    def forward_backward(value, loc, attn, grad_out):
+        # The kernels themselves: through `api` the one-time probe would launch them first.
+        def forward(value, loc, attn):
+            return pallas_gpu.ms_deform_attn_pallas_gpu(value, ENCODER_LEVELS, loc, attn)
+
+        return jax.vjp(forward, value, loc, attn)[1](grad_out)
+
+    for _ in range(2):
+        jax.block_until_ready(forward_backward(value, loc, attn, grad_out))
+    print("# profiled: pallas_gpu forward+backward, encoder batch 2 float32")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def write_report(prog: str, text: str, folder: str | os.PathLike | None = None) 
             os.makedirs(place, exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
+            global _last_report
+            _last_report = path
             return path
         except OSError:  # e.g. the disk that filled up: leave no partial report there
             if os.path.isfile(path):
@@ -81,12 +83,33 @@ def report(prog: str, message: str, code: int, *, error: BaseException | None = 
     if logs:
         text += "\n\nlogged while it happened:\n" + "\n".join(logs)
     line = f"error: {message.rstrip()}"
+    sys.stdout.flush()  # progress printed before the failure stays before its line
     if text.strip():
         path = write_report(prog, f"{prog}: {message}\n\n{text}", folder)
         if path is not None:
             line += f"\n(full report: {path})" if "\n" in line else f" (full report: {path})"
     print(line, file=sys.stderr, flush=True)
     return code
+
+
+_last_report: str | None = None
+
+
+def mute_teardown() -> None:
+    """After a command's `error:` line: whatever the process prints while it shuts down (orbax's
+    and asyncio's background threads reporting a failure's aftermath, C++ logs) goes to the end
+    of the last report file (or nowhere when none was written), not under that line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        fd = os.open(_last_report or os.devnull, os.O_WRONLY | os.O_APPEND)
+        if _last_report:
+            os.write(fd, b"\n\nprinted while the process shut down:\n")
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def internal_error(prog: str, error: BaseException, **kwargs) -> int:

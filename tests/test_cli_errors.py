@@ -109,3 +109,30 @@ def test_report_falls_back_to_the_temporary_folder(tmp_path, capsys):
     path = _report_path(_one_error_line(capsys.readouterr().err))
     assert os.path.dirname(path) != str(unwritable) and os.path.isfile(path)
     os.remove(path)
+
+
+def test_what_a_failed_command_prints_while_shutting_down_goes_to_its_report(tmp_path):
+    """After the `error:` line nothing more reaches the terminal (Python or C-level writes on
+    either stream); it lands at the end of the report file instead."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from deformable_detr_jax import exits\n"
+        "print('progress before', end='')\n"  # unflushed: must come before the line
+        f"exits.report('tool', 'it failed', 5, details='the story', folder={str(tmp_path)!r})\n"
+        "exits.mute_teardown()\n"
+        "print('late stdout'); print('late stderr', file=sys.stderr)\n"
+        "os.write(2, b'late fd 2\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "progress before"
+    line = _one_error_line(done.stderr)
+    assert line.startswith("error: it failed (full report: ")
+    report = open(_report_path(line)).read()
+    story, late = report.split("\n\nprinted while the process shut down:\n")
+    assert story == "tool: it failed\n\nthe story"
+    assert sorted(late.splitlines()) == ["late fd 2", "late stderr", "late stdout"], report

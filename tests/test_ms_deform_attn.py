@@ -514,16 +514,6 @@ def _export_fwd_and_grad(fn, platform, disabled_checks=()):
     return texts
 
 
-@pytest.mark.skipif(
-    jax.__version_info__ > (0, 10, 2),
-    reason="newer jax compiles Triton while lowering, which needs a GPU",
-)
-def test_pallas_gpu_lowers_to_triton_without_a_gpu():
-    """The Triton lowering of both kernels (forward, and backward with atomics) succeeds."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    _export_fwd_and_grad(pallas_gpu.ms_deform_attn_pallas_gpu, "cuda", checks)
-
-
 def test_pallas_tpu_lowers_to_mosaic_without_a_tpu():
     """The Mosaic lowering of the forward and backward kernels succeeds, and the gradient is
     the backward kernel's (Mosaic's own passes run on TPU)."""

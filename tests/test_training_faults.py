@@ -25,6 +25,7 @@ import pytest
 
 from deformable_detr_jax.training.checkpointing import read_step
 from tests.fault_config import EVERY, STEPS
+from tests.subprocess_utils import finish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
@@ -70,12 +71,7 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
                os.path.join(ROOT, "tests", "fault_config.py"), "--workdir", str(workdir), *extra]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"train.py (FAULT={fault!r}) timed out:\n{output[-3000:]}")
+    output = finish(process, f"train.py (FAULT={fault!r})", TIMEOUT, check=False)
     return process.returncode, output
 
 
@@ -120,7 +116,10 @@ def _error_lines(output: str) -> list[str]:
     """The `error:` block at the end of the output; fails on a traceback anywhere."""
     assert "Traceback" not in output, output[-5000:]
     assert output.count("error:") == 1, output[-5000:]
-    return output[output.index("error:") :].strip().splitlines()
+    lines = output[output.index("error:") :].strip().splitlines()
+    assert all(line.startswith(("error:", "  ", "(full report: ")) for line in lines), \
+        output[-5000:]  # fmt: skip
+    return lines
 
 
 def _copy(baseline, target, steps=None):
@@ -213,7 +212,9 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
     workdir = tmp_path / "full"
     code, output = _run(shared, workdir, "enospc:2")
     assert code == 5, output[-5000:]
-    (line,) = _error_lines(output)
+    lines = _error_lines(output)
+    assert len(lines) == 1, output[-5000:]
+    (line,) = lines
     assert line.startswith(f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
                            "OSError: [Errno 28] No space left on device")  # fmt: skip
     assert "checkpoint 4 is intact; fix that (e.g. free disk space), then rerun" in line
