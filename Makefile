@@ -14,6 +14,8 @@ PY_NEWEST := $(VENV_NEWEST)/bin/python
 # pytest-xdist workers; the parity suite is CPU-bound and the CI machine has 2 cores.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
+# The ONNX converter, installed without its dependencies (see pyproject's `export` extra).
+JAX2ONNX ?= jax2onnx==0.17.1
 
 .PHONY: install install-test install-newest test test-main test-newest demo clean clean-newest
 
@@ -34,12 +36,14 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 # torch is installed first and pinned: any other spec pulls the CUDA build.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[test,torch]"
+	$(PY) -m pip install -e ".[test,torch,export]"
+	$(PY) -m pip install --no-deps "$(JAX2ONNX)"
 	touch $@ $(VENV)/.installed-runtime
 
 # No torch here; fails unless the index's newest releases were installed.
 $(VENV_NEWEST)/.installed-test: pyproject.toml | $(PY_NEWEST)
-	$(PY_NEWEST) -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
+	$(PY_NEWEST) -m pip install --upgrade --upgrade-strategy eager -e ".[test,export]"
+	$(PY_NEWEST) -m pip install --no-deps "$(JAX2ONNX)"
 	$(PY_NEWEST) .ci/check_newest.py
 	touch $@
 

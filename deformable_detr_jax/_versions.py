@@ -35,7 +35,9 @@ def check(
     """Raises `UnsupportedVersionError` naming every version that is too old or missing."""
     problems = []
     if python[:2] < PYTHON:
-        problems.append(f"Python {'.'.join(map(str, python))} (needs >= {'.'.join(map(str, PYTHON))})")
+        problems.append(
+            f"Python {'.'.join(map(str, python))} (needs >= {'.'.join(map(str, PYTHON))})"
+        )
     for name, minimum in MINIMUM.items():
         try:
             have = installed(name)

@@ -25,6 +25,12 @@ features (with random full-size weights: scores move by up to 0.009 in the defau
 0.025 on a 1333 x 1333 canvas; BENCHMARKS.md "Inference"). Without buckets (`buckets=None`) an
 image is not padded at all and the two settings agree.
 
+Cold starts. Programs are compiled once per machine, not once per process: `Detector` turns on
+JAX's persistent compilation cache (`compile_cache.py`; `compile_cache=None` or
+`DEFORMABLE_DETR_JAX_COMPILE_CACHE=off` opts out), so a new process's first call traces the
+model and reads the compiled program back. `warmup(sizes)` prepares the programs of given image
+sizes before the first call (e.g. while a notebook loads its images).
+
 bfloat16 (`dtype=jnp.bfloat16`): the `nnx.Param`s and the pixel values are cast to bfloat16; the
 frozen batch-norm statistics (`nnx.BatchStat`) stay float32 so that `rsqrt(var + eps)` keeps its
 precision (it is folded into a scale and cast to the activations' dtype anyway); the deformable
@@ -49,6 +55,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 from flax import nnx
 
+from deformable_detr_jax.compile_cache import enable_compile_cache
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 from deformable_detr_jax.postprocessing import post_process_object_detection
@@ -109,17 +116,17 @@ class Detections:
         return "\n".join(lines)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "padding_invariant"))
-def _forward(params, rest, pixel_values, pixel_mask, *, graphdef, dtype, padding_invariant):
-    """`(bs, height, width, 3)` float32, `(bs, height, width)` bool -> logits, boxes (float32).
-
-    One program per (shapes, graphdef, dtype, padding_invariant): module-level so that every `Detector` of the same
-    architecture shares `jax.jit`'s cache; only logits and boxes leave the device (XLA drops the
-    rest of the outputs).
-    """
+def _outputs(params, rest, pixel_values, pixel_mask, *, graphdef, dtype, padding_invariant):
+    """`(bs, height, width, 3)` float32, `(bs, height, width)` bool -> logits, boxes (float32)."""
     model = nnx.merge(graphdef, params, rest)
     out = model(pixel_values.astype(dtype), pixel_mask, padding_invariant=padding_invariant)
     return out.logits.astype(jnp.float32), out.pred_boxes.astype(jnp.float32)
+
+
+# One program per (shapes, graphdef, dtype, padding_invariant): module-level so that every
+# `Detector` of the same architecture shares `jax.jit`'s cache; only logits and boxes leave the
+# device (XLA drops the rest of the outputs).
+_forward = jax.jit(_outputs, static_argnames=("graphdef", "dtype", "padding_invariant"))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -228,6 +235,11 @@ class Detector:
       padding_invariant: True (default): padding does not change any image's outputs, which
         equal those of the image alone, unpadded (see the module docstring). False: what
         transformers computes for a padded batch (padding leaks in near the border).
+      compile_cache: JAX's persistent compilation cache, so that a new process reuses the
+        programs an earlier one compiled (`deformable_detr_jax.compile_cache`). `"auto"`
+        (default): `$DEFORMABLE_DETR_JAX_COMPILE_CACHE` (`off` turns it off), else
+        `$XDG_CACHE_HOME/deformable_detr_jax/xla` (`~/.cache/...`); a directory; or None: this
+        detector turns no cache on. Process-wide; a cache JAX already uses is kept.
 
     `compiled_shapes` lists the (batch, height, width) programs used so far: a stream of images
     compiles at most one program per (bucket, batch size) pair, never one per image size.
@@ -244,6 +256,7 @@ class Detector:
         top_k: int = 100,
         workers: int = 4,
         padding_invariant: bool = True,
+        compile_cache: str | os.PathLike | None = "auto",
     ):
         if not isinstance(model, DeformableDetrForObjectDetection):
             raise TypeError(
@@ -274,6 +287,7 @@ class Detector:
         self._rest = rest
         self._shapes: dict[tuple[int, int, int], None] = {}
         self._workers = max(1, min(workers, os.cpu_count() or 1))
+        self.compile_cache = enable_compile_cache(compile_cache)
 
     # ------------------------------------------------------------------ loading
 
@@ -291,7 +305,7 @@ class Detector:
 
         The processor comes from the folder's `preprocessor_config.json` when present, else
         `ImageProcessor()` defaults; `processor=` overrides both. `kwargs` go to `Detector`
-        (`buckets`, `batch_size`, `top_k`, `workers`, `padding_invariant`).
+        (`buckets`, `batch_size`, `top_k`, `workers`, `padding_invariant`, `compile_cache`).
         """
         # imported here: orbax and the converter are needed only by this constructor
         from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
@@ -329,6 +343,52 @@ class Detector:
         """Padded (height, width) an image of `image_size` (height, width) is run at."""
         height, width = self.processor.padded_size([self.processor.resized_size(image_size)])
         return max(height, MIN_SIDE), max(width, MIN_SIDE)
+
+    def warmup(
+        self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None
+    ) -> tuple[tuple[int, int, int], ...]:
+        """Compiles (or loads from the compilation cache) the programs for images of `sizes`.
+
+        Args:
+          sizes: (height, width) of input images, as they come (each maps to its bucket:
+            `bucket(size)`), e.g. `[(480, 640), (1080, 1920)]`.
+          batch_sizes: batch sizes to prepare per bucket; default `(1,)` (a call with one image).
+            A call with n images of a bucket uses `batch_size` and the powers of two below.
+
+        Each program is run once on a blank batch, so that later calls find it ready in
+        `jax.jit`'s cache. Returns the (batch, height, width) programs prepared.
+        """
+        if isinstance(sizes, tuple) and len(sizes) == 2 and all(isinstance(s, int) for s in sizes):
+            sizes = [sizes]  # one (height, width)
+        batch_sizes = (1,) if batch_sizes is None else tuple(batch_sizes)
+        for b in batch_sizes:
+            if isinstance(b, bool) or int(b) != b or b < 1:
+                raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
+        prepared = []
+        for size in sizes:
+            try:
+                height, width = (int(s) for s in size)
+            except (TypeError, ValueError):
+                raise ValueError(f"sizes must be (height, width) pairs, got {size!r}") from None
+            bucket = self.bucket((height, width))
+            for b in batch_sizes:
+                shape = (int(b), *bucket)
+                if shape not in prepared:
+                    pixels = np.zeros((*shape, 3), np.float32)
+                    jax.block_until_ready(self.forward(pixels, np.ones(shape, bool)))
+                    prepared.append(shape)
+        return tuple(prepared)
+
+    def model_function(self):
+        """`(pixel_values, pixel_mask) -> (logits, pred_boxes)`: what `forward` compiles, as a
+        plain (not jitted) function with this detector's weights, dtype and padding setting
+        closed over. `[bs, height, width, 3]` float32 and `[bs, height, width]` bool in;
+        `[bs, len_q, num_labels]` and `[bs, len_q, 4]` float32 out. For exporting
+        (`deformable_detr_jax.export`) and for tracing under other transformations."""
+        return functools.partial(
+            _outputs, self._params, self._rest, graphdef=self._graphdef, dtype=self.dtype,
+            padding_invariant=self.padding_invariant,
+        )  # fmt: skip
 
     def forward(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[Any, Any]:
         """Compiled model on a pre-processed batch: `[bs, height, width, 3]` float32 and

@@ -9,11 +9,16 @@ Two checks keep it that way:
   module level is an error here, in either lane, not only where torch is missing;
 - selecting tests marked `torch` where torch is not installed is an error that says what to
   install, never a silent skip.
+
+The suite runs without the persistent compilation cache that `Detector` turns on by default
+(it writes nothing to the user's cache directory); tests/test_compile_cache.py turns it on in
+subprocesses.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import zlib
 
@@ -21,6 +26,7 @@ import numpy as np
 import pytest
 
 _TORCH_MODULES = ("torch", "transformers")
+os.environ.setdefault("DEFORMABLE_DETR_JAX_COMPILE_CACHE", "off")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

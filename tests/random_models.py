@@ -44,7 +44,9 @@ def random_model(config: DeformableDetrConfig, seed: int = 0) -> DeformableDetrF
     flat = []
     for path, var in nnx.to_flat_state(state):
         value = var[...]
-        if isinstance(var, (nnx.Param, nnx.BatchStat)) and jnp.issubdtype(value.dtype, jnp.floating):
+        if isinstance(var, (nnx.Param, nnx.BatchStat)) and jnp.issubdtype(
+            value.dtype, jnp.floating
+        ):
             if path[-1] == "running_var":
                 new = rng.uniform(0.5, 2.0, value.shape)
             elif path[-1] == "running_mean":

@@ -116,10 +116,14 @@ def _error_lines(output: str) -> list[str]:
     """The `error:` block at the end of the output; fails on a traceback anywhere."""
     assert "Traceback" not in output, output[-5000:]
     assert output.count("error:") == 1, output[-5000:]
-    lines = output[output.index("error:") :].strip().splitlines()
-    assert all(line.startswith(("error:", "  ", "(full report: ")) for line in lines), \
-        output[-5000:]  # fmt: skip
-    return lines
+    return output[output.index("error:") :].strip().splitlines()
+
+
+def _one_error_line(output: str) -> str:
+    """The `error:` line, when nothing may follow it."""
+    lines = _error_lines(output)
+    assert len(lines) == 1, output[-5000:]
+    return lines[0]
 
 
 def _copy(baseline, target, steps=None):
@@ -212,9 +216,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
     workdir = tmp_path / "full"
     code, output = _run(shared, workdir, "enospc:2")
     assert code == 5, output[-5000:]
-    lines = _error_lines(output)
-    assert len(lines) == 1, output[-5000:]
-    (line,) = lines
+    line = _one_error_line(output)
     assert line.startswith(f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
                            "OSError: [Errno 28] No space left on device")  # fmt: skip
     assert "checkpoint 4 is intact; fix that (e.g. free disk space), then rerun" in line
@@ -249,7 +251,7 @@ def test_nan_loss_exits_3_with_the_last_good_checkpoint_intact(shared, baseline,
     workdir = tmp_path / "nan"
     code, output = _run(shared, workdir, "nan:6")
     assert code == 3, output[-5000:]
-    (line,) = _error_lines(output)
+    line = _one_error_line(output)
     assert (
         "not finite (NaN or inf) at step 5" in line and "The last good checkpoint is step 4" in line
     )
@@ -262,7 +264,7 @@ def test_an_internal_error_or_ctrl_c_is_one_line_and_keeps_the_checkpoints(share
     workdir = tmp_path / "bug"
     code, output = _run(shared, workdir, "bug:6")
     assert code == 70, output[-5000:]
-    (line,) = _error_lines(output)
+    line = _one_error_line(output)
     assert line.startswith("error: RuntimeError: an injected bug (an internal error; please "
                            "report it with the file below) (full report: ")  # fmt: skip
     report = line[line.index("(full report: ") + 14 : -1]

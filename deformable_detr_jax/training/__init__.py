@@ -17,7 +17,6 @@ from deformable_detr_jax.training.checkpointing import (
     CheckpointWriteError,
     NoCheckpointRestoresError,
 )
-from deformable_detr_jax.training.export import export_model
 from deformable_detr_jax.training.loop import (
     NonFiniteLossError,
     TrainResult,
@@ -29,6 +28,7 @@ from deformable_detr_jax.training.mesh import initialize_distributed, make_data_
 from deformable_detr_jax.training.optimizer import make_optimizer, param_group
 from deformable_detr_jax.training.recipes import base_config
 from deformable_detr_jax.training.setup import ConfigError
+from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.train_state import (
     ModelSpec,
     TrainState,

@@ -317,7 +317,7 @@ def train(
         elif primary:
             logger.warning(
                 "several processes: the model is in the last checkpoint of %s; export it from one "
-                "process: python -m deformable_detr_jax.training.export WORKDIR FOLDER",
+                "process: python -m deformable_detr_jax.training.to_pretrained WORKDIR FOLDER",
                 checkpoints.directory,
             )
     return TrainResult(state, spec, step, stopped, eval_metrics, model_dir)

@@ -1,7 +1,7 @@
 """A training checkpoint -> a `save_pretrained` folder (for `Detector.from_pretrained`).
 
     export_model("runs/ddetr_r50", "models/ddetr_r50")      # the latest checkpoint
-    python -m deformable_detr_jax.training.export runs/ddetr_r50 models/ddetr_r50 [--step N]
+    python -m deformable_detr_jax.training.to_pretrained runs/ddetr_r50 models/ddetr_r50 [--step N]
 
 Runs in one process on any machine: the weights are read as host arrays, whatever mesh wrote
 them, and checked against the checksums written with them (read-only: safe beside a running
@@ -19,7 +19,7 @@ import numpy as np
 from deformable_detr_jax import exits
 from deformable_detr_jax.training.checkpointing import CheckpointCorruptError, read_step
 
-PROG = "python -m deformable_detr_jax.training.export"
+PROG = "python -m deformable_detr_jax.training.to_pretrained"
 
 
 def export_model(workdir: str | os.PathLike, folder: str | os.PathLike, *,

@@ -1,0 +1,111 @@
+"""JAX's persistent compilation cache in a user cache directory: compile once per machine.
+
+    from deformable_detr_jax.compile_cache import enable_compile_cache
+    enable_compile_cache()                  # $DEFORMABLE_DETR_JAX_COMPILE_CACHE, else the default
+    enable_compile_cache("/scratch/xla")    # a directory of your choice
+    enable_compile_cache(None)              # nothing (the same as the variable set to "off")
+
+XLA programs compiled in one process are written to the directory and read back by the next
+process that compiles the same program (same model structure, shapes, dtype, jax/jaxlib
+version and device), which then skips the compilation: a notebook's first `Detector` call
+costs the forward pass plus tracing, not the compile. `Detector` calls `enable_compile_cache`
+by default (its `compile_cache=` argument); training can call it with a folder of its own
+(e.g. under the workdir).
+
+The directory: the argument, else `$DEFORMABLE_DETR_JAX_COMPILE_CACHE` (`off`, `0`, `false`,
+`no` or `none` turn the cache off), else `$XDG_CACHE_HOME/deformable_detr_jax/xla` (XDG default
+`~/.cache`). The cache is process-wide (a JAX setting): when `jax_compilation_cache_dir` is
+already set, by the user or an earlier call, it is kept as it is. A directory that cannot be
+written gives a `CompileCacheWarning` and compilation goes on without a cache. JAX only stores
+programs whose compilation took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
+default), which is every `Detector` program of a real model.
+
+The cache is trusted code: keep it in a directory only you can write (JAX's own warning).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import warnings
+
+import jax
+
+ENV_VAR = "DEFORMABLE_DETR_JAX_COMPILE_CACHE"
+_OFF = {"", "0", "off", "false", "no", "none"}
+
+
+class CompileCacheWarning(UserWarning):
+    """The compilation cache directory could not be used; compiling without it."""
+
+
+def default_directory() -> pathlib.Path:
+    """`$XDG_CACHE_HOME/deformable_detr_jax/xla`, `~/.cache/...` when the variable is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "deformable_detr_jax" / "xla"
+
+
+def resolve_directory(directory: str | os.PathLike | None = "auto") -> pathlib.Path | None:
+    """The directory `enable_compile_cache(directory)` would use, or None for off.
+
+    `"auto"`: `$DEFORMABLE_DETR_JAX_COMPILE_CACHE` when set (a path, or an off word), else
+    `default_directory()`. None or False: off. Anything else: that path.
+    """
+    if directory is None or directory is False:
+        return None
+    if isinstance(directory, str) and directory == "auto":
+        value = os.environ.get(ENV_VAR)
+        if value is None:
+            return default_directory()
+        if value.strip().lower() in _OFF:
+            return None
+        return pathlib.Path(value).expanduser()
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(
+            f'compile_cache must be "auto", a directory path or None, got {directory!r}'
+        )
+    return pathlib.Path(directory).expanduser()
+
+
+def _writable(directory: pathlib.Path) -> str | None:
+    """None when files can be created in `directory` (made if missing), else the reason."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def active_directory() -> pathlib.Path | None:
+    """The persistent cache directory JAX uses now, or None."""
+    value = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(value) if value else None
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = "auto") -> pathlib.Path | None:
+    """Points JAX's persistent compilation cache at `directory` (see the module docstring).
+
+    Returns the directory in use afterwards (an earlier setting is kept), or None when there
+    is none: turned off, or not writable (with a `CompileCacheWarning`).
+    """
+    current = active_directory()
+    if current is not None:
+        return current
+    path = resolve_directory(directory)
+    if path is None:
+        return None
+    problem = _writable(path)
+    if problem is not None:
+        warnings.warn(
+            f"cannot write the compilation cache directory {os.fspath(path)!r} ({problem}); "
+            f"compiling without a persistent cache. Set {ENV_VAR} to a writable directory, "
+            f"or to 'off'",
+            CompileCacheWarning,
+            stacklevel=2,
+        )
+        return None
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    return path

@@ -1,0 +1,153 @@
+"""Deployment export (`deformable_detr_jax.export`) of every variant, run outside this package.
+
+Each variant (plain, box refinement, two-stage, single-scale, five levels; small random models,
+tests/random_models.py) is exported once, as ONNX and as StableHLO, for a batch of two padded
+images (random pixels, different real regions). The ONNX file runs in onnxruntime (CPU) and the
+StableHLO file is reloaded by `jax.export.deserialize` in a subprocess that never imports this
+package; both are compared with the JAX model as `Detector` runs it (jitted, padding masked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import onnx  # the [export] extra and jax2onnx: `make test` installs them in both lanes
+import onnxruntime as ort
+import pytest
+
+from deformable_detr_jax import Detector
+from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
+from tests.random_models import random_model, small_config
+
+VARIANTS = {
+    "plain": {},
+    "box_refine": {"with_box_refine": True},
+    "two_stage": {"with_box_refine": True, "two_stage": True},
+    "single_scale": {"num_feature_levels": 1},
+    "five_levels": {"num_feature_levels": 5},
+}
+BATCH, HEIGHT, WIDTH = 2, 96, 128
+REAL = ((70, 100), (96, 81))  # (height, width) of each image's real region: padding on both sides
+ONNX_TOL = 1e-4  # every variant, two-stage included (its top-k has no tie on these inputs)
+STABLEHLO_TOL = 1e-6
+# jax2onnx reads flax Variables through `.value`, which flax deprecates (its warning, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:'.value' access is now deprecated")
+
+_RELOAD = """
+import sys
+import jax
+import numpy as np
+
+inputs = np.load(sys.argv[1])
+with open(sys.argv[2], "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+logits, pred_boxes = exported.call(inputs["pixel_values"], inputs["pixel_mask"])
+np.savez(sys.argv[2] + ".out.npz", logits=np.asarray(logits), pred_boxes=np.asarray(pred_boxes))
+ours = [m for m in sys.modules if m.split(".")[0] in ("deformable_detr_jax", "pallas_kernels")]
+assert not ours, ours
+"""
+
+
+def _inputs():
+    rng = np.random.default_rng(13)
+    pixel_values = rng.standard_normal((BATCH, HEIGHT, WIDTH, 3)).astype(np.float32)
+    pixel_mask = np.zeros((BATCH, HEIGHT, WIDTH), bool)
+    for i, (h, w) in enumerate(REAL):
+        pixel_mask[i, :h, :w] = True
+    return pixel_values, pixel_mask
+
+
+def _check_onnx(path, detector, expected, tol):
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    # standard operators only: no custom domain, no local functions, no loops
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert not model.functions
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"Loop", "Scan", "If"}, ops
+    # the sampling core became GridSample: one per level per attention layer
+    config = detector.config
+    layers = config.encoder_layers + config.decoder_layers
+    assert sum(n.op_type == "GridSample" for n in model.graph.node) == (
+        layers * config.num_feature_levels
+    )
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["config"]) == config.to_hf()
+    assert json.loads(meta["input_size"]) == {"batch": BATCH, "height": HEIGHT, "width": WIDTH}
+
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [
+        ("pixel_values", [BATCH, HEIGHT, WIDTH, 3], "tensor(float)"),
+        ("pixel_mask", [BATCH, HEIGHT, WIDTH], "tensor(bool)"),
+    ]
+    assert [o.name for o in session.get_outputs()] == ["logits", "pred_boxes"]
+    pixel_values, pixel_mask = _inputs()
+    logits, pred_boxes = session.run(None, {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
+    assert logits.shape == (BATCH, config.num_queries, config.num_labels)
+    np.testing.assert_allclose(logits, expected[0], rtol=tol, atol=tol, err_msg="onnx logits")
+    np.testing.assert_allclose(pred_boxes, expected[1], rtol=tol, atol=tol, err_msg="onnx boxes")
+    return logits
+
+
+def _check_stablehlo(path, folder, expected):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"), str(path)],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-5000:]
+    reloaded = np.load(str(path) + ".out.npz")
+    for name, want in zip(("logits", "pred_boxes"), expected):
+        np.testing.assert_allclose(reloaded[name], want, rtol=STABLEHLO_TOL, atol=STABLEHLO_TOL,
+                                   err_msg=f"stablehlo {name}")  # fmt: skip
+    program = jax.export.deserialize(bytearray(path.read_bytes()))
+    assert [a.shape for a in program.in_avals] == [(BATCH, HEIGHT, WIDTH, 3),
+                                                   (BATCH, HEIGHT, WIDTH)]  # fmt: skip
+    assert program.platforms == (jax.default_backend(),)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exported_variant_runs_outside_this_package(variant, tmp_path):
+    """ONNX in onnxruntime and StableHLO reloaded in a process without this package, against
+    the JAX model on the same padded batch."""
+    pixel_values, pixel_mask = _inputs()
+    np.savez(tmp_path / "inputs.npz", pixel_values=pixel_values, pixel_mask=pixel_mask)
+    config = small_config(encoder_layers=1, **VARIANTS[variant])  # jax2onnx's time grows with size
+    detector = Detector(random_model(config, seed=len(variant)), compile_cache=None)
+    expected = [np.asarray(x) for x in detector.forward(pixel_values, pixel_mask)]
+    kwargs = dict(height=HEIGHT, width=WIDTH, batch=BATCH)
+    onnx_path = export_onnx(detector, tmp_path / f"{variant}.onnx", **kwargs)
+    stablehlo_path = export_stablehlo(detector, tmp_path / f"{variant}.stablehlo", **kwargs)
+    logits = _check_onnx(onnx_path, detector, expected, ONNX_TOL)
+    _check_stablehlo(stablehlo_path, tmp_path, expected)
+    if variant == "box_refine":
+        # the image whose real region is 70 x 100 gives in the 96 x 128 program what the model
+        # gives on the 70 x 100 image alone: the padding is masked through the exported model
+        h, w = REAL[0]
+        alone, _ = detector.forward(pixel_values[:1, :h, :w], pixel_mask[:1, :h, :w])
+        np.testing.assert_allclose(logits[0], np.asarray(alone)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_stablehlo_is_the_bfloat16_detector(tmp_path):
+    """The same bfloat16 program (weights baked in): equal to the bfloat16 `Detector` (0.0
+    difference on jax 0.10.2 and 0.12.0.1), and not to the float32 one."""
+    config = small_config(encoder_layers=1)
+    detector = Detector(random_model(config, seed=4), dtype="bfloat16", compile_cache=None)
+    pixel_values, pixel_mask = _inputs()
+    path = export_stablehlo(detector, tmp_path / "bf16.stablehlo", height=HEIGHT, width=WIDTH,
+                            batch=BATCH, dtype="bfloat16")  # fmt: skip
+    program = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+    got = program.call(pixel_values, pixel_mask)
+    want = detector.forward(pixel_values, pixel_mask)
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=STABLEHLO_TOL,
+                                   atol=STABLEHLO_TOL)  # fmt: skip
+    float32 = Detector(random_model(config, seed=4), compile_cache=None)
+    logits32, _ = float32.forward(pixel_values, pixel_mask)
+    assert np.abs(np.asarray(got[0]) - np.asarray(logits32)).max() > 1e-3  # bfloat16 indeed
