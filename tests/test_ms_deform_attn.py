@@ -164,7 +164,9 @@ PIXEL_CENTRE_CASES = {
     "three_levels": Case(
         bs=2, len_q=7, nheads=2, head_dim=16, npoints=3, spatial_shapes=((2, 5), (1, 3), (1, 1))
     ),
-    "one_wide_level": Case(bs=4, len_q=6, nheads=1, head_dim=8, npoints=4, spatial_shapes=((3, 7),)),
+    "one_wide_level": Case(
+        bs=4, len_q=6, nheads=1, head_dim=8, npoints=4, spatial_shapes=((3, 7),)
+    ),
 }
 
 
