@@ -20,7 +20,8 @@ step's wall time: each part's figure is its share of the summed thunk time times
 step time. PyTorch: module hooks open a `record_function` range per part; backward autograd
 nodes are attributed to the part of the forward op that made them (same `sequence_nr`); self
 CPU times per part, scaled the same way to the median step time. Both steps are timed
-interleaved (one JAX step, then one PyTorch step, in turn) before the profiles are taken.
+interleaved (`--block` steps of each in turn, each in its own process: `side_by_side.py`) before
+the profiles are taken.
 """
 
 from __future__ import annotations
