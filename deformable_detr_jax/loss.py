@@ -188,17 +188,18 @@ def layer_losses(
     # losses in at least float32 (bfloat16 heads are upcast; float64 stays float64)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
     logits, pred_boxes = logits.astype(dtype), pred_boxes.astype(dtype)
-    query_index, matched = hungarian_match(
-        logits,
-        pred_boxes,
-        labels,
-        boxes,
-        mask,
-        class_cost=config.class_cost,
-        bbox_cost=config.bbox_cost,
-        giou_cost=config.giou_cost,
-        backend=config.matcher_backend,
-    )
+    with jax.named_scope("matcher"):
+        query_index, matched = hungarian_match(
+            logits,
+            pred_boxes,
+            labels,
+            boxes,
+            mask,
+            class_cost=config.class_cost,
+            bbox_cost=config.bbox_cost,
+            giou_cost=config.giou_cost,
+            backend=config.matcher_backend,
+        )
     onehot = _matched_targets_onehot(
         query_index, matched, labels, num_queries, num_labels, logits.dtype
     )

@@ -19,8 +19,8 @@ float32 forward 1e-5 and gradients 1e-4; float64 (interpret mode, `jax.enable_x6
 bfloat16 inputs (float32 accumulation, bfloat16 outputs and gradients) 2e-2 against the
 oracle evaluated on the same bfloat16-rounded inputs.
 
-"pallas_tpu" has no backward kernel yet: its gradients are the reference's VJP, wired
-through its `custom_vjp`, and are checked here all the same.
+Every implementation's gradients are its own backward: "xla"'s hand-written VJP (gathers and
+one scatter-add per level), "pallas_gpu"'s and "pallas_tpu"'s backward kernels.
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ PIXEL_CENTRE_CASES = {
     "three_levels": Case(
         bs=2, len_q=7, nheads=2, head_dim=16, npoints=3, spatial_shapes=((2, 5), (1, 3), (1, 1))
     ),
-    "one_wide_level": Case(bs=4, len_q=6, nheads=1, head_dim=8, npoints=4, spatial_shapes=((3, 7),)),
+    "one_wide_level": Case(
+        bs=4, len_q=6, nheads=1, head_dim=8, npoints=4, spatial_shapes=((3, 7),)
+    ),
 }
 
 
@@ -489,7 +491,8 @@ def test_pallas_on_wrong_backend_raises(implementation):
 
 
 def _export_fwd_and_grad(fn, platform, disabled_checks=()):
-    """Lowers forward and `jax.grad` of `fn` for `platform` (no such device needed)."""
+    """Lowers forward and `jax.grad` of `fn` for `platform` (no such device needed); returns
+    the two modules' text (of the last dtype)."""
     shapes = ((5, 7), (3, 3), (1, 1))
     for dtype in (jnp.float32, jnp.bfloat16):
         value = jax.ShapeDtypeStruct((2, 45, 3, 12), dtype)
@@ -503,13 +506,20 @@ def _export_fwd_and_grad(fn, platform, disabled_checks=()):
             loss = lambda *args: jnp.sum(forward(*args).astype(jnp.float32))  # noqa: E731
             return jax.grad(loss, argnums=(0, 1, 2))(value, loc, attn)
 
+        texts = []
         for f in (forward, grad):
             exported = jax.export.export(
                 jax.jit(f), platforms=[platform], disabled_checks=disabled_checks
             )(value, loc, attn)
-            assert exported.mlir_module()
+            texts.append(exported.mlir_module())
+            assert texts[-1]
+    return texts
 
 
 def test_pallas_tpu_lowers_to_mosaic_without_a_tpu():
-    """The Mosaic lowering of the forward kernel succeeds (Mosaic's own passes run on TPU)."""
-    _export_fwd_and_grad(pallas_tpu.ms_deform_attn_pallas_tpu, "tpu")
+    """The Mosaic lowering of the forward and backward kernels succeeds, and the gradient is
+    the backward kernel's (Mosaic's own passes run on TPU)."""
+    forward, grad = _export_fwd_and_grad(pallas_tpu.ms_deform_attn_pallas_tpu, "tpu")
+    assert 'kernel_name = "ms_deform_attn_fwd_tpu"' in forward
+    assert 'kernel_name = "ms_deform_attn_bwd_tpu"' in grad
+    assert "scatter" not in grad  # no XLA fallback for the value gradient

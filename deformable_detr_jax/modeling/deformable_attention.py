@@ -103,7 +103,8 @@ class DeformableDetrMultiscaleDeformableAttention(nnx.Module):
                 reference_points[:, :, None, :, None, :2]
                 + offsets / npoints * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        output = ms_deform_attn(
-            value, spatial_shapes, locations, weights, implementation=self.implementation
-        )
+        with jax.named_scope("sampling_core"):
+            output = ms_deform_attn(
+                value, spatial_shapes, locations, weights, implementation=self.implementation
+            )
         return self.output_proj(output)

@@ -25,6 +25,7 @@ from deformable_detr_jax.modeling.backbone import (
     DeformableDetrConvEncoder,
     downsample_mask,
     mask_padding,
+    pointwise_conv,
 )
 from deformable_detr_jax.modeling.position_encoding import (
     DeformableDetrLearnedPositionEmbedding,
@@ -92,7 +93,8 @@ class InputProjection(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """`(bs, h, w, c_in)` -> `(bs, h', w', d_model)`; GroupNorm statistics over the
         positions where `mask` `(bs, h', w')` is True (all positions when None)."""
-        x = self.conv(x)
+        # 1x1 (the backbone levels) as a matrix product, see backbone.pointwise_conv
+        x = pointwise_conv(self.conv, x) if self.conv.kernel_size == (1, 1) else self.conv(x)
         if mask is None:
             return self.norm(x)
         return self.norm(x, mask=jnp.broadcast_to(mask[..., None], x.shape))
@@ -185,24 +187,27 @@ class DeformableDetrModel(nnx.Module):
         """
         config = self.config
         dtype = pixel_values.dtype
-        features = self.backbone(pixel_values, pixel_mask, padding_invariant)
+        # (named scopes: the parts of a profile, benchmarks/train_parts.py)
+        with jax.named_scope("backbone"):
+            features = self.backbone(pixel_values, pixel_mask, padding_invariant)
 
         sources, masks = [], []
-        for level, (source, mask) in enumerate(features):
-            sources.append(self.input_proj[level](source, mask if padding_invariant else None))
-            masks.append(mask)
-        for level in range(len(sources), config.num_feature_levels):
-            src = features[-1][0] if level == len(features) else sources[-1]
-            if padding_invariant:
-                # zero the padding the 3x3 stride-2 conv would read; its real outputs are
-                # the strided real inputs (see backbone.mask_pyramid)
-                src = mask_padding(src, {tuple(masks[-1].shape[1:3]): masks[-1]})
-                mask = masks[-1][:, ::2, ::2]
-            source = self.input_proj[level](src, mask if padding_invariant else None)
-            sources.append(source)
-            if not padding_invariant:
-                mask = downsample_mask(pixel_mask, source.shape[1], source.shape[2])
-            masks.append(mask)
+        with jax.named_scope("input_proj"):
+            for level, (source, mask) in enumerate(features):
+                sources.append(self.input_proj[level](source, mask if padding_invariant else None))
+                masks.append(mask)
+            for level in range(len(sources), config.num_feature_levels):
+                src = features[-1][0] if level == len(features) else sources[-1]
+                if padding_invariant:
+                    # zero the padding the 3x3 stride-2 conv would read; its real outputs are
+                    # the strided real inputs (see backbone.mask_pyramid)
+                    src = mask_padding(src, {tuple(masks[-1].shape[1:3]): masks[-1]})
+                    mask = masks[-1][:, ::2, ::2]
+                source = self.input_proj[level](src, mask if padding_invariant else None)
+                sources.append(source)
+                if not padding_invariant:
+                    mask = downsample_mask(pixel_mask, source.shape[1], source.shape[2])
+                masks.append(mask)
 
         # Flatten the levels: (bs, h, w, d_model) -> (bs, h * w, d_model), concatenated.
         spatial_shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
@@ -221,8 +226,9 @@ class DeformableDetrModel(nnx.Module):
         # (bs, nlevels, 2)
         valid_ratios = jnp.stack([valid_ratio(m, dtype) for m in masks], 1)
 
-        memory = self.encoder(source_flatten, mask_flatten, pos_flatten, spatial_shapes,
-                              valid_ratios, deterministic)  # fmt: skip
+        with jax.named_scope("encoder"):
+            memory = self.encoder(source_flatten, mask_flatten, pos_flatten, spatial_shapes,
+                                  valid_ratios, deterministic)  # fmt: skip
 
         enc_outputs_class = enc_outputs_coord_logits = None
         d_model = config.d_model
@@ -256,11 +262,12 @@ class DeformableDetrModel(nnx.Module):
                                       (bs, config.num_queries, d_model))  # fmt: skip
             reference_points = jax.nn.sigmoid(self.reference_points(query_embed))
 
-        hidden, references = self.decoder(
-            target, query_embed, memory, mask_flatten, reference_points, spatial_shapes,
-            valid_ratios, bbox_embed=bbox_embed if config.with_box_refine else None,
-            deterministic=deterministic,
-        )  # fmt: skip
+        with jax.named_scope("decoder"):
+            hidden, references = self.decoder(
+                target, query_embed, memory, mask_flatten, reference_points, spatial_shapes,
+                valid_ratios, bbox_embed=bbox_embed if config.with_box_refine else None,
+                deterministic=deterministic,
+            )  # fmt: skip
         return DeformableDetrModelOutput(
             init_reference_points=reference_points,
             last_hidden_state=hidden[:, -1],
@@ -342,6 +349,19 @@ class DeformableDetrForObjectDetection(nnx.Module):
         pixel_values, pixel_mask = check_inputs(pixel_values, pixel_mask)
         outputs = self.model(pixel_values, pixel_mask, self.class_embed, self.bbox_embed,
                              deterministic, padding_invariant)  # fmt: skip
+        with jax.named_scope("heads"):
+            logits, boxes = self._heads(outputs)
+        return DeformableDetrObjectDetectionOutput(
+            **{f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)},
+            logits=logits[:, -1],
+            pred_boxes=boxes[:, -1],
+            intermediate_logits=logits,
+            intermediate_boxes=boxes,
+        )
+
+    def _heads(self, outputs: DeformableDetrModelOutput) -> tuple[jax.Array, jax.Array]:
+        """Every decoder layer's logits `(bs, layers, num_queries, num_labels)` and boxes
+        `(bs, layers, num_queries, 4)`."""
         hidden = outputs.intermediate_hidden_states
         logits, boxes = [], []
         for level in range(hidden.shape[1]):
@@ -359,15 +379,7 @@ class DeformableDetrForObjectDetection(nnx.Module):
             else:
                 coord_logits = delta.at[..., :2].add(reference)
             boxes.append(jax.nn.sigmoid(coord_logits))
-        logits = jnp.stack(logits, 1)
-        boxes = jnp.stack(boxes, 1)
-        return DeformableDetrObjectDetectionOutput(
-            **{f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)},
-            logits=logits[:, -1],
-            pred_boxes=boxes[:, -1],
-            intermediate_logits=logits,
-            intermediate_boxes=boxes,
-        )
+        return jnp.stack(logits, 1), jnp.stack(boxes, 1)
 
 
 def check_inputs(pixel_values, pixel_mask) -> tuple[jax.Array, jax.Array]:

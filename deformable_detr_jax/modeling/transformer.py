@@ -219,7 +219,8 @@ class DeformableDetrDecoder(nnx.Module):
                                   reference_points_input, spatial_shapes, encoder_hidden_states,
                                   encoder_attention_mask, deterministic)  # fmt: skip
             if bbox_embed is not None:
-                tmp = bbox_embed[idx](hidden_states)
+                with jax.named_scope("heads"):  # (a part of benchmarks/train_parts.py)
+                    tmp = bbox_embed[idx](hidden_states)
                 if reference_points.shape[-1] == 4:
                     new_reference_points = tmp + inverse_sigmoid(reference_points)
                 else:

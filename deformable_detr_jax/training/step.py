@@ -67,10 +67,11 @@ def make_train_step(
         if compute_dtype is not None:
             pixel_values = pixel_values.astype(compute_dtype)
         outputs = model(pixel_values, micro["pixel_mask"], deterministic=False)
-        total, losses = loss_from_outputs(
-            outputs, micro["labels"], micro["boxes"], micro["mask"], loss_config,
-            num_boxes=num_boxes,
-        )  # fmt: skip
+        with jax.named_scope("loss"):
+            total, losses = loss_from_outputs(
+                outputs, micro["labels"], micro["boxes"], micro["mask"], loss_config,
+                num_boxes=num_boxes,
+            )  # fmt: skip
         losses = {k: v.astype(jnp.float32) for k, v in losses.items() if k != "is_finite"}
         return total.astype(jnp.float32), losses
 
@@ -107,9 +108,10 @@ def make_train_step(
                 k: v / accum if k.startswith("cardinality_error") else v for k, v in losses.items()
             }
 
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         new_state = state.replace(

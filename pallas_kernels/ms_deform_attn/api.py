@@ -7,7 +7,7 @@ and the backend before anything is traced, then calls the implementation chosen 
 
   - "xla": the pure-jnp reference (`reference.py`); runs everywhere.
   - "pallas_gpu": Pallas Triton kernels, forward and backward (`pallas_gpu.py`).
-  - "pallas_tpu": Pallas Mosaic forward, reference VJP backward (`pallas_tpu.py`).
+  - "pallas_tpu": Pallas Mosaic kernels, forward and backward (`pallas_tpu.py`).
   - "auto": `pallas_gpu` on CUDA GPUs; on TPU the best option measured there
     (`xla` until `pallas_tpu` has been measured, see BENCHMARKS.md); `xla` elsewhere.
 
@@ -80,7 +80,10 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 # What "auto" picks per backend; anything not listed gets "xla". On TPU "pallas_tpu"
-# replaces "xla" here once a TPU run in benchmarks/msda.py shows it faster.
+# replaces "xla" here once, on a TPU, the compiled suite (TestPallasTpuCompiled) passes and
+# benchmarks/msda.py shows its forward+backward faster than "xla" at both the encoder and
+# the decoder shape, in float32 and bfloat16 (the training step's use); a shape it loses
+# at keeps "xla" (then "auto" on TPU becomes a per-shape rule, documented in BENCHMARKS.md).
 _AUTO = {"cuda": "pallas_gpu", "tpu": "xla"}
 
 
