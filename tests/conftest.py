@@ -50,7 +50,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Each module's compiled programs are freed when it ends: an xdist worker runs a few hundred
-    tests, and kept executables grew one past 6 GB (two of them, 24 GB machine)."""
+    tests, and one that kept them all reached 6.3 GB and was OOM-killed on a loaded machine."""
     yield
     import gc
 
