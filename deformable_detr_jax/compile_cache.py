@@ -9,8 +9,8 @@ XLA programs compiled in one process are written to the directory and read back 
 process that compiles the same program (same model structure, shapes, dtype, jax/jaxlib
 version and device), which then skips the compilation: a notebook's first `Detector` call
 costs the forward pass plus tracing, not the compile. `Detector` calls `enable_compile_cache`
-by default (its `compile_cache=` argument); training can call it with a folder of its own
-(e.g. under the workdir).
+by default (its `compile_cache=` argument); training uses `WORKDIR/compile_cache` by default
+(`training_directory`), so that a resumed or restarted run skips the compile of its first step.
 
 The directory: the argument, else `$DEFORMABLE_DETR_JAX_COMPILE_CACHE` (`off`, `0`, `false`,
 `no` or `none` turn the cache off), else `$XDG_CACHE_HOME/deformable_detr_jax/xla` (XDG default
@@ -68,6 +68,30 @@ def resolve_directory(directory: str | os.PathLike | None = "auto") -> pathlib.P
     return pathlib.Path(directory).expanduser()
 
 
+TRAINING_SUBDIR = "compile_cache"
+
+
+def training_directory(setting: str | None, workdir: str | os.PathLike) -> pathlib.Path | None:
+    """The cache directory of a training run: `train.compilation_cache_dir` resolved.
+
+    `"auto"` (the recipes' default): `$DEFORMABLE_DETR_JAX_COMPILE_CACHE` when set (a path, or
+    an off word), else `WORKDIR/compile_cache`. `""` / None / an off word: no cache. Anything
+    else: that directory (relative to the current directory).
+    """
+    if setting is None or (isinstance(setting, str) and setting.strip().lower() in _OFF):
+        return None
+    if not isinstance(setting, (str, os.PathLike)):
+        raise TypeError(
+            f'train.compilation_cache_dir must be "auto", a directory or "" (off), got {setting!r}'
+        )
+    if isinstance(setting, str) and setting == "auto":
+        value = os.environ.get(ENV_VAR)
+        if value is None:
+            return pathlib.Path(workdir).absolute() / TRAINING_SUBDIR
+        return resolve_directory("auto")
+    return pathlib.Path(setting).expanduser().absolute()
+
+
 def _writable(directory: pathlib.Path) -> str | None:
     """None when files can be created in `directory` (made if missing), else the reason."""
     try:
@@ -77,6 +101,32 @@ def _writable(directory: pathlib.Path) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+_READ = {"programs": 0, "saved_s": 0.0}
+_LISTENING = []
+
+
+def _on_event(name: str, **_) -> None:
+    if name == "/jax/compilation_cache/cache_hits":
+        _READ["programs"] += 1
+
+
+def _on_duration(name: str, seconds: float, **_) -> None:
+    if name == "/jax/compilation_cache/compile_time_saved_sec":
+        _READ["saved_s"] += seconds
+
+
+def programs_read() -> tuple[int, float]:
+    """`(programs, seconds)`: how many programs this process has read from the persistent
+    cache so far instead of compiling them, and the compile time JAX says that saved."""
+    if not _LISTENING:
+        from jax import monitoring
+
+        monitoring.register_event_listener(_on_event)
+        monitoring.register_event_duration_secs_listener(_on_duration)
+        _LISTENING.append(True)
+    return _READ["programs"], _READ["saved_s"]
 
 
 def active_directory() -> pathlib.Path | None:

@@ -24,6 +24,7 @@ from deformable_detr_jax.compile_cache import (
     default_directory,
     enable_compile_cache,
     resolve_directory,
+    training_directory,
 )
 from tests.random_models import random_model, small_config
 
@@ -109,6 +110,22 @@ def test_directory_resolution(tmp_path, monkeypatch):
     assert resolve_directory(None) is None
     with pytest.raises(TypeError, match="compile_cache must be"):
         resolve_directory(3)
+
+
+def test_training_directory_defaults_to_the_workdir(tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert training_directory("auto", workdir) == workdir / "compile_cache"
+    assert training_directory(tmp_path / "mine", workdir) == tmp_path / "mine"
+    for off in ("", "off", None):
+        assert training_directory(off, workdir) is None
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))  # the variable beats "auto" only
+    assert training_directory("auto", workdir) == tmp_path / "env"
+    assert training_directory(tmp_path / "mine", workdir) == tmp_path / "mine"
+    monkeypatch.setenv(ENV_VAR, "off")
+    assert training_directory("auto", workdir) is None
+    with pytest.raises(TypeError, match="train.compilation_cache_dir must be"):
+        training_directory(7, workdir)
 
 
 @pytest.fixture(scope="module")

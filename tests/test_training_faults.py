@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,8 +66,9 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=ROOT + os.pathsep + environment.get("PYTHONPATH", ""),
         FAULT=fault,
-        **(env or {}),
     )
+    for key, value in (env or {}).items():  # None: the variable removed
+        environment.pop(key, None) if value is None else environment.__setitem__(key, value)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
                os.path.join(ROOT, "tests", "fault_config.py"), "--workdir", str(workdir), *extra]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
@@ -162,6 +164,25 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(share
     assert _steps(workdir)[-1] == STEPS, history
     print("kills (fault, newest checkpoint after it):", history)
     assert not [p for p in (workdir / "checkpoints").iterdir() if TMP_MARK in p.name]
+    _assert_same(_params(workdir, STEPS), _params(baseline, STEPS))
+
+
+def test_a_restarted_run_reads_its_programs_from_the_workdir_cache(shared, baseline, tmp_path):
+    """`train.compilation_cache_dir="auto"` (the recipes' default) with nothing set outside:
+    the run writes its programs to WORKDIR/compile_cache, the restarted run reads them back
+    and ends where the uninterrupted run (compiled without that cache) ended."""
+    workdir = _copy(baseline, tmp_path / "cached", steps=range(EVERY, STEPS - 2 * EVERY + 1, EVERY))
+    cache = workdir / "compile_cache"
+    outside = {"DEFORMABLE_DETR_JAX_COMPILE_CACHE": None, "JAX_COMPILATION_CACHE_DIR": None}
+    code, output = _run(shared, workdir, f"step:{EVERY + 1}", env=outside)  # 4 steps, then killed
+    assert code == -signal.SIGKILL, output[-3000:]
+    assert f"the compiled programs go to the compilation cache in {cache}" in output, output[-3000:]
+    assert any(cache.iterdir()), "nothing was written to the workdir's compilation cache"
+    code, output = _run(shared, workdir, env=outside)
+    assert code == 0, output[-5000:]
+    read = re.search(rf"(\d+) programs read from the compilation cache in {re.escape(str(cache))}",
+                     output)  # fmt: skip
+    assert read and int(read.group(1)) >= 1, output[-3000:]
     _assert_same(_params(workdir, STEPS), _params(baseline, STEPS))
 
 

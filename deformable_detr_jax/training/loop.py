@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from deformable_detr_jax import compile_cache
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training import resume, setup
@@ -200,9 +201,16 @@ def train(
     workdir = os.path.abspath(shown)
     setup.check_groups(config)
     train_cfg, opt_cfg = config["train"], config["optimizer"]
-    cache_dir = setup._get(train_cfg, "compilation_cache_dir")
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    cache_dir = compile_cache.training_directory(
+        setup._get(train_cfg, "compilation_cache_dir", "auto"), workdir
+    )
+    # (None: off here, or a directory JAX was pointed at from outside, kept as it is)
+    cache_dir = (
+        compile_cache.enable_compile_cache(cache_dir)
+        if cache_dir
+        else compile_cache.active_directory()
+    )
+    compile_cache.programs_read()  # counts from here on
     mesh = mesh_lib.make_data_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
     layout = setup.batch_layout(config, mesh.size, jax.process_count())
@@ -296,7 +304,7 @@ def train(
             workdir=workdir, settings=settings, meta=meta, layout=layout, mesh=mesh, total=total,
             log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
             checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
-            eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step,
+            eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step, cache_dir=cache_dir,
         )  # fmt: skip
     except BaseException:
         failed = True
@@ -337,10 +345,25 @@ def _settings_from_checkpoints(checkpoints: Checkpoints) -> dict[str, Any] | Non
     return None
 
 
+def _log_first_step(seconds: float, read_before: int, cache_dir) -> None:
+    """How long the first step's compile took, and what the compilation cache gave it."""
+    programs, saved = compile_cache.programs_read()
+    programs -= read_before
+    if cache_dir is None:
+        where = "no compilation cache (train.compilation_cache_dir is off)"
+    elif programs:
+        where = (f"{programs} programs read from the compilation cache in {cache_dir}, "
+                 f"{format_duration(saved)} of compiling saved")  # fmt: skip
+    else:
+        where = f"the compiled programs go to the compilation cache in {cache_dir}"
+    logger.info("first training step traced and compiled in %s; %s",
+                format_duration(seconds), where)  # fmt: skip
+
+
 def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer: MetricsWriter,
           preemption: _Preemption, evaluate, *, workdir: str, settings: dict, meta: dict,
           layout: setup.BatchLayout, mesh, total: int, log_every: int, checkpoint_every: int,
-          eval_every: int, eval_at_end: bool, on_step):  # fmt: skip
+          eval_every: int, eval_at_end: bool, on_step, cache_dir=None):  # fmt: skip
     """The steps of `train`: returns `(state, step, stopped, eval_metrics)`."""
     primary = jax.process_index() == 0
     step = int(jax.device_get(state.step))
@@ -395,11 +418,19 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
 
     start_time = time.perf_counter()
     position = None
+    first_step = True
     while step < total:
         micro = [next(batches) for _ in range(layout.accum)]
         position = batches.state() if hasattr(batches, "state") else None
         device_batch = global_train_batch(micro, mesh)
+        if first_step:
+            read_before, _ = compile_cache.programs_read()
+            compile_start = time.perf_counter()
         state, metrics = train_step(state, device_batch, base_key)
+        if first_step:
+            first_step = False
+            if primary:
+                _log_first_step(time.perf_counter() - compile_start, read_before, cache_dir)
         step += 1
         history.append(metrics)
         if on_step is not None:

@@ -114,7 +114,9 @@ def train_group():
     group.save_model = True  # save_pretrained to workdir/model at the end
     group.tensorboard = True
     group.handle_sigterm = True
-    group.compilation_cache_dir = ""  # persistent XLA cache (speeds up restarts)
+    # persistent XLA cache: "auto" = WORKDIR/compile_cache (or $DEFORMABLE_DETR_JAX_COMPILE_CACHE),
+    # a directory, or "" (off); a resumed run reads its first step's programs back from it
+    group.compilation_cache_dir = "auto"
     return group
 
 
