@@ -10,8 +10,9 @@ stream is `make_batches(train=True)` with the paper's COCO augmentations (flip, 
 480..800 capped at 1333, the crop branch with probability 0.5), ImageNet normalisation and
 padding to the buckets, as `train.py` runs it. Configurations:
 
-- `python` backend, 1..N reader threads in one process (PIL releases the GIL while it decodes
-  and resizes; the rest runs under it);
+- `python` and `grain` backends, 1..N reader threads in one process (PIL releases the GIL
+  while it decodes and resizes; the rest runs under it); `train.py`'s default is grain
+  (`data.backend="auto"`) with threads;
 - `grain` backend, 1..N worker processes (`num_workers`, one reader thread each), batches
   collated in the main process.
 
@@ -171,20 +172,21 @@ def main() -> None:
         print(f"\n| source | backend | threads | workers | img/s | img/s per core{need} |")
         print("|---|---|---:|---:|---:|---:" + ("|---:|" if args.need else "|"))
         for name, source in named.items():
-            for backend in args.backends:
-                for count in counts:
-                    threads, workers = (count, 0) if backend == "python" else (1, count)
-                    rate = throughput(source, augment, backend=backend, threads=threads,
-                                      workers=workers, batch_size=args.batch,
-                                      batches=args.batches, seed=args.seed)  # fmt: skip
-                    per_core = rate / min(count, cores)
-                    row = {"source": name, "backend": backend, "threads": threads,
-                           "workers": workers, "images_per_s": rate,
-                           "images_per_s_per_core": per_core}  # fmt: skip
-                    results["throughput"].append(row)
-                    extra = f" | {math.ceil(args.need / per_core)}" if args.need else ""
-                    print(f"| {name} | {backend} | {threads} | {workers} | {rate:.1f} | "
-                          f"{per_core:.1f}{extra} |", flush=True)  # fmt: skip
+            layouts = [(backend, count, 0) for backend in args.backends for count in counts]
+            layouts += [("grain", 1, count) for count in counts if "grain" in args.backends]
+            for backend, threads, workers in layouts:
+                count = max(threads, workers)
+                rate = throughput(source, augment, backend=backend, threads=threads,
+                                  workers=workers, batch_size=args.batch,
+                                  batches=args.batches, seed=args.seed)  # fmt: skip
+                per_core = rate / min(count, cores)
+                row = {"source": name, "backend": backend, "threads": threads,
+                       "workers": workers, "images_per_s": rate,
+                       "images_per_s_per_core": per_core}  # fmt: skip
+                results["throughput"].append(row)
+                extra = f" | {math.ceil(args.need / per_core)}" if args.need else ""
+                print(f"| {name} | {backend} | {threads} | {workers} | {rate:.1f} | "
+                      f"{per_core:.1f}{extra} |", flush=True)  # fmt: skip
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 
