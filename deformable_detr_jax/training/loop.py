@@ -352,7 +352,8 @@ def _log_first_step(seconds: float, read_before: int, cache_dir) -> None:
     if cache_dir is None:
         where = "no compilation cache (train.compilation_cache_dir is off)"
     elif programs:
-        where = (f"{programs} programs read from the compilation cache in {cache_dir}, "
+        plural = "s" if programs != 1 else ""
+        where = (f"{programs} program{plural} read from the compilation cache in {cache_dir}, "
                  f"{format_duration(saved)} of compiling saved")  # fmt: skip
     else:
         where = f"the compiled programs go to the compilation cache in {cache_dir}"
