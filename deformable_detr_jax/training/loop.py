@@ -345,10 +345,9 @@ def _settings_from_checkpoints(checkpoints: Checkpoints) -> dict[str, Any] | Non
     return None
 
 
-def _log_first_step(seconds: float, read_before: int, cache_dir) -> None:
+def _log_first_step(seconds: float, before: tuple[int, float], cache_dir) -> None:
     """How long the first step's compile took, and what the compilation cache gave it."""
-    programs, saved = compile_cache.programs_read()
-    programs -= read_before
+    programs, saved = (now - then for now, then in zip(compile_cache.programs_read(), before))
     if cache_dir is None:
         where = "no compilation cache (train.compilation_cache_dir is off)"
     elif programs:
@@ -425,7 +424,7 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
         position = batches.state() if hasattr(batches, "state") else None
         device_batch = global_train_batch(micro, mesh)
         if first_step:
-            read_before, _ = compile_cache.programs_read()
+            read_before = compile_cache.programs_read()
             compile_start = time.perf_counter()
         state, metrics = train_step(state, device_batch, base_key)
         if first_step:
