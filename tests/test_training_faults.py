@@ -68,7 +68,10 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
         FAULT=fault,
     )
     for key, value in (env or {}).items():  # None: the variable removed
-        environment.pop(key, None) if value is None else environment.__setitem__(key, value)
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
                os.path.join(ROOT, "tests", "fault_config.py"), "--workdir", str(workdir), *extra]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,

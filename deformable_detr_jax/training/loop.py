@@ -210,7 +210,6 @@ def train(
         if cache_dir
         else compile_cache.active_directory()
     )
-    compile_cache.programs_read()  # counts from here on
     mesh = mesh_lib.make_data_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
     layout = setup.batch_layout(config, mesh.size, jax.process_count())
