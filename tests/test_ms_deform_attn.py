@@ -394,6 +394,18 @@ class TestXla(MSDASuite):
             _assert_close(grad, want, 1e-4, "grad")
 
 
+class TestXlaQueryChunks(MSDASuite):
+    """The shared suite through the CPU's query chunks: the forward's `lax.map` and the
+    hand-written chunked backward (`_gather_reduce_chunked`), in chunks of 5 queries that
+    leave a padded last chunk. On CPU the suite's small cases are otherwise one chunk."""
+
+    implementation = "xla"
+
+    @pytest.fixture(autouse=True)
+    def _chunks_of_five(self, monkeypatch):
+        monkeypatch.setattr(reference, "_query_chunk", lambda len_q, _: 5 if len_q > 5 else None)
+
+
 class TestPallasGpu(MSDASuite):
     implementation = "pallas_gpu"
 

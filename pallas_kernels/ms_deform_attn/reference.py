@@ -15,9 +15,11 @@ coefficients and reduces over points and corners at once. Two gather layouts, sa
   table built from the level bordered by zeros (when it has more: the encoder). A quarter of
   the index work, which is what gathers cost on CPU.
 
-On CPU the queries are also processed in chunks (`lax.map`), so that the gathered rows of a
-chunk are reduced while they are still in cache instead of going through main memory; on
-GPU/TPU the whole level is one gather.
+On CPU the queries are also processed in chunks, forward (`lax.map`) and backward (a hand-written
+`lax.scan` that scatter-adds each chunk straight into the carried value gradient), so that the
+gathered rows and the scatter's updates of a chunk are used while they are still in cache
+instead of going through main memory; on GPU/TPU the whole level is one gather, and its
+backward is autodiff's.
 """
 
 from __future__ import annotations
@@ -150,28 +152,36 @@ def _gather_reduce(table, idx, coeffs):
     return jnp.einsum("bhqpc,bhqpcd->bhqd", coeffs, rows)
 
 
+def _split_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """`(bs, nheads, len_q, ...)` -> `(nchunks, bs, nheads, chunk, ...)`, len_q padded by zeros."""
+    bs, nheads, len_q = x.shape[:3]
+    nchunks = -(-len_q // chunk)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, nchunks * chunk - len_q)) + ((0, 0),) * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(bs, nheads, nchunks, chunk, *x.shape[3:]), 2, 0)
+
+
+def _join_chunks(x: jax.Array, len_q: int) -> jax.Array:
+    """`_split_chunks` undone: `(nchunks, bs, nheads, chunk, ...)` -> `(bs, nheads, len_q, ...)`."""
+    nchunks, bs, nheads, chunk = x.shape[:4]
+    x = jnp.moveaxis(x, 0, 2).reshape(bs, nheads, nchunks * chunk, *x.shape[4:])
+    return x[:, :, :len_q]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gather_reduce_chunked(table, idx, coeffs, chunk: int):
     """`_gather_reduce` over `chunk` queries at a time (len_q padded with zero weights).
 
-    Only the forward is chunked: differentiated through `lax.map`, every chunk would
-    scatter-add into the whole table's cotangent carried through the loop (1.3x slower
-    training steps at 96 x 96 on CPU), so the backward is `_gather_reduce`'s, all at once.
+    The backward is chunked too, by hand (`_gather_reduce_chunked_bwd`): autodiff of the
+    `lax.map` would scatter every chunk into a zero table of its own and add that whole
+    table to the cotangent carried through the loop (1.3x slower training steps at 96 x 96
+    on CPU than no chunks in the backward at all).
     """
-    bs, nheads, len_q = idx.shape[:3]
-    nchunks = -(-len_q // chunk)
-    pad = nchunks * chunk - len_q
-
-    def split(x):
-        # (bs, nheads, len_q, ...) -> (nchunks, bs, nheads, chunk, ...)
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
-        x = x.reshape(bs, nheads, nchunks, chunk, *x.shape[3:])
-        return jnp.moveaxis(x, 2, 0)
-
-    out = jax.lax.map(lambda args: _gather_reduce(table, *args), (split(idx), split(coeffs)))
-    # (nchunks, bs, nheads, chunk, head_dim) -> (bs, nheads, len_q, head_dim)
-    out = jnp.moveaxis(out, 0, 2).reshape(bs, nheads, nchunks * chunk, -1)
-    return out[:, :, :len_q]
+    len_q = idx.shape[2]
+    out = jax.lax.map(
+        lambda args: _gather_reduce(table, *args),
+        (_split_chunks(idx, chunk), _split_chunks(coeffs, chunk)),
+    )
+    return _join_chunks(out, len_q)
 
 
 def _gather_reduce_chunked_fwd(table, idx, coeffs, chunk):
@@ -179,10 +189,41 @@ def _gather_reduce_chunked_fwd(table, idx, coeffs, chunk):
 
 
 def _gather_reduce_chunked_bwd(chunk, residuals, grad):
+    """Per chunk of queries: re-gather its rows, contract them with `grad` for the
+    coefficients' gradient and scatter-add `coeffs x grad` straight into the table's gradient,
+    which the loop carries and updates in place. Each chunk's rows and updates stay in cache;
+    all at once they are two `4 * npoints * head_dim` floats per query (134 MB per encoder
+    level of R50 at batch 2) that XLA:CPU also copies into other layouts: R50 training steps
+    were 1.4-1.5x slower on CPU (BENCHMARKS.md, issue 14 item 2)."""
     table, idx, coeffs = residuals
-    _, vjp = jax.vjp(lambda t, c: _gather_reduce(t, idx, c), table, coeffs)
-    grad_table, grad_coeffs = vjp(grad)
-    return grad_table, None, grad_coeffs  # idx: integer, no cotangent
+    bs, nheads, nrows, row = table.shape
+    _, _, len_q, npoints, _ = coeffs.shape
+    head_dim = grad.shape[-1]
+    # one flat table, so that one scatter covers every (batch, head): row offsets per pair
+    flat_table = table.reshape(bs * nheads * nrows, row)
+    offsets = (jnp.arange(bs * nheads, dtype=idx.dtype) * nrows).reshape(bs, nheads, 1, 1)
+
+    def body(grad_table, chunk_args):
+        # idx (bs, nheads, chunk, m), m = npoints (neighbourhood rows) or npoints * 4 (corner
+        # rows); coeffs (bs, nheads, chunk, npoints, 4); grad (bs, nheads, chunk, head_dim)
+        idx_c, coeffs_c, grad_c = chunk_args
+        flat_idx = (idx_c + offsets).reshape(-1)
+        # (bs, nheads, chunk, npoints * 4, head_dim)
+        rows = flat_table[flat_idx].reshape(bs, nheads, chunk, npoints * 4, head_dim)
+        # the rows as the left operand, contracted over their minor axis: no transposed copy
+        grad_coeffs = jax.lax.dot_general(rows, grad_c, (((4,), (3,)), ((0, 1, 2), (0, 1, 2))))
+        updates = (coeffs_c[..., None] * grad_c[:, :, :, None, None, :]).reshape(-1, row)
+        grad_table = grad_table.at[flat_idx].add(updates, mode="promise_in_bounds")
+        return grad_table, grad_coeffs.reshape(coeffs_c.shape)
+
+    split = functools.partial(_split_chunks, chunk=chunk)
+    grad_table, grad_coeffs = jax.lax.scan(
+        body,
+        jnp.zeros_like(flat_table),
+        (split(idx), split(coeffs), split(grad.astype(table.dtype))),
+    )
+    grad_table = grad_table.reshape(table.shape)
+    return grad_table, None, _join_chunks(grad_coeffs, len_q)  # idx: integer, no cotangent
 
 
 _gather_reduce_chunked.defvjp(_gather_reduce_chunked_fwd, _gather_reduce_chunked_bwd)
