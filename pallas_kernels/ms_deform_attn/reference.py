@@ -16,7 +16,7 @@ coefficients and reduces over points and corners at once. Two gather layouts, sa
   the index work, which is what gathers cost on CPU.
 
 On CPU the queries are also processed in chunks, forward (`lax.map`) and backward (a hand-written
-`lax.scan` that scatter-adds each chunk straight into the carried value gradient), so that the
+`lax.scan` that scatter-adds each chunk straight into the carried table gradient), so that the
 gathered rows and the scatter's updates of a chunk are used while they are still in cache
 instead of going through main memory; on GPU/TPU the whole level is one gather, and its
 backward is autodiff's.
