@@ -18,6 +18,9 @@ axis along `bs`:
 `eval_step(params, frozen, batch) -> detections` runs the model deterministically and returns
 the top-k (query, class) pairs per image, as `post_process_object_detection` ranks them, with
 boxes as normalised (x0, y0, x1, y1).
+
+On a CPU with jaxlib 0.10 both are compiled with `cpu_compiler.step_compiler_options` (XLA's
+own convolutions instead of YNNPACK's).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from deformable_detr_jax.cpu_compiler import step_compiler_options
 from deformable_detr_jax.loss import LossConfig, loss_from_outputs
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
@@ -134,6 +138,7 @@ def make_train_step(
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=step_compiler_options(mesh),
     )
 
 
@@ -163,4 +168,9 @@ def make_eval_step(
 
     replicated = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, replicated, data), out_shardings=data)
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated, replicated, data),
+        out_shardings=data,
+        compiler_options=step_compiler_options(mesh),
+    )

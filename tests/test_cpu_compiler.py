@@ -1,0 +1,120 @@
+"""The training and evaluation steps' XLA:CPU options (`deformable_detr_jax.cpu_compiler`).
+
+On jaxlib 0.10.x the CPU steps compile their convolutions with XLA's own emitter instead of
+YNNPACK, and keep YNNPACK's dots; the gradients stay those of the default compile to float32
+rounding. Elsewhere the options are None (the default compile).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deformable_detr_jax.cpu_compiler import (
+    YNN_FUSION_FLAG,
+    cpu_compiler_options,
+    step_compiler_options,
+)
+
+JAXLIB_0_10 = importlib.metadata.version("jaxlib").startswith("0.10.")
+needs_jaxlib_0_10 = pytest.mark.skipif(
+    not JAXLIB_0_10, reason="the options are measured and given on jaxlib 0.10.x only"
+)
+
+
+def _ynn_ops(hlo: str) -> set[str]:
+    """Op names (from the metadata) of the YNNPACK fusions in a compiled module's text."""
+    return set(re.findall(r"%ynn_fusion[.\d]* = .*?op_name=\"([^\"]+)\"", hlo))
+
+
+def _conv_grad(x, w):
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(jnp.tanh(y) @ jnp.ones((y.shape[-1], 8), y.dtype))
+
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+def test_no_options_off_the_cpu_or_when_the_user_set_the_flag(monkeypatch):
+    assert cpu_compiler_options("gpu") is None
+    assert cpu_compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", f"--{YNN_FUSION_FLAG}=-individual_dot")
+    assert cpu_compiler_options("cpu") is None
+
+
+def test_options_only_on_the_measured_jaxlib(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = cpu_compiler_options("cpu")
+    if JAXLIB_0_10:
+        assert options == {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                           "LIBRARY_FUSION_TYPE_REDUCE"}  # fmt: skip
+    else:
+        assert options is None
+
+
+@needs_jaxlib_0_10
+def test_convolutions_leave_ynnpack_with_the_same_gradients(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (2, 12, 16, 32), jnp.float32)
+    w = 0.1 * jax.random.normal(keys[1], (3, 3, 32, 48), jnp.float32)
+    default = jax.jit(_conv_grad).lower(x, w).compile()
+    tuned = jax.jit(_conv_grad, compiler_options=cpu_compiler_options("cpu")).lower(x, w).compile()
+    default_ops, tuned_ops = _ynn_ops(default.as_text()), _ynn_ops(tuned.as_text())
+    # the default hands the convolutions to YNNPACK; the options take them back, keep the dots
+    assert any("conv_general_dilated" in op for op in default_ops), default_ops
+    assert not any("conv_general_dilated" in op for op in tuned_ops), tuned_ops
+    assert any("dot_general" in op for op in tuned_ops), tuned_ops
+    for got, want in zip(tuned(x, w), default(x, w), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        # float32 rounding of 288-term sums in another order: 1e-5 of the largest gradient
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        assert np.abs(got - want).max() > 0  # two different compiles, not one program twice
+
+
+@needs_jaxlib_0_10
+def test_the_train_step_is_compiled_with_the_options(monkeypatch):
+    from deformable_detr_jax.loss import LossConfig
+    from deformable_detr_jax.training import mesh as mesh_lib
+    from deformable_detr_jax.training import optimizer as optimizer_lib
+    from deformable_detr_jax.training import recipes
+    from deformable_detr_jax.training.step import make_train_step
+    from deformable_detr_jax.training.train_state import (
+        create_train_state,
+        init_weights,
+        model_spec,
+    )
+    from tests.test_training_workers import tiny_model_config
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    mesh = mesh_lib.make_data_mesh(jax.local_devices()[:1])
+    assert step_compiler_options(mesh) == cpu_compiler_options("cpu")
+    config = tiny_model_config(dropout=0.0)
+    opt = recipes.optimizer_group()
+    spec = model_spec(config, tuple(opt.frozen))
+    labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
+    tx, _ = optimizer_lib.make_optimizer(opt, labels, 10)
+    params, frozen = init_weights(spec, 0, mesh)
+    state = create_train_state(params, frozen, tx, mesh)
+    step = make_train_step(spec, LossConfig.preset("original", config.num_labels), tx, mesh, state)
+    rng = np.random.default_rng(0)
+    batch = {
+        "pixel_values": rng.normal(size=(1, 2, 64, 64, 3)).astype(np.float32),
+        "pixel_mask": np.ones((1, 2, 64, 64), bool),
+        "labels": rng.integers(0, 3, (1, 2, 4)).astype(np.int32),
+        "boxes": np.concatenate(
+            [rng.uniform(0.3, 0.7, (1, 2, 4, 2)), rng.uniform(0.1, 0.3, (1, 2, 4, 2))], -1
+        ).astype(np.float32),
+        "mask": np.array([[[True, True, False, False], [True, False, False, False]]]),
+    }
+    batch = mesh_lib.host_to_global(batch, mesh, 1)
+    hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
+    assert "convolution(" in hlo  # the backbone's 3x3 convolutions, compiled by XLA itself
+    assert not any("conv_general_dilated" in op for op in _ynn_ops(hlo))
