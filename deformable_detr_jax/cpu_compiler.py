@@ -1,8 +1,8 @@
 """Per-program XLA:CPU options for the training and evaluation steps.
 
 On jaxlib 0.10, XLA:CPU hands f32 convolutions to YNNPACK. Its convolutions are the slow part
-of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes 2-3x the time of
-XLA's own Eigen convolution (BENCHMARKS.md, "Host memory of a CPU step"). So the steps are
+of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes 1.8-2.8x the time
+of XLA's own Eigen convolution (BENCHMARKS.md, "Host memory of a CPU step"). So the steps are
 compiled with `compiler_options` that keep YNNPACK's other fusion types (its dots and
 reductions, the default list of jaxlib 0.10.2 less the convolutions):
 
