@@ -21,6 +21,8 @@ import os
 
 from jax.sharding import Mesh
 
+from deformable_detr_jax._versions import _release
+
 # jaxlib 0.10.2's default YNNPACK fusion types are INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
 # REDUCE (read from the compiled HLO of a dot, a convolution and reductions); this is that
 # list without the convolutions.
@@ -29,14 +31,9 @@ YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TY
 MEASURED_JAXLIB = (0, 10)
 
 
-def _jaxlib_release() -> tuple[int, ...]:
-    version = importlib.metadata.version("jaxlib")
-    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-
-
 def cpu_compiler_options(platform: str) -> dict[str, str] | None:
     """The options for a program on `platform` ("cpu", "gpu", "tpu"), or None for none."""
-    if platform != "cpu" or _jaxlib_release() != MEASURED_JAXLIB:
+    if platform != "cpu" or _release(importlib.metadata.version("jaxlib"))[:2] != MEASURED_JAXLIB:
         return None
     if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
