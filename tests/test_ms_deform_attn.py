@@ -375,14 +375,21 @@ class TestXla(MSDASuite):
     implementation = "xla"
 
     @pytest.mark.parametrize("chunk", [None, 5])
-    @pytest.mark.parametrize("neighbourhoods", [False, True])
+    @pytest.mark.parametrize("layout", ["corners", "neighbourhoods", "both"])
     @pytest.mark.parametrize("case", ["mixed", "five_levels"])
-    def test_every_gather_layout(self, case, neighbourhoods, chunk, monkeypatch):
-        """Every level through one layout: four corner rows per sample (what the decoder's
-        levels use) or one 2x2-neighbourhood row (the encoder's), all queries at once (GPU,
-        TPU) or in chunks of 5 that do not divide len_q (CPU), against the oracle."""
-        monkeypatch.setattr(reference, "_gathers_neighbourhoods", lambda *a: neighbourhoods)
-        monkeypatch.setattr(reference, "_query_chunk", lambda *args: chunk)
+    def test_every_gather_layout(self, case, layout, chunk, monkeypatch):
+        """Every level through one layout, four corner rows per sample (every level on CPU)
+        or one 2x2-neighbourhood row (off CPU, levels with more samples than cells), or the
+        levels of 3 rows and more through neighbourhoods and the others by corners (two
+        gathers added up); all rows at once (GPU, TPU) or in chunks of 5 rows whose last one
+        overlaps the one before (CPU), against the oracle."""
+        rule = {
+            "corners": lambda samples, height, width: False,
+            "neighbourhoods": lambda samples, height, width: True,
+            "both": lambda samples, height, width: height >= 3,
+        }[layout]
+        monkeypatch.setattr(reference, "_gathers_neighbourhoods", rule)
+        monkeypatch.setattr(reference, "_row_chunk", lambda *args: chunk)
         (value, loc, attn, grad_out), (want_out, want_grads), _ = _expected(
             case, "float32", 1, False
         )
@@ -394,16 +401,17 @@ class TestXla(MSDASuite):
             _assert_close(grad, want, 1e-4, "grad")
 
 
-class TestXlaQueryChunks(MSDASuite):
-    """The shared suite through the CPU's query chunks: the forward's `lax.map` and the
-    hand-written chunked backward (`_gather_reduce_chunked`), in chunks of 5 queries that
-    leave a padded last chunk. On CPU the suite's small cases are otherwise one chunk."""
+class TestXlaRowChunks(MSDASuite):
+    """The shared suite through the CPU's chunks: the forward's loop and the hand-written
+    chunked backward (`_gather_reduce_chunked`), in chunks of 5 (batch, query, head) rows that
+    do not divide the rows, so that the last chunk overlaps the one before. On CPU the suite's
+    small cases are otherwise one chunk."""
 
     implementation = "xla"
 
     @pytest.fixture(autouse=True)
     def _chunks_of_five(self, monkeypatch):
-        monkeypatch.setattr(reference, "_query_chunk", lambda len_q, _: 5 if len_q > 5 else None)
+        monkeypatch.setattr(reference, "_row_chunk", lambda rows, _: min(rows, 5))
 
 
 class TestPallasGpu(MSDASuite):

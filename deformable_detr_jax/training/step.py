@@ -112,16 +112,22 @@ def make_train_step(
                 k: v / accum if k.startswith("cardinality_error") else v for k, v in losses.items()
             }
 
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+            # A conditional, not `where(ok, new, old)` per leaf: the select made XLA copy
+            # every moment estimate before updating it in place (CPU: 3x slower optimizer).
+            params, opt_state = jax.lax.cond(
+                ok, update, lambda *state: state, state.params, state.opt_state
+            )
         new_state = state.replace(
             step=state.step + ok.astype(jnp.int32),
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             bad_step=jnp.where(
                 state.bad_step >= 0, state.bad_step, jnp.where(ok, -1, state.step)
             ).astype(jnp.int32),

@@ -5,21 +5,24 @@ Follows the PyTorch fallback of the original implementation (fundamentalvision
 sampling as `grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`,
 i.e. pixel coordinate = location * size - 0.5, and corners outside a level contribute zero.
 
-This is the correctness oracle for the Pallas kernels and the CPU/TPU fallback. Per level it
-gathers whole rows batched over (bs, nheads), multiplies them by the bilinear x attention
-coefficients and reduces over points and corners at once. Two gather layouts, same result:
+This is the correctness oracle for the Pallas kernels and the CPU/TPU fallback. It works in
+the model's own layout: the value `(bs, len_v, nheads, head_dim)` is a flat table of
+`head_dim` rows, one per (batch, pixel, head), so no operand or result is transposed, and
+every level is read by one gather of rows with computed indices, multiplied by the bilinear x
+attention coefficients and reduced over levels, points and corners at once, one output row
+per (batch, query, head). Two row layouts, same result, chosen per level:
 
-- corners: four `head_dim` rows per sample straight from the level (when a level has fewer
-  samples than cells: the decoder);
+- corners: four `head_dim` rows per sample, straight from the value (every level on CPU,
+  where it measured fastest; elsewhere the levels with fewer samples than cells);
 - neighbourhoods: one `4 * head_dim` row per sample, its whole 2x2 neighbourhood, from a
-  table built from the level bordered by zeros (when it has more: the encoder). A quarter of
-  the index work, which is what gathers cost on CPU.
+  table built from the level bordered by zeros (off CPU, levels with more samples than
+  cells: a quarter of the indices, which is what a TPU's serialised scatter pays for).
 
-On CPU the queries are also processed in chunks, forward (`lax.map`) and backward (a hand-written
-`lax.scan` that scatter-adds each chunk straight into the carried table gradient), so that the
-gathered rows and the scatter's updates of a chunk are used while they are still in cache
-instead of going through main memory; on GPU/TPU the whole level is one gather, and its
-backward is autodiff's.
+On CPU the (batch, query, head) rows are also processed in chunks, forward and backward
+(`_gather_reduce_chunked`: a hand-written VJP that scatter-adds each chunk straight into the
+carried table gradient), so that the gathered rows and the scatter's updates of a chunk are
+used while they are still in cache instead of going through main memory; on GPU/TPU the whole
+call is one gather, and its backward is autodiff's.
 """
 
 from __future__ import annotations
@@ -29,10 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# (bs, nheads, len, row), (bs, nheads, n) -> (bs, nheads, n, row)
-_gather_rows = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))
-
-# Gathered bytes per chunk of queries on CPU, small enough to stay in cache until reduced.
+# Gathered bytes per chunk of rows on CPU, small enough to stay in cache until reduced.
 # Measured at an encoder level of 100 x 160, batch 1, 8 heads, 4 points, head_dim 32 (2 MB =
 # 128 queries): chunks of 2 and 8 MB took the same time, 32 MB 1.6x longer, no chunks 3x.
 CPU_CHUNK_BYTES = 2**21
@@ -40,15 +40,17 @@ CPU_CHUNK_BYTES = 2**21
 
 def _gathers_neighbourhoods(samples: int, height: int, width: int) -> bool:
     """Whether a level is sampled through the neighbourhood table (static, per level)."""
+    if jax.default_backend() == "cpu":
+        return False
     return samples >= (height + 1) * (width + 1)
 
 
-def _query_chunk(len_q: int, bytes_per_query: int) -> int | None:
-    """Queries per chunk, or None for one gather over all of them (static)."""
+def _row_chunk(rows: int, bytes_per_row: int) -> int | None:
+    """Output rows per chunk on CPU (all of them when they fit one; the hand-written backward
+    either way), or None for one gather over all of them with autodiff's backward (static)."""
     if jax.default_backend() != "cpu":
         return None
-    chunk = max(8, CPU_CHUNK_BYTES // bytes_per_query)
-    return chunk if len_q > 2 * chunk else None
+    return min(rows, max(8, CPU_CHUNK_BYTES // bytes_per_row))
 
 
 def _corner(loc, size, acc_dtype):
@@ -72,15 +74,22 @@ def _corner(loc, size, acc_dtype):
     return corner.astype(jnp.int32), t - (corner + 0.5)
 
 
-def _bilinear_terms(loc, attn, height, width, acc_dtype):
+def _bilinear_terms(loc, attn, spatial_shapes, acc_dtype):
     """Top-left corner and the four corner coefficients (bilinear weight x attention).
 
-    Returns `x0, y0` int32 `(bs, nheads, len_q, npoints)` (pixel index of the top-left corner,
-    may lie outside the level) and `coeffs` `(bs, nheads, len_q, npoints, 4)` for the corners
+    Args:
+      loc: `(bs, len_q, nheads, nlevels, npoints, 2)`; attn: `(bs, len_q, nheads, nlevels,
+        npoints)`.
+
+    Returns `x0, y0` int32 `(bs, len_q, nheads, nlevels, npoints)` (pixel index of the
+    top-left corner, may lie outside its level) and `coeffs` `(..., 4)` for the corners
     (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
     """
-    x0, fx = _corner(loc[..., 0], width, acc_dtype)
-    y0, fy = _corner(loc[..., 1], height, acc_dtype)
+    # (nlevels, 1): broadcast over npoints
+    heights = jnp.asarray([h for h, _ in spatial_shapes], acc_dtype)[:, None]
+    widths = jnp.asarray([w for _, w in spatial_shapes], acc_dtype)[:, None]
+    x0, fx = _corner(loc[..., 0], widths, acc_dtype)
+    y0, fy = _corner(loc[..., 1], heights, acc_dtype)
     attn = attn.astype(acc_dtype)
     coeffs = jnp.stack(
         [(1 - fy) * (1 - fx) * attn, (1 - fy) * fx * attn, fy * (1 - fx) * attn, fy * fx * attn],
@@ -92,96 +101,135 @@ def _bilinear_terms(loc, attn, height, width, acc_dtype):
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dy, dx), the order of `coeffs`' last axis
 
 
-def _corner_rows(value_l, height, width, x0, y0, coeffs):
-    """Table = the level's `head_dim` rows; four indices per sample, one per corner.
+def _level_sizes(spatial_shapes, levels, extra: int = 0):
+    """int32 heights, widths `(len(levels), 1)` and the row at which each level starts in a
+    table of the levels' `(height + extra) * (width + extra)` rows, in that order."""
+    heights = [spatial_shapes[level][0] for level in levels]
+    widths = [spatial_shapes[level][1] for level in levels]
+    sizes = [(h + extra) * (w + extra) for h, w in zip(heights, widths)]
+    starts = [sum(sizes[:i]) for i in range(len(levels))]
+    column = lambda xs: jnp.asarray(xs, jnp.int32)[:, None]  # noqa: E731
+    return column(heights), column(widths), column(starts), sum(sizes)
 
-    Returns `table (bs, nheads, height * width, head_dim)`, `idx (bs, nheads, len_q,
-    npoints * 4)` and `coeffs` with out-of-level corners zeroed.
+
+def _corner_rows(value, spatial_shapes, levels, x0, y0, coeffs):
+    """Table = the value's `head_dim` rows; four indices per sample, one per corner.
+
+    Args:
+      value: `(bs, len_v, nheads, head_dim)`; x0, y0, coeffs: of `levels` only.
+
+    Returns `table (bs * len_v * nheads, head_dim)`, `idx (bs * len_q * nheads, k)` and
+    `coeffs (bs * len_q * nheads, k)`, `k = len(levels) * npoints * 4`, out-of-level corners'
+    coefficients zeroed.
     """
-    xi = x0[..., None] + jnp.asarray([dx for _, dx in _CORNERS])
-    yi = y0[..., None] + jnp.asarray([dy for dy, _ in _CORNERS])
-    valid = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-    idx = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
-    bs, nheads, len_q = x0.shape[:3]
-    return value_l, idx.reshape(bs, nheads, len_q, -1), jnp.where(valid, coeffs, 0)
+    bs, len_v, nheads, head_dim = value.shape
+    level_starts = [sum(h * w for h, w in spatial_shapes[:level]) for level in levels]
+    # (len(levels), 1, 1): broadcast over npoints and corners
+    heights, widths, _, _ = _level_sizes(spatial_shapes, levels)
+    heights, widths = heights[..., None], widths[..., None]
+    starts = jnp.asarray(level_starts, jnp.int32)[:, None, None]
+    xi = x0[..., None] + jnp.asarray([dx for _, dx in _CORNERS], jnp.int32)
+    yi = y0[..., None] + jnp.asarray([dy for dy, _ in _CORNERS], jnp.int32)
+    valid = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
+    pixel = starts + jnp.clip(yi, 0, heights - 1) * widths + jnp.clip(xi, 0, widths - 1)
+    idx = _flat_rows(pixel, len_v, nheads)
+    table = value.reshape(bs * len_v * nheads, head_dim)
+    rows = bs * x0.shape[1] * nheads
+    return table, idx.reshape(rows, -1), jnp.where(valid, coeffs, 0).reshape(rows, -1)
 
 
-def _neighbourhood_rows(value_l, height, width, x0, y0, coeffs):
+def _flat_rows(row, rows_per_image, nheads):
+    """Flat table row of `(bs, len_q, nheads, ...)` rows within each image's table."""
+    bs = row.shape[0]
+    image = jnp.arange(bs, dtype=jnp.int32).reshape((bs,) + (1,) * (row.ndim - 1))
+    head = jnp.arange(nheads, dtype=jnp.int32).reshape((1, 1, nheads) + (1,) * (row.ndim - 3))
+    return (image * rows_per_image + row) * nheads + head
+
+
+def _neighbourhood_rows(value, spatial_shapes, levels, x0, y0, coeffs):
     """Table = every 2x2 neighbourhood as one `4 * head_dim` row; one index per sample.
 
-    Row (y0 + 1) * (width + 1) + (x0 + 1) holds the corners (y0, x0), (y0, x0 + 1),
+    Level row (y0 + 1) * (width + 1) + (x0 + 1) holds the corners (y0, x0), (y0, x0 + 1),
     (y0 + 1, x0), (y0 + 1, x0 + 1) for every top-left corner in [-1, height - 1] x
     [-1, width - 1], read from the level bordered by one row/column of zeros, so corners
     outside the level read zero; a top-left corner outside that range has all four corners
     outside the level and its coefficients are zeroed.
 
-    Returns `table (bs, nheads, (height + 1) * (width + 1), 4 * head_dim)`,
-    `idx (bs, nheads, len_q, npoints)` and `coeffs`.
+    Returns `table (bs * rows * nheads, 4 * head_dim)` (rows: the levels' neighbourhoods),
+    `idx (bs * len_q * nheads, len(levels) * npoints)` and `coeffs (bs * len_q * nheads,
+    len(levels) * npoints * 4)`.
     """
-    bs, nheads, _, head_dim = value_l.shape
-    # (bs, nheads, height + 2, width + 2, head_dim)
-    grid = jnp.pad(
-        value_l.reshape(bs, nheads, height, width, head_dim),
-        ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)),
-    )
-    table = jnp.concatenate(
-        [grid[:, :, dy : dy + height + 1, dx : dx + width + 1] for dy, dx in _CORNERS], axis=-1
-    ).reshape(bs, nheads, (height + 1) * (width + 1), 4 * head_dim)
-    inside = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
-    idx = jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width)
-    return table, idx, jnp.where(inside[..., None], coeffs, 0)
+    bs, _, nheads, head_dim = value.shape
+    tables = []
+    for level in levels:
+        height, width = spatial_shapes[level]
+        start = sum(h * w for h, w in spatial_shapes[:level])
+        # (bs, height + 2, width + 2, nheads, head_dim)
+        grid = jnp.pad(
+            value[:, start : start + height * width].reshape(bs, height, width, nheads, head_dim),
+            ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)),
+        )
+        # (bs, (height + 1) * (width + 1), nheads, 4 * head_dim)
+        tables.append(
+            jnp.concatenate(
+                [grid[:, dy : dy + height + 1, dx : dx + width + 1] for dy, dx in _CORNERS], -1
+            ).reshape(bs, (height + 1) * (width + 1), nheads, 4 * head_dim)
+        )
+    heights, widths, starts, total = _level_sizes(spatial_shapes, levels, extra=1)
+    inside = (x0 >= -1) & (x0 < widths) & (y0 >= -1) & (y0 < heights)
+    row = starts + jnp.clip(y0 + 1, 0, heights) * (widths + 1) + jnp.clip(x0 + 1, 0, widths)
+    table = jnp.concatenate(tables, 1).reshape(bs * total * nheads, 4 * head_dim)
+    rows = bs * x0.shape[1] * nheads
+    coeffs = jnp.where(inside[..., None], coeffs, 0)
+    return table, _flat_rows(row, total, nheads).reshape(rows, -1), coeffs.reshape(rows, -1)
 
 
 def _gather_reduce(table, idx, coeffs):
-    """`sum over points and corners of coeffs * rows`.
+    """`sum over samples and corners of coeffs * rows`.
 
     Args:
-      table: `(bs, nheads, rows, k * head_dim)`.
-      idx: `(bs, nheads, len_q, npoints * 4 // k)`.
-      coeffs: `(bs, nheads, len_q, npoints, 4)`.
+      table: `(table_rows, k * head_dim)`, k = 1 (corner rows) or 4 (neighbourhood rows).
+      idx: `(rows, m)`.
+      coeffs: `(rows, m * k)`.
 
     Returns:
-      `(bs, nheads, len_q, head_dim)`.
+      `(rows, head_dim)`.
     """
-    bs, nheads, len_q, npoints, _ = coeffs.shape
-    head_dim = table.shape[-1] * idx.shape[-1] // (4 * npoints)
-    # (bs, nheads, len_q, npoints, 4, head_dim)
-    rows = _gather_rows(table, idx.reshape(bs, nheads, -1)).reshape(
-        bs, nheads, len_q, npoints, 4, head_dim
-    )
-    return jnp.einsum("bhqpc,bhqpcd->bhqd", coeffs, rows)
+    rows, m = idx.shape
+    head_dim = table.shape[1] * m // coeffs.shape[1]
+    # (rows, m * k, head_dim)
+    gathered = table[idx.reshape(-1)].reshape(rows, coeffs.shape[1], head_dim)
+    return jnp.einsum("rc,rcd->rd", coeffs, gathered)
 
 
-def _split_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """`(bs, nheads, len_q, ...)` -> `(nchunks, bs, nheads, chunk, ...)`, len_q padded by zeros."""
-    bs, nheads, len_q = x.shape[:3]
-    nchunks = -(-len_q // chunk)
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, nchunks * chunk - len_q)) + ((0, 0),) * (x.ndim - 3))
-    return jnp.moveaxis(x.reshape(bs, nheads, nchunks, chunk, *x.shape[3:]), 2, 0)
-
-
-def _join_chunks(x: jax.Array, len_q: int) -> jax.Array:
-    """`_split_chunks` undone: `(nchunks, bs, nheads, chunk, ...)` -> `(bs, nheads, len_q, ...)`."""
-    nchunks, bs, nheads, chunk = x.shape[:4]
-    x = jnp.moveaxis(x, 0, 2).reshape(bs, nheads, nchunks * chunk, *x.shape[4:])
-    return x[:, :, :len_q]
+def _chunk_start(i, chunk: int, rows: int):
+    """First row of chunk `i`; the last chunk ends at `rows`, overlapping the one before."""
+    return jnp.minimum(i * chunk, rows - chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gather_reduce_chunked(table, idx, coeffs, chunk: int):
-    """`_gather_reduce` over `chunk` queries at a time (len_q padded with zero weights).
+    """`_gather_reduce` over `chunk` rows at a time (`chunk <= rows`), in place in the result.
 
-    The backward is chunked too, by hand (`_gather_reduce_chunked_bwd`): autodiff of the
-    `lax.map` would scatter every chunk into a zero table of its own and add that whole
-    table to the cotangent carried through the loop (1.3x slower training steps at 96 x 96
-    on CPU than no chunks in the backward at all).
+    The backward is chunked too, by hand (`_gather_reduce_chunked_bwd`): autodiff of the loop
+    would scatter every chunk into a zero table of its own and add that whole table to the
+    cotangent carried through the loop (1.3x slower training steps at 96 x 96 on CPU than no
+    chunks in the backward at all).
     """
-    len_q = idx.shape[2]
-    out = jax.lax.map(
-        lambda args: _gather_reduce(table, *args),
-        (_split_chunks(idx, chunk), _split_chunks(coeffs, chunk)),
-    )
-    return _join_chunks(out, len_q)
+    rows = idx.shape[0]
+    head_dim = table.shape[1] * idx.shape[1] // coeffs.shape[1]
+
+    def body(i, out):
+        start = _chunk_start(i, chunk, rows)
+        part = _gather_reduce(
+            table,
+            jax.lax.dynamic_slice_in_dim(idx, start, chunk),
+            jax.lax.dynamic_slice_in_dim(coeffs, start, chunk),
+        )
+        return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
+
+    out = jnp.zeros((rows, head_dim), table.dtype)
+    return jax.lax.fori_loop(0, -(-rows // chunk), body, out)
 
 
 def _gather_reduce_chunked_fwd(table, idx, coeffs, chunk):
@@ -189,81 +237,97 @@ def _gather_reduce_chunked_fwd(table, idx, coeffs, chunk):
 
 
 def _gather_reduce_chunked_bwd(chunk, residuals, grad):
-    """Per chunk of queries: re-gather its rows, contract them with `grad` for the
+    """Per chunk of rows: re-gather its table rows, contract them with `grad` for the
     coefficients' gradient and scatter-add `coeffs x grad` straight into the table's gradient,
     which the loop carries and updates in place. Each chunk's rows and updates stay in cache;
-    all at once they are two `4 * npoints * head_dim` floats per query (134 MB per encoder
-    level of R50 at batch 2) that XLA:CPU also copies into other layouts: R50 training steps
-    were 1.4-1.5x slower on CPU (BENCHMARKS.md, issue 14 item 2)."""
+    all at once they are two `4 * npoints * head_dim` floats per (query, head, level): 134 MB
+    per encoder level of R50 at batch 2, which XLA:CPU also copied into other layouts (R50
+    training steps were 1.4-1.5x slower on CPU, BENCHMARKS.md, issue 14 item 2). The rows of
+    the last chunk that the one before already did scatter nothing."""
     table, idx, coeffs = residuals
-    bs, nheads, nrows, row = table.shape
-    _, _, len_q, npoints, _ = coeffs.shape
-    head_dim = grad.shape[-1]
-    # one flat table, so that one scatter covers every (batch, head): row offsets per pair
-    flat_table = table.reshape(bs * nheads * nrows, row)
-    offsets = (jnp.arange(bs * nheads, dtype=idx.dtype) * nrows).reshape(bs, nheads, 1, 1)
+    rows, m = idx.shape
+    samples = coeffs.shape[1]
+    head_dim = grad.shape[1]
+    grad = grad.astype(table.dtype)
 
-    def body(grad_table, chunk_args):
-        # idx (bs, nheads, chunk, m), m = npoints (neighbourhood rows) or npoints * 4 (corner
-        # rows); coeffs (bs, nheads, chunk, npoints, 4); grad (bs, nheads, chunk, head_dim)
-        idx_c, coeffs_c, grad_c = chunk_args
-        flat_idx = (idx_c + offsets).reshape(-1)
-        # (bs, nheads, chunk, npoints * 4, head_dim)
-        rows = flat_table[flat_idx].reshape(bs, nheads, chunk, npoints * 4, head_dim)
+    def body(i, carry):
+        grad_table, grad_coeffs = carry
+        start = _chunk_start(i, chunk, rows)
+        # idx_c (chunk, m), coeffs_c (chunk, samples), grad_c (chunk, head_dim)
+        idx_c, coeffs_c, grad_c = (
+            jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (idx, coeffs, grad)
+        )
+        flat_idx = idx_c.reshape(-1)
+        # (chunk, samples, head_dim)
+        gathered = table[flat_idx].reshape(chunk, samples, head_dim)
         # the rows as the left operand, contracted over their minor axis: no transposed copy
-        grad_coeffs = jax.lax.dot_general(rows, grad_c, (((4,), (3,)), ((0, 1, 2), (0, 1, 2))))
-        updates = (coeffs_c[..., None] * grad_c[:, :, :, None, None, :]).reshape(-1, row)
+        part = jax.lax.dot_general(gathered, grad_c, (((2,), (1,)), ((0,), (0,))))
+        fresh = start + jnp.arange(chunk) >= i * chunk
+        grad_c = jnp.where(fresh[:, None], grad_c, 0)
+        updates = (coeffs_c[:, :, None] * grad_c[:, None, :]).reshape(chunk * m, -1)
         grad_table = grad_table.at[flat_idx].add(updates, mode="promise_in_bounds")
-        return grad_table, grad_coeffs.reshape(coeffs_c.shape)
+        return grad_table, jax.lax.dynamic_update_slice_in_dim(grad_coeffs, part, start, 0)
 
-    split = functools.partial(_split_chunks, chunk=chunk)
-    grad_table, grad_coeffs = jax.lax.scan(
-        body,
-        jnp.zeros_like(flat_table),
-        (split(idx), split(coeffs), split(grad.astype(table.dtype))),
-    )
-    grad_table = grad_table.reshape(table.shape)
-    return grad_table, None, _join_chunks(grad_coeffs, len_q)  # idx: integer, no cotangent
+    init = (jnp.zeros_like(table), jnp.zeros_like(coeffs))
+    grad_table, grad_coeffs = jax.lax.fori_loop(0, -(-rows // chunk), body, init)
+    return grad_table, None, grad_coeffs  # idx: integer, no cotangent
 
 
 _gather_reduce_chunked.defvjp(_gather_reduce_chunked_fwd, _gather_reduce_chunked_bwd)
 
 
-# Rematerialised in the backward pass: saving the gathered rows of every level as VJP
-# residuals costs 4 * nlevels * bs * nheads * len_q * npoints * head_dim floats (about 12 GB
-# for the encoder at batch 8), recomputing them costs the gathers again.
-@functools.partial(jax.checkpoint, static_argnums=(1, 2, 5, 6))
-def _sample_level(
-    value_l: jax.Array,
-    height: int,
-    width: int,
+def _select_levels(x: jax.Array, levels: tuple[int, ...], nlevels: int) -> jax.Array:
+    """`x[:, :, :, levels]` (static), without a copy when that is every level."""
+    if levels == tuple(range(nlevels)):
+        return x
+    return jnp.concatenate([x[:, :, :, level : level + 1] for level in levels], axis=3)
+
+
+# Rematerialised in the backward pass: the gather's indices and coefficients (and the
+# neighbourhood tables) are recomputed from the value, locations and weights rather than kept
+# as residuals (two `nlevels * npoints * 4` arrays per (batch, query, head) per layer).
+@functools.partial(jax.checkpoint, static_argnums=(1, 4))
+def _sample(
+    value: jax.Array,
+    spatial_shapes: tuple[tuple[int, int], ...],
     loc: jax.Array,
     attn: jax.Array,
-    neighbourhoods: bool,
-    chunk: int | None,
+    neighbourhoods: tuple[bool, ...],
 ) -> jax.Array:
-    """Bilinearly samples one level and reduces over points.
+    """Bilinearly samples every level and reduces over levels and points.
 
     Args:
-      value_l: `(bs, nheads, height * width, head_dim)`.
-      loc: `(bs, nheads, len_q, npoints, 2)` as (x, y) in [0, 1] (may lie outside).
-      attn: `(bs, nheads, len_q, npoints)`.
-      neighbourhoods: gather through the neighbourhood table rather than by corners.
-      chunk: queries per chunk, or None for all at once.
+      value: `(bs, len_v, nheads, head_dim)`.
+      loc: `(bs, len_q, nheads, nlevels, npoints, 2)` as (x, y) in [0, 1] (may lie outside).
+      attn: `(bs, len_q, nheads, nlevels, npoints)`.
+      neighbourhoods: per level, gather through the neighbourhood table rather than by corners.
 
     Returns:
-      `(bs, nheads, len_q, head_dim)` in float32 (or float64 for float64 inputs).
+      `(bs * len_q * nheads, head_dim)` in float32 (or float64 for float64 inputs).
     """
-    acc_dtype = jnp.promote_types(value_l.dtype, jnp.float32)
+    acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
     # Gather from the accumulation dtype, so that the VJP's scatter-add into the value
     # gradient also accumulates in float32 for bfloat16 inputs (XLA fuses the convert).
-    value_l = value_l.astype(acc_dtype)
-    x0, y0, coeffs = _bilinear_terms(loc, attn, height, width, acc_dtype)
-    rows = _neighbourhood_rows if neighbourhoods else _corner_rows
-    table, idx, coeffs = rows(value_l, height, width, x0, y0, coeffs)
-    if chunk is None:
-        return _gather_reduce(table, idx, coeffs)
-    return _gather_reduce_chunked(table, idx, coeffs, chunk)
+    value = value.astype(acc_dtype)
+    x0, y0, coeffs = _bilinear_terms(loc, attn, spatial_shapes, acc_dtype)
+    bs, len_q, nheads, nlevels, npoints = x0.shape
+    rows = bs * len_q * nheads
+    out = None
+    for layout, use in ((_corner_rows, False), (_neighbourhood_rows, True)):
+        levels = tuple(level for level in range(nlevels) if neighbourhoods[level] == use)
+        if not levels:
+            continue
+        table, idx, level_coeffs = layout(
+            value, spatial_shapes, levels,
+            *(_select_levels(x, levels, nlevels) for x in (x0, y0, coeffs)),
+        )  # fmt: skip
+        chunk = _row_chunk(rows, level_coeffs.shape[1] * value.shape[-1] * value.dtype.itemsize)
+        if chunk is None:
+            sampled = _gather_reduce(table, idx, level_coeffs)
+        else:
+            sampled = _gather_reduce_chunked(table, idx, level_coeffs, chunk)
+        out = sampled if out is None else out + sampled
+    return out
 
 
 def ms_deform_attn_reference(
@@ -283,27 +347,12 @@ def ms_deform_attn_reference(
     Returns:
       `(bs, len_q, nheads * head_dim)` in `value.dtype`.
     """
-    bs, len_v, nheads, head_dim = value.shape
-    _, len_q, _, nlevels, npoints, _ = sampling_locations.shape
-    # (bs, nheads, len_v, head_dim)
-    value_t = jnp.transpose(value, (0, 2, 1, 3))
-    # (bs, nheads, nlevels, len_q, npoints, 2)
-    loc_t = jnp.transpose(sampling_locations, (0, 2, 3, 1, 4, 5))
-    # (bs, nheads, nlevels, len_q, npoints)
-    attn_t = jnp.transpose(attention_weights, (0, 2, 3, 1, 4))
-    acc_bytes = jnp.dtype(jnp.promote_types(value.dtype, jnp.float32)).itemsize
-    # gathered per query: bs x nheads x npoints x 4 corners x head_dim
-    chunk = _query_chunk(len_q, bs * nheads * npoints * 4 * head_dim * acc_bytes)
-    out = None
-    start = 0
-    for level, (height, width) in enumerate(spatial_shapes):
-        value_l = value_t[:, :, start : start + height * width]
-        start += height * width
-        neighbourhoods = _gathers_neighbourhoods(len_q * npoints, height, width)
-        sampled = _sample_level(
-            value_l, height, width, loc_t[:, :, level], attn_t[:, :, level], neighbourhoods, chunk
-        )
-        out = sampled if out is None else out + sampled
-    # (bs, nheads, len_q, head_dim) -> (bs, len_q, nheads * head_dim)
-    out = jnp.transpose(out, (0, 2, 1, 3)).reshape(bs, len_q, nheads * head_dim)
-    return out.astype(value.dtype)
+    bs, _, nheads, head_dim = value.shape
+    _, len_q, _, _, npoints, _ = sampling_locations.shape
+    spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    neighbourhoods = tuple(
+        _gathers_neighbourhoods(len_q * npoints, h, w) for h, w in spatial_shapes
+    )
+    out = _sample(value, spatial_shapes, sampling_locations, attention_weights, neighbourhoods)
+    # (bs * len_q * nheads, head_dim) -> (bs, len_q, nheads * head_dim): a reshape, no copy
+    return out.reshape(bs, len_q, nheads * head_dim).astype(value.dtype)
