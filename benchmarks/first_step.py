@@ -38,9 +38,12 @@ def main() -> None:
     config, batch, (height, width) = train_step.setup(args)
     step_fn, state, batch, key = train_step.build_jax(config, batch, args)
     start = time.perf_counter()
-    lowered = step_fn.lower(state, batch, key)
+    if hasattr(step_fn, "lower_sized"):  # CPU: the options sized for the batch, as a call does
+        lowered, options = step_fn.lower_sized(state, batch, key)
+    else:
+        lowered, options = step_fn.lower(state, batch, key), None
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options)
     compiled_at = time.perf_counter()
     jax.block_until_ready(compiled(state, batch, key))
     ran_at = time.perf_counter()

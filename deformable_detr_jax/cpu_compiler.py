@@ -1,17 +1,25 @@
 """Per-program XLA:CPU options for the training and evaluation steps.
 
-On jaxlib 0.10, XLA:CPU hands f32 convolutions to YNNPACK. Its convolutions are the slow part
-of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes 1.8-2.8x the time
-of XLA's own Eigen convolution (BENCHMARKS.md, "Host memory of a CPU step"). So the steps are
-compiled with `compiler_options` that keep YNNPACK's other fusion types (its dots and
-reductions, the default list of jaxlib 0.10.2 less the convolutions):
+Two options, each given only where it was measured:
+
+- Convolutions (jaxlib 0.10.x): XLA:CPU hands f32 convolutions to YNNPACK, and its convolutions
+  are the slow part of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes
+  1.8-2.8x the time of XLA's own Eigen convolution (BENCHMARKS.md, "Host memory of a CPU
+  step"). So the steps keep YNNPACK's other fusion types (its dots and reductions, the default
+  list of jaxlib 0.10.2 less the convolutions).
+- Temporaries (the training step, Linux with glibc, any jaxlib): XLA:CPU allocates an
+  execution's temporaries as one buffer (2.8 GiB for R50 at batch 2, 384 x 512), which glibc
+  maps afresh for every step. Split into buffers of at most `HEAP_BYTES`
+  (`xla_multiheap_size_constraint_per_heap`), each fits one of glibc's per-thread heaps, and
+  inside `host_memory.retained_host_memory()` every step reuses the memory of the one before.
+  The split is given only when no single value of the program is larger than that
+  (`largest_value_bytes` of its jaxpr); XLA would warn about each one that is.
 
     jax.jit(step, compiler_options=step_compiler_options(mesh))
 
-The options apply to that one program, not to the process. They are given only where this was
-measured: the CPU backend of jaxlib 0.10.x. Elsewhere (GPU, TPU, another jaxlib) the result is
-None, the default compile. A user who sets `xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS`
-keeps their own setting: the options are then None too.
+The options apply to that one program, not to the process; elsewhere (GPU, TPU, a jaxlib or
+system not measured) the result is None, the default compile. A user who sets one of these
+flags in `XLA_FLAGS` keeps their own setting.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+import numpy as np
 from jax.sharding import Mesh
 
+from deformable_detr_jax import host_memory
 from deformable_detr_jax._versions import _release
 
 # jaxlib 0.10.2's default YNNPACK fusion types are INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
@@ -31,15 +41,56 @@ YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TY
 MEASURED_JAXLIB = (0, 10)
 
 
-def cpu_compiler_options(platform: str) -> dict[str, str] | None:
-    """The options for a program on `platform` ("cpu", "gpu", "tpu"), or None for none."""
-    if platform != "cpu" or _release(importlib.metadata.version("jaxlib"))[:2] != MEASURED_JAXLIB:
-        return None
-    if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return {YNN_FUSION_FLAG: YNN_WITHOUT_CONVOLUTIONS}
+# glibc's per-thread heaps hold at most 64 MiB; a buffer up to this size fits one.
+HEAP_FLAG = "xla_multiheap_size_constraint_per_heap"
+HEAP_BYTES = 56 * 2**20
 
 
-def step_compiler_options(mesh: Mesh) -> dict[str, str] | None:
+def cpu_compiler_options(
+    platform: str, largest_value_bytes: int | None = None
+) -> dict[str, str | int] | None:
+    """The options for a program on `platform` ("cpu", "gpu", "tpu"), or None for none.
+
+    Args:
+      largest_value_bytes: the program's largest value (`largest_value_bytes`); None for a
+        program whose temporaries are not split.
+    """
+    if platform != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    options: dict[str, str | int] = {}
+    jaxlib = _release(importlib.metadata.version("jaxlib"))[:2]
+    if jaxlib == MEASURED_JAXLIB and YNN_FUSION_FLAG not in flags:
+        options[YNN_FUSION_FLAG] = YNN_WITHOUT_CONVOLUTIONS
+    if (
+        largest_value_bytes is not None
+        and largest_value_bytes <= HEAP_BYTES
+        and HEAP_FLAG not in flags
+        and host_memory.applies()
+    ):
+        options[HEAP_FLAG] = HEAP_BYTES
+    return options or None
+
+
+def step_compiler_options(
+    mesh: Mesh, largest_value_bytes: int | None = None
+) -> dict[str, str | int] | None:
     """`cpu_compiler_options` for the platform of `mesh`'s devices."""
-    return cpu_compiler_options(mesh.devices.flat[0].platform)
+    return cpu_compiler_options(mesh.devices.flat[0].platform, largest_value_bytes)
+
+
+def largest_value_bytes(jaxpr) -> int:
+    """Bytes of the largest value that a (closed) jaxpr or any jaxpr inside it computes."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", None)
+            itemsize = getattr(getattr(var.aval, "dtype", None), "itemsize", None)
+            if shape is not None and itemsize is not None:
+                largest = max(largest, int(np.prod(shape)) * itemsize)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else (param,):
+                if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                    largest = max(largest, largest_value_bytes(inner))
+    return largest

@@ -2,7 +2,9 @@
 
 On jaxlib 0.10.x the CPU steps compile their convolutions with XLA's own emitter instead of
 YNNPACK, and keep YNNPACK's dots; the gradients stay those of the default compile to float32
-rounding. Elsewhere the options are None (the default compile).
+rounding. The CPU train step is compiled per batch shape with its temporaries split to fit
+glibc's heaps (tests/test_host_memory.py has what that buys). Elsewhere the options are None
+(the default compile).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deformable_detr_jax import host_memory
 from deformable_detr_jax.cpu_compiler import (
+    HEAP_BYTES,
+    HEAP_FLAG,
     YNN_FUSION_FLAG,
     cpu_compiler_options,
     step_compiler_options,
 )
+from deformable_detr_jax.training.step import CpuTrainStep
 
 JAXLIB_0_10 = importlib.metadata.version("jaxlib").startswith("0.10.")
 needs_jaxlib_0_10 = pytest.mark.skipif(
@@ -79,8 +85,8 @@ def test_convolutions_leave_ynnpack_with_the_same_gradients(monkeypatch):
         assert np.abs(got - want).max() > 0  # two different compiles, not one program twice
 
 
-@needs_jaxlib_0_10
-def test_the_train_step_is_compiled_with_the_options(monkeypatch):
+def _tiny_train_step():
+    """`(mesh, step, state, batch)`: the package's train step of the tiny test model on one CPU."""
     from deformable_detr_jax.loss import LossConfig
     from deformable_detr_jax.training import mesh as mesh_lib
     from deformable_detr_jax.training import optimizer as optimizer_lib
@@ -93,9 +99,7 @@ def test_the_train_step_is_compiled_with_the_options(monkeypatch):
     )
     from tests.test_training_workers import tiny_model_config
 
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
     mesh = mesh_lib.make_data_mesh(jax.local_devices()[:1])
-    assert step_compiler_options(mesh) == cpu_compiler_options("cpu")
     config = tiny_model_config(dropout=0.0)
     opt = recipes.optimizer_group()
     spec = model_spec(config, tuple(opt.frozen))
@@ -114,7 +118,35 @@ def test_the_train_step_is_compiled_with_the_options(monkeypatch):
         ).astype(np.float32),
         "mask": np.array([[[True, True, False, False], [True, False, False, False]]]),
     }
-    batch = mesh_lib.host_to_global(batch, mesh, 1)
+    return mesh, step, state, mesh_lib.host_to_global(batch, mesh, 1)
+
+
+@needs_jaxlib_0_10
+def test_the_train_step_is_compiled_with_the_options(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    mesh, step, state, batch = _tiny_train_step()
+    assert step_compiler_options(mesh) == cpu_compiler_options("cpu")
     hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
     assert "convolution(" in hlo  # the backbone's 3x3 convolutions, compiled by XLA itself
     assert not any("conv_general_dilated" in op for op in _ynn_ops(hlo))
+
+
+@pytest.mark.skipif(not host_memory.applies(), reason="needs Linux with glibc")
+def test_the_cpu_train_step_splits_its_temporaries_for_its_batch_shape(monkeypatch):
+    """The first call of each batch shape compiles with the split sized for it; a second
+    shape gets a program of its own, and both give what the step's own jit gives."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    _, step, state, batch = _tiny_train_step()
+    assert isinstance(step, CpuTrainStep)
+    key = jax.random.key(0)
+    _, options = step.lower_sized(state, batch, key)
+    assert options == {HEAP_FLAG: HEAP_BYTES}  # the tiny model's values are all far smaller
+    want_state, want = step._jitted(jax.tree.map(jnp.copy, state), batch, key)
+    got_state, got = step(jax.tree.map(jnp.copy, state), batch, key)
+    half = jax.tree.map(lambda x: x[:, :1], batch)  # batch of one: another shape
+    step(jax.tree.map(jnp.copy, state), half, key)
+    assert len(step._compiled) == 2
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)

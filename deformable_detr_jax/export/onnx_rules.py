@@ -5,8 +5,8 @@ of Deformable DETR need rules of their own, added here through that plugin mecha
 only inside `onnx_rules()` (the ONNX export enters it around the conversion):
 
 - The multi-scale deformable attention core. The `"xla"` reference (`pallas_kernels/
-  ms_deform_attn/reference.py`) gathers rows with computed indices, in query chunks under
-  `lax.map` on CPU; converted as it is that becomes `GatherND` plus `Loop` and materialises four
+  ms_deform_attn/reference.py`) gathers rows with computed indices, in chunks of rows under
+  `fori_loop` on CPU; converted as it is that becomes `GatherND` plus `Loop` and materialises four
   corner rows per sample. ONNX has the exact operation instead: `GridSample` (opset 16+, bilinear,
   `align_corners=0`, zero padding) is `torch.nn.functional.grid_sample`, which the original
   PyTorch core (`ms_deform_attn_core_pytorch`) calls per level. `ms_deform_attn_grid_sample` is

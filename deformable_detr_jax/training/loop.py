@@ -22,6 +22,7 @@ non-finite update: see `step.py`); a checkpoint that cannot be written (disk ful
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from deformable_detr_jax import compile_cache
+from deformable_detr_jax.host_memory import retained_host_memory
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training import resume, setup
@@ -298,13 +300,17 @@ def train(
                 "processor": processor_for(config).to_dict() if train_source is not None else None}  # fmt: skip
         preemption = _Preemption(enabled=bool(setup._get(train_cfg, "handle_sigterm", True)))
         closers.append(preemption.restore)
-        state, step, stopped, eval_metrics = _loop(
-            state, batches, train_step, base_key, checkpoints, writer, preemption, evaluate,
-            workdir=workdir, settings=settings, meta=meta, layout=layout, mesh=mesh, total=total,
-            log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
-            checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
-            eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step, cache_dir=cache_dir,
-        )  # fmt: skip
+        # on CPU each step reuses the host memory of the step before (host_memory)
+        on_cpu = mesh.devices.flat[0].platform == "cpu"
+        with retained_host_memory() if on_cpu else contextlib.nullcontext():
+            state, step, stopped, eval_metrics = _loop(
+                state, batches, train_step, base_key, checkpoints, writer, preemption, evaluate,
+                workdir=workdir, settings=settings, meta=meta, layout=layout, mesh=mesh,
+                total=total, log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
+                checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
+                eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step,
+                cache_dir=cache_dir,
+            )  # fmt: skip
     except BaseException:
         failed = True
         raise

@@ -19,8 +19,10 @@ axis along `bs`:
 the top-k (query, class) pairs per image, as `post_process_object_detection` ranks them, with
 boxes as normalised (x0, y0, x1, y1).
 
-On a CPU with jaxlib 0.10 both are compiled with `cpu_compiler.step_compiler_options` (XLA's
-own convolutions instead of YNNPACK's).
+On a CPU both are compiled with `cpu_compiler.step_compiler_options` (with jaxlib 0.10, XLA's
+own convolutions instead of YNNPACK's), and the train step once per batch shape
+(`CpuTrainStep`), its temporaries split into buffers that glibc can keep from one step to the
+next (inside `host_memory.retained_host_memory()`, as the training loop runs it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from deformable_detr_jax.cpu_compiler import step_compiler_options
+from deformable_detr_jax.cpu_compiler import largest_value_bytes, step_compiler_options
 from deformable_detr_jax.loss import LossConfig, loss_from_outputs
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
@@ -139,13 +141,48 @@ def make_train_step(
 
     shardings = state_sharding(state, mesh)
     replicated = mesh_lib.replicated(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
         compiler_options=step_compiler_options(mesh),
     )
+    return CpuTrainStep(jitted, mesh) if mesh.devices.flat[0].platform == "cpu" else jitted
+
+
+class CpuTrainStep:
+    """The jitted train step on CPU, compiled once per batch shape with the options sized for
+    it: the temporaries split into buffers that fit glibc's per-thread heaps where every value
+    of the program does (`cpu_compiler`). Called as the jitted function is; `lower` is its."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self._jitted = jitted
+        self._mesh = mesh
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+
+    def lower(self, *args) -> jax.stages.Lowered:
+        return self._jitted.lower(*args)
+
+    def lower_sized(self, state, batch, base_key) -> tuple[jax.stages.Lowered, dict | None]:
+        """The step lowered for these arguments' shapes, and the compiler options to add."""
+        traced = self._jitted.trace(state, batch, base_key)
+        given = step_compiler_options(self._mesh) or {}
+        sized = step_compiler_options(self._mesh, largest_value_bytes(traced.jaxpr)) or {}
+        extra = {name: value for name, value in sized.items() if name not in given}
+        return traced.lower(), extra or None
+
+    def compile(self, state, batch, base_key) -> jax.stages.Compiled:
+        """Traces and compiles for these arguments' shapes (what the first call does)."""
+        lowered, options = self.lower_sized(state, batch, base_key)
+        return lowered.compile(compiler_options=options)
+
+    def __call__(self, state, batch, base_key):
+        shapes = tuple((name, value.shape, value.dtype) for name, value in sorted(batch.items()))
+        compiled = self._compiled.get(shapes)
+        if compiled is None:
+            compiled = self._compiled[shapes] = self.compile(state, batch, base_key)
+        return compiled(state, batch, base_key)
 
 
 def make_eval_step(

@@ -1,0 +1,89 @@
+"""Keeping the host memory that a CPU training step frees, for the next step to reuse.
+
+XLA:CPU allocates an execution's temporaries when it starts and frees them when it ends. glibc
+serves a request from one of its worker threads out of that thread's heaps, of at most 64 MiB
+each, and anything larger by `mmap`, unmapped again by `free`; it also gives memory back to the
+system (trims) once enough of a heap is free. Either way the next step touches fresh pages, and
+the kernel has to fault them in and zero them: 636,000 page faults and 1.5 s of system time per
+R50 training step at batch 2, 384 x 512 (BENCHMARKS.md, "Host memory of a CPU step").
+
+`retained_host_memory()` is where the CPU training loop runs: inside it glibc maps no memory of
+its own and trims none, so freed memory stays in the process and is reused. Together with the
+step's temporaries split into buffers that fit a thread's heap (`cpu_compiler.HEAP_BYTES`), a
+step reuses the memory of the step before. On leaving, glibc's defaults are restored and the
+free memory is given back (`malloc_trim`). The process's resident memory stays at the step's
+peak meanwhile: that memory is needed by every step anyway.
+
+It applies on Linux with glibc only, and not where the user tunes glibc's allocator themselves
+(`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, or
+malloc tunables in `GLIBC_TUNABLES`): their settings are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+import threading
+from collections.abc import Iterator
+
+# mallopt parameters (malloc.h) and glibc's defaults for the two set here.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
+DEFAULT_MMAP_MAX = 65536
+USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                 "MALLOC_TOP_PAD_")  # fmt: skip
+
+_lock = threading.Lock()
+_depth = 0
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def applies() -> bool:
+    """Whether `retained_host_memory` changes anything in this process."""
+    if any(name in os.environ for name in USER_SETTINGS):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return _glibc() is not None
+
+
+def _set(mmap_max: int, trim_threshold: int) -> None:
+    libc = _glibc()
+    libc.mallopt(M_MMAP_MAX, mmap_max)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+
+
+@contextlib.contextmanager
+def retained_host_memory() -> Iterator[bool]:
+    """Inside, glibc keeps the memory the process frees (see the module docstring); yields
+    whether it does. Nested uses share one setting, restored when the outermost one ends."""
+    global _depth
+    if not applies():
+        yield False
+        return
+    with _lock:
+        if _depth == 0:
+            _set(0, 2**31 - 1)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _set(DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+                _glibc().malloc_trim(0)
