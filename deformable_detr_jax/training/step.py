@@ -122,7 +122,8 @@ def make_train_step(
             grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
             # A conditional, not `where(ok, new, old)` per leaf: the select made XLA copy
-            # every moment estimate before updating it in place (CPU: 3x slower optimizer).
+            # every moment estimate before updating it in place (an AdamW update alone on CPU:
+            # 26.7 against 9.9 ms).
             params, opt_state = jax.lax.cond(
                 ok, update, lambda *state: state, state.params, state.opt_state
             )
