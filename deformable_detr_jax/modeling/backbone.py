@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.dense import dense_dot_general
 
 
 class FrozenBatchNorm2d(nnx.Module):
@@ -80,7 +81,8 @@ def pointwise_conv(conv: nnx.Conv, x: jax.Array, stride: int = 1) -> jax.Array:
     where it has one).
 
     `(bs, h, w, in)` -> `(bs, ceil(h / stride), ceil(w / stride), out)`, in the promoted dtype
-    of `x` and the kernel (as `nnx.Conv` computes it).
+    of `x` and the kernel (as `nnx.Conv` computes it). The product is `dense_dot_general`'s:
+    in the CPU train step its filter gradient runs in YNNPACK (`modeling.dense`).
     """
     kernel = conv.kernel[...]
     bias = None if conv.bias is None else conv.bias[...]
@@ -88,7 +90,7 @@ def pointwise_conv(conv: nnx.Conv, x: jax.Array, stride: int = 1) -> jax.Array:
     if stride > 1:
         x = x[:, ::stride, ::stride]
     # (bs, h, w, in) @ (in, out)
-    out = jax.lax.dot_general(
+    out = dense_dot_general(
         x.astype(dtype), kernel[0, 0].astype(dtype), (((3,), (0,)), ((), ())),
         precision=conv.precision,
     )  # fmt: skip

@@ -22,7 +22,8 @@ boxes as normalised (x0, y0, x1, y1).
 On a CPU both are compiled with `cpu_compiler.step_compiler_options` (with jaxlib 0.10, XLA's
 own convolutions instead of YNNPACK's), and the train step once per batch shape
 (`CpuTrainStep`), its temporaries split into buffers that glibc can keep from one step to the
-next (inside `host_memory.retained_host_memory()`, as the training loop runs it).
+next (inside `host_memory.retained_host_memory()`, as the training loop runs it), and traced
+with the dense layers' filter gradients in the form YNNPACK runs (`modeling.dense`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jax.sharding import Mesh
 
 from deformable_detr_jax.cpu_compiler import largest_value_bytes, step_compiler_options
 from deformable_detr_jax.loss import LossConfig, loss_from_outputs
+from deformable_detr_jax.modeling.dense import cpu_filter_gradients
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
 
@@ -140,6 +142,9 @@ def make_train_step(
             metrics[f"lr_{group}"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
 
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    if on_cpu:
+        train_step = _with_cpu_filter_gradients(train_step)
     shardings = state_sharding(state, mesh)
     replicated = mesh_lib.replicated(mesh)
     jitted = jax.jit(
@@ -149,7 +154,17 @@ def make_train_step(
         donate_argnums=(0,),
         compiler_options=step_compiler_options(mesh),
     )
-    return CpuTrainStep(jitted, mesh) if mesh.devices.flat[0].platform == "cpu" else jitted
+    return CpuTrainStep(jitted, mesh) if on_cpu else jitted
+
+
+def _with_cpu_filter_gradients(step: Callable) -> Callable:
+    """`step` traced with the dense layers' CPU filter gradients (`modeling.dense`)."""
+
+    def cpu_step(*args):
+        with cpu_filter_gradients():
+            return step(*args)
+
+    return cpu_step
 
 
 class CpuTrainStep:
