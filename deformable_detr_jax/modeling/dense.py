@@ -10,7 +10,7 @@ has a backward that transposes the narrower operand as a plain copy of its compu
 gives YNNPACK an ordinary `(in, rows) @ (rows, out)` (or `(out, rows) @ (rows, in)`, then
 transposed) product. Measured alone on the 2-core CPU (jaxlib 0.10.2; BENCHMARKS.md, "Issue 14
 on 2026-12-05, later"): a filter gradient over 8160 rows, 1024 -> 256, 33.6 ms in Eigen against
-22.3 ms this way; the transposing copy of a `(8160, 1024)` ReLU gradient 30.9 ms against 7.9 ms
+22.3 ms this way; a `(8160, 1024)` transpose fused with a ReLU's `where` 30.9 ms against 7.9 ms
 for the plain transpose. Outside the context (inference, export, other platforms) and for
 dtypes other than float32 and float64 it is `lax.dot_general` itself.
 
