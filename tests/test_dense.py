@@ -26,21 +26,25 @@ from deformable_detr_jax.modeling.dense import cpu_filter_gradients, dense_dot_g
 DENSE = (((2,), (0,)), ((), ()))  # (a, b, in) @ (in, out)
 
 
-def _grads(x, w, g, on: bool):
-    """Jitted `(y, dx, dw)` of `sum(dense(x, w) * g)`, traced inside the context when `on`."""
+def _loss_and_grads(g, on: bool):
+    """`(x, w) -> (sum(dense(x, w) * g), dx, dw)`, traced inside the context when `on`."""
 
     def loss(x, w):
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return jnp.sum(dense_dot_general(x, w, dims) * g)
 
-    @jax.jit
     def run(x, w):
         if not on:
             return loss(x, w), *jax.grad(loss, argnums=(0, 1))(x, w)
         with cpu_filter_gradients():
             return loss(x, w), *jax.grad(loss, argnums=(0, 1))(x, w)
 
-    return run(x, w)
+    return run
+
+
+def _grads(x, w, g, on: bool):
+    """Jitted `(y, dx, dw)` of `sum(dense(x, w) * g)`."""
+    return jax.jit(_loss_and_grads(g, on))(x, w)
 
 
 def _inputs(shape, n_in, n_out, dtype, seed=0):
@@ -80,15 +84,7 @@ def test_gradients_equal_autodiff_in_float32(shape, n_in, n_out):
 
 def _jaxpr(on: bool, dtype=jnp.float32) -> str:
     x, w, g = _inputs((2, 5), 4, 6, dtype)
-
-    def grads(x, w):
-        loss = lambda x, w: jnp.sum(dense_dot_general(x, w, DENSE) * g)  # noqa: E731
-        if not on:
-            return jax.grad(loss, argnums=(0, 1))(x, w)
-        with cpu_filter_gradients():
-            return jax.grad(loss, argnums=(0, 1))(x, w)
-
-    return str(jax.make_jaxpr(grads)(x, w))
+    return str(jax.make_jaxpr(_loss_and_grads(g, on))(x, w))
 
 
 def test_only_float32_and_float64_inside_the_context_get_the_backward():
@@ -124,19 +120,12 @@ def test_the_filter_gradient_runs_in_ynnpack(n_in, n_out):
     x, w, g = _inputs((4, 512), n_in, n_out, jnp.float32)
 
     def hlo(on: bool) -> str:
-        def grads(x, w):
-            loss = lambda x, w: jnp.sum(dense_dot_general(x, w, DENSE) * g)  # noqa: E731
-            if not on:
-                return jax.grad(loss, argnums=(0, 1))(x, w)
-            with cpu_filter_gradients():
-                return jax.grad(loss, argnums=(0, 1))(x, w)
-
-        lowered = jax.jit(grads).lower(x, w)
+        lowered = jax.jit(_loss_and_grads(g, on)).lower(x, w)
         return lowered.compile(compiler_options=cpu_compiler_options("cpu")).as_text()
 
     assert len(_top_level_dots(hlo(on=False))) == 1  # autodiff: the filter gradient in Eigen
     assert _top_level_dots(hlo(on=True)) == []
-    assert hlo(on=True).count("__ynn_fusion") == 2  # dx and dw (the loss's forward is fused)
+    assert hlo(on=True).count("__ynn_fusion") == 3  # the forward (with the loss), dx and dw
 
 
 def test_pointwise_convolution_gradients_inside_the_context():
