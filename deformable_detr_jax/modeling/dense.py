@@ -14,7 +14,7 @@ on 2026-12-05, later"): a filter gradient over 8160 rows, 1024 -> 256, 33.6 ms i
 for the plain transpose. Outside the context (inference, export, other platforms) and for
 dtypes other than float32 and float64 it is `lax.dot_general` itself.
 
-    nnx.Linear(..., dot_general=dense_dot_general)
+    dense_layer(in_features, out_features, rngs=rngs)  # an nnx.Linear with this product
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 _ON = contextvars.ContextVar("cpu_filter_gradients", default=False)
 
@@ -38,6 +39,12 @@ def cpu_filter_gradients() -> Iterator[None]:
         yield
     finally:
         _ON.reset(token)
+
+
+def dense_layer(in_features: int, out_features: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    """`nnx.Linear(in_features, out_features, ...)` computing its product with
+    `dense_dot_general`; `kwargs` are `nnx.Linear`'s (initialisers)."""
+    return nnx.Linear(in_features, out_features, dot_general=dense_dot_general, rngs=rngs, **kwargs)
 
 
 def dense_dot_general(

@@ -27,7 +27,7 @@ from deformable_detr_jax.modeling.backbone import (
     mask_padding,
     pointwise_conv,
 )
-from deformable_detr_jax.modeling.dense import dense_dot_general
+from deformable_detr_jax.modeling.dense import dense_layer
 from deformable_detr_jax.modeling.position_encoding import (
     DeformableDetrLearnedPositionEmbedding,
     sine_position_embedding,
@@ -107,10 +107,7 @@ class DeformableDetrMLPPredictionHead(nnx.Module):
     def __init__(self, input_dim, hidden_dim, output_dim, num_layers, *, rngs: nnx.Rngs):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nnx.List([
-            nnx.Linear(n, k, dot_general=dense_dot_general, rngs=rngs)
-            for n, k in zip(dims, outs)
-        ])  # fmt: skip
+        self.layers = nnx.List([dense_layer(n, k, rngs=rngs) for n, k in zip(dims, outs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, layer in enumerate(self.layers):
@@ -165,10 +162,9 @@ class DeformableDetrModel(nnx.Module):
             self.pos_trans = linear(2 * d_model, 2 * d_model, rngs)
             self.pos_trans_norm = layer_norm(2 * d_model, rngs)
         else:
-            self.reference_points = nnx.Linear(
-                d_model, 2, kernel_init=nnx.initializers.xavier_uniform(),
-                dot_general=dense_dot_general, rngs=rngs,
-            )  # fmt: skip
+            self.reference_points = dense_layer(
+                d_model, 2, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
+            )
 
     def _position_embedding(self, mask: jax.Array, dtype) -> jax.Array:
         if self.position_embedding is None:
@@ -301,9 +297,8 @@ class DeformableDetrForObjectDetection(nnx.Module):
         prior_bias = -math.log((1 - 0.01) / 0.01)
 
         def make_class_embed():
-            return nnx.Linear(config.d_model, config.num_labels,
-                              bias_init=nnx.initializers.constant(prior_bias),
-                              dot_general=dense_dot_general, rngs=rngs)  # fmt: skip
+            return dense_layer(config.d_model, config.num_labels,
+                               bias_init=nnx.initializers.constant(prior_bias), rngs=rngs)  # fmt: skip
 
         def make_bbox_embed():
             head = DeformableDetrMLPPredictionHead(config.d_model, config.d_model, 4, 3, rngs=rngs)

@@ -17,7 +17,7 @@ from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling.deformable_attention import (
     DeformableDetrMultiscaleDeformableAttention,
 )
-from deformable_detr_jax.modeling.dense import dense_dot_general
+from deformable_detr_jax.modeling.dense import dense_layer
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -35,8 +35,8 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(),
-                      dot_general=dense_dot_general, rngs=rngs)  # fmt: skip
+    return dense_layer(in_features, out_features,
+                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)  # fmt: skip
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
