@@ -188,12 +188,12 @@ def _on_pixel_centres(case: Case, seed: int):
     return tuple(jnp.asarray(a, jnp.float64) for a in (value, loc, attn, grad_out))
 
 
-def _near_pixel_centre(loc: np.ndarray, spatial_shapes) -> np.ndarray:
-    """`(bs, len_q, nheads, nlevels, npoints, 2)` True where `loc * size - 0.5` is within 1e-9
+def _near_pixel_centre(loc: np.ndarray, spatial_shapes, tol: float = 1e-9) -> np.ndarray:
+    """`(bs, len_q, nheads, nlevels, npoints, 2)` True where `loc * size - 0.5` is within `tol`
     of an integer (where the location gradient jumps)."""
     sizes = np.asarray([(w, h) for h, w in spatial_shapes], np.float64)[:, None, :]
     x = loc * sizes - 0.5
-    return np.abs(x - np.round(x)) < 1e-9
+    return np.abs(x - np.round(x)) < tol
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "spatial_shapes"))
@@ -337,6 +337,62 @@ class MSDASuite:
                 assert away.any() and not away.all()
                 _assert_close(np.asarray(grads[1])[away], want[1][away], 1e-10,
                               f"seed {seed} grad sampling_locations")  # fmt: skip
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+    def test_locations_built_as_the_model_builds_them(self, dtype):
+        """Locations computed inside the jit as the encoder computes them (reference point x
+        valid ratio + offset / normaliser, the initial grid offsets times small integers), so
+        that many points sit on pixel centres and the compiler sees the whole expression:
+        XLA:CPU contracted it into fused multiply-adds in some fusions and not in others, and
+        the "xla" core read one side of a centre while weighting the other (errors of whole
+        pixels, forward, on jaxlib 0.10.2 and 0.12.1). Output and value/weight gradients
+        against the float64 oracle; location gradients away from the centres, where they
+        are continuous."""
+        from deformable_detr_jax.modeling.deformable_attention import _grid_init_bias
+        from deformable_detr_jax.modeling.transformer import encoder_reference_points
+
+        shapes, bs, nheads, npoints, head_dim = ((12, 16), (6, 8), (3, 4), (2, 2)), 2, 8, 4, 8
+        len_v = sum(h * w for h, w in shapes)
+        rng = np.random.default_rng(31)
+        with _enable_x64(dtype == jnp.float64):
+            value = jnp.asarray(rng.standard_normal((bs, len_v, nheads, head_dim)), dtype)
+            attn = jnp.asarray(rng.uniform(0.1, 1.0, (bs, len_v, nheads, 4, npoints)), dtype)
+            grad_out = jnp.asarray(rng.standard_normal((bs, len_v, nheads * head_dim)), dtype)
+            # image 0 unpadded, image 1 padded: ratios below 1 as the padded mask gives them
+            ratios = jnp.asarray([[[1.0, 1.0]] * 4, [[0.75, 0.8125]] * 4], dtype)
+            grid = _grid_init_bias(nheads, 4, npoints).reshape(nheads, 4, npoints, 2)
+            scale = rng.integers(-1, 3, (bs, len_v, nheads, 4, npoints, 1))
+            offsets = jnp.asarray(grid * scale, dtype)
+            normaliser = jnp.asarray([[w, h] for h, w in shapes], dtype)
+
+            def locations(offsets):
+                ref = encoder_reference_points(shapes, ratios)
+                return ref[:, :, None, :, None, :] + offsets / normaliser[:, None, :]
+
+            @jax.jit
+            def output_and_grads(value, offsets, attn):
+                def loss(value, offsets, attn):
+                    out = self._call(value, shapes, locations(offsets), attn)
+                    return jnp.sum(out * grad_out), out
+
+                return jax.grad(loss, (0, 1, 2), has_aux=True)(value, offsets, attn)
+
+            (g_value, g_offsets, g_attn), out = jax.block_until_ready(
+                output_and_grads(value, offsets, attn)
+            )
+            loc = np.asarray(jax.jit(locations)(offsets), np.float64)
+        # within the rounding of the dtype the jit computed them in
+        on_centre = _near_pixel_centre(loc, shapes, 1e-9 if dtype == jnp.float64 else 1e-4)
+        assert 0.1 < on_centre.mean() < 0.9, on_centre.mean()
+        want_out = msda_oracle.forward(value, shapes, loc, attn)
+        want_value, want_loc, want_attn = msda_oracle.vjp(value, shapes, loc, attn, grad_out)
+        rtol_fwd, rtol_grad = RTOL[dtype]
+        _assert_close(out, want_out, rtol_fwd, "forward")
+        _assert_close(g_value, want_value, rtol_grad, "grad value")
+        _assert_close(g_attn, want_attn, rtol_grad, "grad attention_weights")
+        want_offsets = want_loc / np.asarray(normaliser)[:, None, :]
+        _assert_close(np.asarray(g_offsets)[~on_centre], want_offsets[~on_centre], rtol_grad,
+                      "grad offsets away from centres")  # fmt: skip
 
     @pytest.mark.parametrize(
         "change, match",

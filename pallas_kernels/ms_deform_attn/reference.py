@@ -57,21 +57,55 @@ def _corner(loc, size, acc_dtype):
     """`floor(x)` and `x - floor(x)` of the pixel coordinate `x = loc * size - 0.5`.
 
     The corner is decided from `t = loc * size` by a comparison, never from an expression
-    in which the multiplication feeds an addition: XLA recomputes these few elementwise ops
-    in every fusion that needs them (the gather/scatter indices in one, the coefficients in
-    another), and a compiler may contract `loc * size - 0.5` into a fused multiply-add in
-    some of them and not in others. jaxlib 0.10.2's CPU fusion emitter did (where the CPU
-    has FMA: not with --xla_cpu_max_isa=AVX), so under jit a point within an ulp of a pixel
-    centre took its corner indices from one side of the centre and its coefficients from the
-    other, and its value gradient went to the wrong (or a zero-border) pixel. Here the corner
-    is the same in every fusion; only the fraction may differ there by a rounding. Exactly
-    on a centre (`t = k + 0.5`) the corner is `k` and the fraction 0, as `floor` gives.
+    in which the multiplication feeds an addition (a compiler may contract `loc * size - 0.5`
+    into a fused multiply-add in one place and not in another: jaxlib 0.10.2's CPU fusion
+    emitter did, and its float64 value gradient went to the wrong pixel). Exactly on a
+    centre (`t = k + 0.5`) the corner is `k` and the fraction 0, as `floor` gives. The
+    Pallas TPU kernel uses this on a location it loaded from memory; the XLA core uses
+    `_shared_corner`.
     """
     t = loc.astype(acc_dtype) * size
     t_floor = jnp.floor(t)
     # (t_floor + 0.5 is exact: an integer plus a half)
     corner = jnp.where(t >= t_floor + 0.5, t_floor, t_floor - 1)
     return corner.astype(jnp.int32), t - (corner + 0.5)
+
+
+# Roundings (of `t`'s magnitude) within which a point counts as on a pixel centre.
+_CENTRE_SLACK = 8
+
+
+def _shared_corner(loc, size, acc_dtype):
+    """`_corner`, with the corner computed once for every consumer under jit.
+
+    The core's `loc` is usually an elementwise expression of the caller's (reference point x
+    valid ratio + offset / normaliser) that XLA recomputes inside every fusion consuming it:
+    the gather's indices, the validity masks and the coefficients, forward and backward. A
+    compiler may contract that chain into fused multiply-adds in some of those fusions and not
+    in others (XLA:CPU does, jaxlib 0.10.2 and 0.12.1 alike), so within an ulp of a pixel
+    centre two fusions would put the corner on different sides of the centre: the rows read
+    would not be the rows the coefficients were computed for, and the sample would be off by
+    a pixel. An `optimization_barrier` does not help: XLA:CPU removes barriers before fusion.
+
+    Here the corner passes through an integer division by a divisor known only at run time
+    (1; 2 for a NaN coordinate, whose sample is NaN anyway). XLA never duplicates such a
+    division into several fusions (an expensive producer, `InstructionFusion`), so it is
+    computed once and the indices, masks and coefficients all read the same corner. The
+    fraction is `t - (corner + 0.5)` against that corner, in whichever fusion computes it:
+    where that fusion's `t` differs by a rounding, the fraction is off by the rounding (it
+    may be -ulp or 1 + ulp), never by a pixel, and the weights belong to the rows read.
+    `tests/test_ms_deform_attn.py` checks the compiled program and the numbers.
+    """
+    t = loc.astype(acc_dtype) * size
+    t_floor = jnp.floor(t)
+    # A point within a few roundings of a centre counts as on it (corner k, fraction about 0,
+    # the right-hand derivative, as floor gives exactly on it): the same side whether or not
+    # some compiler contracted the caller's arithmetic, so that jitted and eager gradients
+    # agree at the centres where a freshly initialised model puts its points.
+    slack = _CENTRE_SLACK * jnp.finfo(acc_dtype).eps * jnp.maximum(jnp.abs(t), 1)
+    corner = jnp.where(t >= t_floor + 0.5 - slack, t_floor, t_floor - 1).astype(jnp.int32)
+    corner = jax.lax.div(corner, 1 + jnp.isnan(t).astype(jnp.int32))
+    return corner, t - (corner.astype(acc_dtype) + 0.5)
 
 
 def _bilinear_terms(loc, attn, spatial_shapes, acc_dtype):
@@ -88,8 +122,8 @@ def _bilinear_terms(loc, attn, spatial_shapes, acc_dtype):
     # (nlevels, 1): broadcast over npoints
     heights = jnp.asarray([h for h, _ in spatial_shapes], acc_dtype)[:, None]
     widths = jnp.asarray([w for _, w in spatial_shapes], acc_dtype)[:, None]
-    x0, fx = _corner(loc[..., 0], widths, acc_dtype)
-    y0, fy = _corner(loc[..., 1], heights, acc_dtype)
+    x0, fx = _shared_corner(loc[..., 0], widths, acc_dtype)
+    y0, fy = _shared_corner(loc[..., 1], heights, acc_dtype)
     attn = attn.astype(acc_dtype)
     coeffs = jnp.stack(
         [(1 - fy) * (1 - fx) * attn, (1 - fy) * fx * attn, fy * (1 - fx) * attn, fy * fx * attn],
