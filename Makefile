@@ -61,10 +61,12 @@ test: $(VENV)/.installed-test $(VENV_NEWEST)/.installed-test
 
 test-main: $(VENV)/.installed-test
 	@echo "== lane 1: Python 3.11, jax 0.10.2, torch: the whole suite =="
+	@$(PY) .ci/versions.py
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
 
 test-newest: $(VENV_NEWEST)/.installed-test
 	@echo "== lane 2: Python 3.12, newest jax: tests not marked torch =="
+	@$(PY_NEWEST) .ci/versions.py
 	$(PY_NEWEST) -m pytest -n $(TEST_WORKERS) -m "not torch" $(PYTEST_ARGS) tests
 
 demo: $(VENV)/.installed-runtime

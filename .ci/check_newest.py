@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+from versions import PACKAGES
 
 
 def newest(name: str) -> str:

@@ -10,6 +10,13 @@ union or an enclosing area is zero, the division is replaced by a well-defined v
 values nor the gradients contain NaN. For boxes with positive area the formulas are
 exactly the reference's.
 
+Gradients at ties follow PyTorch's autograd, which the reference's loss is differentiated by:
+an elementwise max or min of two equal arguments sends half the gradient to each (torch.max
+and torch.min of two tensors, and jnp.maximum / jnp.minimum, agree), and a width clamped at
+0 passes the full gradient where it is exactly 0 (`torch.clamp(min=0)`, as `_clamp_min_zero`
+here; `jnp.clip` would pass half). A width is exactly 0 where a zero-area box lies inside
+the other box or two boxes touch.
+
 Boxes are `(..., 4)` arrays, either `(cx, cy, w, h)` ("cxcywh") or `(x0, y0, x1, y1)`
 ("xyxy"). Pairwise functions take `(n, 4)` and `(m, 4)` and return `(n, m)`; the
 `elementwise_*` variants take two `(..., 4)` arrays of the same shape.
@@ -44,20 +51,25 @@ def _safe_divide(numerator: jnp.ndarray, denominator: jnp.ndarray, fallback) -> 
     return jnp.where(ok, numerator / safe, fallback)
 
 
+def _clamp_min_zero(x: jnp.ndarray) -> jnp.ndarray:
+    """`max(x, 0)` whose gradient at exactly 0 is 1, as `torch.clamp(min=0)`'s; NaN stays NaN."""
+    return jnp.where(x < 0, jnp.zeros_like(x), x)
+
+
 def _iou_terms(boxes1: jnp.ndarray, boxes2: jnp.ndarray):
     """IoU, union and enclosing area of broadcast-compatible `(..., 4)` xyxy boxes."""
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     left_top = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
     right_bottom = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    width_height = jnp.clip(right_bottom - left_top, min=0)
+    width_height = _clamp_min_zero(right_bottom - left_top)
     inter = width_height[..., 0] * width_height[..., 1]
     union = area1 + area2 - inter
     iou = _safe_divide(inter, union, jnp.zeros_like(inter))
 
     enc_left_top = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
     enc_right_bottom = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
-    enc_width_height = jnp.clip(enc_right_bottom - enc_left_top, min=0)
+    enc_width_height = _clamp_min_zero(enc_right_bottom - enc_left_top)
     enclosing = enc_width_height[..., 0] * enc_width_height[..., 1]
     return iou, union, enclosing
 

@@ -10,6 +10,10 @@ Two checks keep it that way:
 - selecting tests marked `torch` where torch is not installed is an error that says what to
   install, never a silent skip.
 
+pytest's header names the versions in use (.ci/versions.py: Python, jax, jaxlib, flax, optax,
+orbax-checkpoint, grain, numpy, torch and transformers where installed), so that a failure in
+CI's second lane, which installs the newest releases, shows which releases it ran with.
+
 The suite runs without the persistent compilation cache that `Detector` turns on by default
 (it writes nothing to the user's cache directory); tests/test_compile_cache.py turns it on in
 subprocesses.
@@ -27,6 +31,14 @@ import pytest
 
 _TORCH_MODULES = ("torch", "transformers")
 os.environ.setdefault("DEFORMABLE_DETR_JAX_COMPILE_CACHE", "off")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    path = config.rootpath / ".ci" / "versions.py"
+    spec = importlib.util.spec_from_file_location("_deformable_detr_jax_ci_versions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.versions_line()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -64,3 +64,64 @@ def test_elementwise_giou_gradient_matches_torch():
     ta = torch.from_numpy(a).requires_grad_(True)
     (torch.diag(torch_giou(ta, torch.from_numpy(b))) * torch.from_numpy(weights)).sum().backward()
     np.testing.assert_allclose(np.asarray(grad), ta.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["giou", "iou"])
+@pytest.mark.parametrize(
+    "boxes1, boxes2",
+    [
+        # a box against itself: every min and max a tie
+        (
+            [[0.1, 0.2, 0.5, 0.7], [0.3, 0.1, 0.9, 0.4]],
+            [[0.1, 0.2, 0.5, 0.7], [0.3, 0.1, 0.9, 0.4]],
+        ),
+        # shared coordinates with a positive overlap
+        (
+            [[0.1, 0.2, 0.5, 0.6], [0.2, 0.2, 0.6, 0.9]],
+            [[0.1, 0.3, 0.4, 0.6], [0.2, 0.1, 0.7, 0.9]],
+        ),
+        # zero-area targets (a point, segments, padding) inside or across the predictions
+        (
+            [[0.1, 0.1, 0.7, 0.8], [0.25, 0.2, 0.9, 0.6], [0.05, 0.4, 0.5, 0.95]],
+            [
+                [0.3, 0.3, 0.3, 0.3],
+                [0.2, 0.5, 0.6, 0.5],
+                [0.4, 0.15, 0.4, 0.7],
+                [0.0, 0.0, 0.0, 0.0],
+            ],
+        ),
+        # zero-area predictions inside the targets: a width clamped at exactly 0
+        (
+            [[0.5, 0.2, 0.5, 0.6], [0.2, 0.45, 0.7, 0.45], [0.3, 0.3, 0.3, 0.3]],
+            [[0.1, 0.1, 0.9, 0.9], [0.3, 0.0, 0.6, 0.8]],
+        ),
+        # touching boxes: an intersection width of exactly 0
+        (
+            [[0.1, 0.2, 0.4, 0.6], [0.4, 0.1, 0.7, 0.2]],
+            [[0.4, 0.3, 0.8, 0.9], [0.0, 0.2, 0.4, 0.5]],
+        ),
+    ],
+    ids=["identical", "shared-coordinates", "zero-area-targets", "zero-area-preds", "touching"],
+)
+def test_gradients_at_ties_match_torch(boxes1, boxes2, name):
+    """At the kinks of min, max and clamp the gradients of both arguments are torch's: equal
+    arguments of torch.max / torch.min share the gradient, torch.clamp(min=0) passes it at 0.
+    (No pair of two zero-area boxes: torch's IoU is NaN there.)"""
+    import torch
+    from transformers.loss.loss_for_object_detection import box_iou as torch_box_iou
+    from transformers.loss.loss_for_object_detection import generalized_box_iou as torch_giou
+
+    fn, torch_fn = {
+        "giou": (B.generalized_box_iou, torch_giou),
+        "iou": (lambda x, y: B.box_iou(x, y)[0], lambda x, y: torch_box_iou(x, y)[0]),
+    }[name]
+    a, b = np.asarray(boxes1, np.float64), np.asarray(boxes2, np.float64)
+    weights = np.random.default_rng(4).normal(size=(len(a), len(b)))
+    with jax.enable_x64(True):
+        grads = jax.grad(lambda x, y: (fn(x, y) * weights).sum(), argnums=(0, 1))(
+            jnp.asarray(a), jnp.asarray(b)
+        )
+    ta, tb = (torch.from_numpy(v).requires_grad_(True) for v in (a, b))
+    (torch_fn(ta, tb) * torch.from_numpy(weights)).sum().backward()
+    np.testing.assert_allclose(np.asarray(grads[0]), ta.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(grads[1]), tb.grad.numpy(), rtol=1e-9, atol=1e-12)
