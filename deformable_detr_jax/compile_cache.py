@@ -20,17 +20,33 @@ written gives a `CompileCacheWarning` and compilation goes on without a cache. J
 programs whose compilation took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
 default), which is every `Detector` program of a real model.
 
+Several processes on CPU (`jax.distributed`): training turns the cache off, in one log line
+at startup (`training_cache`, `shared_cache_problem`). JAX's key for a CPU program differs from
+process to process (`jax._src.cache_key`: the accelerator_config entry hashes the topology of
+the process's own devices) and only process 0 writes entries (`compiler._cache_write`), so on a
+filled cache process 0 reads each program and the others compile it. On jaxlib 0.12.1 a
+program read from the cache and the same program compiled hang in their first cross-process
+collective (gloo's all-reduce: one side waits to send, the other to receive); jaxlib 0.10.2 to
+0.12.0 run the pair, but process 0's reads save the run little, its first step waiting for
+the others' compiles. On GPU and TPU JAX means every process to get the same key (its cache
+guide; `cache_key.py` leaves the device assignment out of a GPU key; not tried here), so there
+the cache stays on; its directory must be one that every host sees, as WORKDIR is.
+
 The cache is trusted code: keep it in a directory only you can write (JAX's own warning).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
 import pathlib
 import tempfile
 import warnings
 
 import jax
+
+from deformable_detr_jax._versions import _release
 
 ENV_VAR = "DEFORMABLE_DETR_JAX_COMPILE_CACHE"
 _OFF = {"", "0", "off", "false", "no", "none"}
@@ -130,9 +146,10 @@ def programs_read() -> tuple[int, float]:
 
 
 def active_directory() -> pathlib.Path | None:
-    """The persistent cache directory JAX uses now, or None."""
+    """The persistent cache directory JAX uses now, or None (none set, or the cache turned off
+    with `jax_enable_compilation_cache`)."""
     value = jax.config.jax_compilation_cache_dir
-    return pathlib.Path(value) if value else None
+    return pathlib.Path(value) if value and jax.config.jax_enable_compilation_cache else None
 
 
 def enable_compile_cache(directory: str | os.PathLike | None = "auto") -> pathlib.Path | None:
@@ -141,6 +158,8 @@ def enable_compile_cache(directory: str | os.PathLike | None = "auto") -> pathli
     Returns the directory in use afterwards (an earlier setting is kept), or None when there
     is none: turned off, or not writable (with a `CompileCacheWarning`).
     """
+    if not jax.config.jax_enable_compilation_cache:  # turned off (by `turn_off` or the user)
+        return None
     current = active_directory()
     if current is not None:
         return current
@@ -159,3 +178,69 @@ def enable_compile_cache(directory: str | os.PathLike | None = "auto") -> pathli
         return None
     jax.config.update("jax_compilation_cache_dir", os.fspath(path))
     return path
+
+
+# jaxlib releases from this one on hang when one process reads a program the others compile
+HANGS_FROM_JAXLIB = (0, 12, 1)
+
+
+def shared_cache_problem(
+    process_count: int, platform: str, jaxlib: str | None = None
+) -> str | None:
+    """Why the `process_count` processes of a run on `platform` must not use the persistent
+    cache (the reason, for a log line), or None when they may. `jaxlib`: its version, by
+    default the installed one.
+
+    Several processes on CPU: each process gets its own key for the same program and only
+    process 0 writes, so process 0 would read programs that the others compile (the module
+    docstring); one process, or GPU / TPU: None.
+    """
+    if process_count < 2 or platform != "cpu":
+        return None
+    jaxlib = jaxlib or importlib.metadata.version("jaxlib")
+    where = f"jax {jax.__version__}, jaxlib {jaxlib}, {process_count} processes on CPU"
+    if _release(jaxlib) >= HANGS_FROM_JAXLIB:
+        effect = "and on this jaxlib such a pair hangs in its first collective"
+    else:
+        effect = "which saves the run little (its first step waits for the others' compiles)"
+    return (
+        f"JAX keys a CPU program differently on each process and only process 0 writes, so "
+        f"process 0 would read programs that the others compile, {effect} ({where})"
+    )
+
+
+def turn_off() -> None:
+    """Turns JAX's persistent cache off in this process, also one pointed at a directory from
+    outside (`JAX_COMPILATION_CACHE_DIR`) or already used: later compiles neither read nor write
+    it (`jax_enable_compilation_cache`, then JAX's `reset_cache` for a cache already opened)."""
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax_logger = logging.getLogger("jax._src.compilation_cache")
+    level = jax_logger.level
+    jax_logger.setLevel(logging.WARNING)  # its "Resetting cache at ..." INFO line
+    try:
+        jax_cache.reset_cache()
+    finally:
+        jax_logger.setLevel(level)
+
+
+def training_cache(
+    setting: str | None, workdir: str | os.PathLike, process_count: int = 1, platform: str = "cpu"
+) -> tuple[pathlib.Path | None, str | None]:
+    """The persistent cache of a training run, turned on (or kept, when JAX was pointed at one
+    from outside) or turned off: `(directory, None)`; `(None, None)` when the setting and JAX
+    have none; `(None, reason)` when one was set but the run's processes cannot share it
+    (`shared_cache_problem`: the cache is then off in this process, `turn_off`).
+
+    Every process calls it with the same `process_count` and `platform`, so every process
+    decides the same way: all of them read or compile the same programs.
+    """
+    directory = training_directory(setting, workdir)
+    if directory is None and active_directory() is None:
+        return None, None
+    problem = shared_cache_problem(process_count, platform)
+    if problem is not None:
+        turn_off()
+        return None, problem
+    return (enable_compile_cache(directory) if directory else active_directory()), None

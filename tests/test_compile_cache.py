@@ -17,13 +17,15 @@ import jax
 import numpy as np
 import pytest
 
-from deformable_detr_jax import Detector, ImageProcessor, inference, save_pretrained
+from deformable_detr_jax import Detector, ImageProcessor, compile_cache, inference, save_pretrained
 from deformable_detr_jax.compile_cache import (
     ENV_VAR,
     CompileCacheWarning,
     default_directory,
     enable_compile_cache,
     resolve_directory,
+    shared_cache_problem,
+    training_cache,
     training_directory,
 )
 from tests.random_models import random_model, small_config
@@ -126,6 +128,32 @@ def test_training_directory_defaults_to_the_workdir(tmp_path, monkeypatch):
     assert training_directory("auto", workdir) is None
     with pytest.raises(TypeError, match="train.compilation_cache_dir must be"):
         training_directory(7, workdir)
+
+
+def test_several_processes_on_cpu_turn_the_training_cache_off(tmp_path, monkeypatch):
+    """JAX keys a CPU program differently on each process and only process 0 writes: a
+    multi-process CPU run turns the cache off (tests/test_training_distributed.py runs one)."""
+    assert shared_cache_problem(1, "cpu") is None
+    assert shared_cache_problem(2, "gpu") is None and shared_cache_problem(8, "tpu") is None
+    hangs = shared_cache_problem(2, "cpu", jaxlib="0.12.1")
+    assert "hangs in its first collective" in hangs and "jaxlib 0.12.1, 2 processes on CPU" in hangs
+    runs = shared_cache_problem(3, "cpu", jaxlib="0.10.2")
+    assert "saves the run little" in runs and "jaxlib 0.10.2, 3 processes on CPU" in runs
+    assert "hangs" in shared_cache_problem(2, "cpu", jaxlib="0.13.0rc1")
+    assert "hangs" not in shared_cache_problem(2, "cpu", jaxlib="0.12.0.1")
+
+    turned_off = []  # (JAX's setting is process-wide: not changed here)
+    monkeypatch.setattr(compile_cache, "turn_off", lambda: turned_off.append(True))
+    monkeypatch.setattr(compile_cache, "active_directory", lambda: None)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert training_cache("auto", tmp_path, 2, "cpu") == (None, shared_cache_problem(2, "cpu"))
+    assert turned_off and not (tmp_path / "compile_cache").exists()
+    turned_off.clear()
+    assert training_cache("", tmp_path, 2, "cpu") == (None, None)  # off anyway: nothing said
+    monkeypatch.setattr(compile_cache, "enable_compile_cache", lambda directory: directory)
+    assert training_cache("auto", tmp_path, 1, "cpu") == (tmp_path / "compile_cache", None)
+    assert training_cache("auto", tmp_path, 4, "gpu") == (tmp_path / "compile_cache", None)
+    assert not turned_off
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,26 @@ for each reduction order. In float64 the noise is 1e-18 and every parameter must
 
 Each run is a subprocess (`tests/test_training_workers.py`): 8 fake CPU devices need XLA_FLAGS
 before JAX starts, and two processes need `jax.distributed` (CPU collectives over gloo). All
-subprocesses share one persistent compilation cache so that identical programs compile once.
+subprocesses share one persistent compilation cache so that identical programs compile once;
+training turns it off in two-process runs (`compile_cache.shared_cache_problem`), which the
+last test checks on a cache that such a run filled. A worker dies with the test process
+(`PARENT_ENV`), and every wait is bounded.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from tests.subprocess_utils import finish
+from tests.subprocess_utils import finish, finish_all
+from tests.test_training_workers import PARENT_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -43,6 +49,7 @@ def _env(cache: str, devices: int) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -153,4 +160,45 @@ def test_two_processes_agree_on_the_checkpoint_they_fall_back_to(tmp_path, compi
     assert sorted(os.listdir(folder)) == ["2", "4", "6", "corrupt-4"]
     assert "(on process 1)" in (folder / "corrupt-4" / "CORRUPT.txt").read_text()
     diff, name = _max_difference(_load(tmp_path / "p0.npz"), _load(tmp_path / "p1.npz"))
+    assert diff == 0.0, f"the two processes disagree by {diff:.3g} at {name}"
+
+
+CACHE_RUN_TIMEOUT = 180  # per run of two processes; about 60 s on 2 loaded cores
+
+
+def test_two_processes_finish_on_a_filled_compilation_cache(tmp_path):
+    """A two-process CPU run on a cache that an earlier two-process run filled (as one did
+    before training turned the cache off for such runs): process 0 would read its programs and
+    process 1 compile them, and on jaxlib 0.12.1 that pair hangs in its first collective. The
+    run finishes, and both processes turn the cache off in the same words."""
+    cache = tmp_path / "cache"
+
+    def run(tag, *extra):
+        address = f"127.0.0.1:{_free_port()}"
+        processes, start = [], time.monotonic()
+        try:
+            for i in range(2):
+                flags = ("--coordinator", address, "--num-processes", "2", "--process-id", str(i),
+                         "--steps", "2", *extra)  # fmt: skip
+                processes.append(_worker(tmp_path / f"{tag}{i}.npz", tmp_path / f"work-{tag}",
+                                         cache, devices=0, host_devices=1, extra=flags))  # fmt: skip
+        except BaseException:  # the one started is killed, not left waiting for its peer
+            for process in processes:
+                process.kill()
+            raise
+        outputs = finish_all(processes, f"{tag} run: worker", CACHE_RUN_TIMEOUT)
+        print(f"{tag} run: {time.monotonic() - start:.0f} s")
+        return outputs
+
+    run("fill", "--keep-compile-cache")
+    assert any(cache.iterdir()), "the first run wrote nothing to the compilation cache"
+    outputs = run("filled")
+    reports = [[line.split("compilation cache off: ", 1)[1] for line in out.splitlines()
+                if "compilation cache off: " in line] for out in outputs]  # fmt: skip
+    assert len(reports[0]) == 1 and reports[0] == reports[1], outputs[0][-3000:]
+    assert "2 processes on CPU" in reports[0][0], reports[0]
+    assert "no compilation cache (turned off at startup" in outputs[0], outputs[0][-3000:]
+    read = [re.search(r"worker done: .*processes, (\d+) programs read", out) for out in outputs]
+    assert all(read) and [int(r.group(1)) for r in read] == [0, 0], [r and r.group(0) for r in read]
+    diff, name = _max_difference(_load(tmp_path / "filled0.npz"), _load(tmp_path / "filled1.npz"))
     assert diff == 0.0, f"the two processes disagree by {diff:.3g} at {name}"

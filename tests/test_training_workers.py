@@ -5,7 +5,7 @@ starts (8 fake CPU devices via XLA_FLAGS, or `jax.distributed` across two proces
 
     python -m tests.test_training_workers train --out OUT.npz --steps 3 [--accum 2]
         [--devices N] [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
-        [--checkpoint-every K] [--fail-restore STEP]
+        [--checkpoint-every K] [--fail-restore STEP] [--keep-compile-cache]
 
 trains the tiny model on `SyntheticBatches` with `training.train` and saves the final trained
 parameters. `python -m tests.test_training_workers tiny_config` prints nothing; the tiny recipe
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import numpy as np
@@ -41,6 +42,7 @@ TINY_MODEL = dict(
 )
 IMAGE = 64
 MAX_BOXES = 4
+PARENT_ENV = "DEFORMABLE_DETR_JAX_TEST_PARENT"  # the pid whose death kills a worker
 
 
 def tiny_model_config(**overrides):
@@ -163,9 +165,37 @@ def _fail_restore_here(step: int) -> None:
     checkpointing.read_step = failing_read
 
 
+def _die_with_parent() -> None:
+    """SIGKILL when the test process that started this worker dies (`$PARENT_ENV`, Linux): a
+    worker waiting on its peer in a collective outlives a killed pytest otherwise, and JAX's
+    preemption handler swallows SIGTERM."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the prctl
+        os._exit(1)
+
+
+def _keep_compile_cache() -> None:
+    """Several processes on CPU keep the persistent cache on (training turns it off): fills a
+    cache the way a version of this package without that check did."""
+    from deformable_detr_jax import compile_cache
+
+    compile_cache.shared_cache_problem = lambda *args, **kwargs: None
+
+
 def _train_worker(args) -> None:
     import jax
 
+    from deformable_detr_jax import compile_cache
+
+    if args.keep_compile_cache:
+        _keep_compile_cache()
+    compile_cache.programs_read()  # counts from here on
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     if args.coordinator:
@@ -198,7 +228,9 @@ def _train_worker(args) -> None:
                            jax.numpy.float64 if args.x64 else None)  # fmt: skip
     initial = {f"init:{k}": np.asarray(jax.device_get(v)) for d in initial for k, v in d.items()}
     np.savez(args.out, **flat_params(result.state), **initial)
-    print(f"worker done: {mesh.size} devices, {jax.process_count()} processes", flush=True)
+    read, _ = compile_cache.programs_read()
+    print(f"worker done: {mesh.size} devices, {jax.process_count()} processes, {read} programs "
+          "read from the compilation cache", flush=True)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -219,7 +251,10 @@ def main(argv=None) -> int:
     worker.add_argument("--checkpoint-every", type=int, default=0)
     worker.add_argument("--fail-restore", type=int, default=None,
                         help="the last process cannot read this checkpoint step")  # fmt: skip
+    worker.add_argument("--keep-compile-cache", action="store_true",
+                        help="several processes on CPU keep the persistent cache on")  # fmt: skip
     args = parser.parse_args(argv)
+    _die_with_parent()
     if args.command == "train":
         _train_worker(args)
     return 0

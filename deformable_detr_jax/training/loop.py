@@ -203,17 +203,16 @@ def train(
     workdir = os.path.abspath(shown)
     setup.check_groups(config)
     train_cfg, opt_cfg = config["train"], config["optimizer"]
-    cache_dir = compile_cache.training_directory(
-        setup._get(train_cfg, "compilation_cache_dir", "auto"), workdir
-    )
-    # (None: off here, or a directory JAX was pointed at from outside, kept as it is)
-    cache_dir = (
-        compile_cache.enable_compile_cache(cache_dir)
-        if cache_dir
-        else compile_cache.active_directory()
-    )
     mesh = mesh_lib.make_data_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
+    # WORKDIR/compile_cache (or a directory JAX was pointed at from outside, kept as it is), or
+    # off: by the setting, or for several processes on CPU, where they cannot share it
+    cache_dir, cache_off = compile_cache.training_cache(
+        setup._get(train_cfg, "compilation_cache_dir", "auto"), workdir,
+        jax.process_count(), mesh.devices.flat[0].platform,
+    )  # fmt: skip
+    if cache_off:  # on every process: each decides (the same way) for itself
+        logger.info("compilation cache off: %s", cache_off)
     layout = setup.batch_layout(config, mesh.size, jax.process_count())
     dtype = setup.compute_dtype(config)
     param_dtype = setup.param_dtype(config)
@@ -309,7 +308,7 @@ def train(
                 total=total, log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
                 checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
                 eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step,
-                cache_dir=cache_dir,
+                cache_dir=cache_dir, cache_off=cache_off,
             )  # fmt: skip
     except BaseException:
         failed = True
@@ -350,10 +349,12 @@ def _settings_from_checkpoints(checkpoints: Checkpoints) -> dict[str, Any] | Non
     return None
 
 
-def _log_first_step(seconds: float, before: tuple[int, float], cache_dir) -> None:
+def _log_first_step(seconds: float, before: tuple[int, float], cache_dir, cache_off=None) -> None:
     """How long the first step's compile took, and what the compilation cache gave it."""
     programs, saved = (now - then for now, then in zip(compile_cache.programs_read(), before))
-    if cache_dir is None:
+    if cache_off:
+        where = "no compilation cache (turned off at startup, see above)"
+    elif cache_dir is None:
         where = "no compilation cache (train.compilation_cache_dir is off)"
     elif programs:
         plural = "s" if programs != 1 else ""
@@ -368,7 +369,8 @@ def _log_first_step(seconds: float, before: tuple[int, float], cache_dir) -> Non
 def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer: MetricsWriter,
           preemption: _Preemption, evaluate, *, workdir: str, settings: dict, meta: dict,
           layout: setup.BatchLayout, mesh, total: int, log_every: int, checkpoint_every: int,
-          eval_every: int, eval_at_end: bool, on_step, cache_dir=None):  # fmt: skip
+          eval_every: int, eval_at_end: bool, on_step, cache_dir=None,
+          cache_off=None):  # fmt: skip
     """The steps of `train`: returns `(state, step, stopped, eval_metrics)`."""
     primary = jax.process_index() == 0
     step = int(jax.device_get(state.step))
@@ -435,7 +437,8 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
         if first_step:
             first_step = False
             if primary:
-                _log_first_step(time.perf_counter() - compile_start, read_before, cache_dir)
+                _log_first_step(time.perf_counter() - compile_start, read_before, cache_dir,
+                                cache_off)  # fmt: skip
         step += 1
         history.append(metrics)
         if on_step is not None:
