@@ -4,7 +4,9 @@ Each variant (plain, box refinement, two-stage, single-scale, five levels; small
 tests/random_models.py) is exported once, as ONNX and as StableHLO, for a batch of two padded
 images (random pixels, different real regions). The ONNX file runs in onnxruntime (CPU) and the
 StableHLO file is reloaded by `jax.export.deserialize` in a subprocess that never imports this
-package; both are compared with the JAX model as `Detector` runs it (jitted, padding masked).
+package; both are compared with the eager float64 model (an independent truth: the jitted
+program once sampled the wrong pixels on pixel centres, issue 24), and the StableHLO file also
+with `Detector.forward`, the program it serialises.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import onnx  # the [export] extra and jax2onnx: `make test` installs them in bot
 import onnxruntime as ort
 import pytest
 
-from deformable_detr_jax import Detector
+import jax.numpy as jnp
+from flax import nnx
+
+from deformable_detr_jax import (
+    DeformableDetrForObjectDetection,
+    Detector,
+    convert_state_dict,
+    export_state_dict,
+)
 from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
 from tests.random_models import random_model, small_config
 
@@ -34,8 +44,11 @@ VARIANTS = {
 }
 BATCH, HEIGHT, WIDTH = 2, 96, 128
 REAL = ((70, 100), (96, 81))  # (height, width) of each image's real region: padding on both sides
-ONNX_TOL = 1e-4  # every variant, two-stage included (its top-k has no tie on these inputs)
-STABLEHLO_TOL = 1e-6
+# against the eager float64 model, every variant, two-stage included (no top-k tie here)
+EXPORT_TOL = 1e-4
+STABLEHLO_TOL = 1e-6  # against `Detector.forward`, the same program
+# as initialised (samples on pixel centres) or perturbed (tests/random_models.py)
+FRESH = ("plain", "five_levels")
 # jax2onnx reads flax Variables through `.value`, which flax deprecates (its warning, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:'.value' access is now deprecated")
 
@@ -96,15 +109,27 @@ def _check_onnx(path, detector, expected, tol):
     return logits
 
 
-def _check_stablehlo(path, folder, expected):
+def _eager_float64(model, pixel_values, pixel_mask):
+    """The eager float64 model (the float32 weights, exactly), padding masked as `Detector`
+    runs it: `(logits, pred_boxes)` float64."""
+    with jax.enable_x64(True):
+        model64 = convert_state_dict(export_state_dict(model), model.config, dtype=jnp.float64)
+        out = model64(jnp.asarray(pixel_values, jnp.float64), jnp.asarray(pixel_mask),
+                      padding_invariant=True)  # fmt: skip
+        return np.asarray(out.logits), np.asarray(out.pred_boxes)
+
+
+def _check_stablehlo(path, folder, expected, truth):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"), str(path)],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]
     reloaded = np.load(str(path) + ".out.npz")
-    for name, want in zip(("logits", "pred_boxes"), expected):
+    for name, want, true in zip(("logits", "pred_boxes"), expected, truth):
         np.testing.assert_allclose(reloaded[name], want, rtol=STABLEHLO_TOL, atol=STABLEHLO_TOL,
-                                   err_msg=f"stablehlo {name}")  # fmt: skip
+                                   err_msg=f"stablehlo {name} vs Detector.forward")  # fmt: skip
+        np.testing.assert_allclose(reloaded[name], true, rtol=EXPORT_TOL, atol=EXPORT_TOL,
+                                   err_msg=f"stablehlo {name} vs eager float64")  # fmt: skip
     program = jax.export.deserialize(bytearray(path.read_bytes()))
     assert [a.shape for a in program.in_avals] == [(BATCH, HEIGHT, WIDTH, 3),
                                                    (BATCH, HEIGHT, WIDTH)]  # fmt: skip
@@ -114,17 +139,22 @@ def _check_stablehlo(path, folder, expected):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_exported_variant_runs_outside_this_package(variant, tmp_path):
     """ONNX in onnxruntime and StableHLO reloaded in a process without this package, against
-    the JAX model on the same padded batch."""
+    the eager float64 model on the same padded batch."""
     pixel_values, pixel_mask = _inputs()
     np.savez(tmp_path / "inputs.npz", pixel_values=pixel_values, pixel_mask=pixel_mask)
     config = small_config(encoder_layers=1, **VARIANTS[variant])  # jax2onnx's time grows with size
-    detector = Detector(random_model(config, seed=len(variant)), compile_cache=None)
+    if variant in FRESH:
+        model = DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(len(variant)))
+    else:
+        model = random_model(config, seed=len(variant))
+    truth = _eager_float64(model, pixel_values, pixel_mask)
+    detector = Detector(model, compile_cache=None)
     expected = [np.asarray(x) for x in detector.forward(pixel_values, pixel_mask)]
     kwargs = dict(height=HEIGHT, width=WIDTH, batch=BATCH)
     onnx_path = export_onnx(detector, tmp_path / f"{variant}.onnx", **kwargs)
     stablehlo_path = export_stablehlo(detector, tmp_path / f"{variant}.stablehlo", **kwargs)
-    logits = _check_onnx(onnx_path, detector, expected, ONNX_TOL)
-    _check_stablehlo(stablehlo_path, tmp_path, expected)
+    logits = _check_onnx(onnx_path, detector, truth, EXPORT_TOL)
+    _check_stablehlo(stablehlo_path, tmp_path, expected, truth)
     if variant == "box_refine":
         # the image whose real region is 70 x 100 gives in the 96 x 128 program what the model
         # gives on the 70 x 100 image alone: the padding is masked through the exported model
