@@ -30,7 +30,10 @@ from pallas_kernels.ms_deform_attn import reference
 from pallas_kernels.ms_deform_attn.resources import ENCODER_LEVELS
 
 NHEADS, HEAD_DIM, NPOINTS = 8, 32, 4
-FORMULATIONS = {"before (_corner)": reference._corner, "after (_shared_corner)": reference._shared_corner}
+FORMULATIONS = {
+    "before (_corner)": reference._corner,
+    "after (_shared_corner)": reference._shared_corner,
+}
 
 
 def _inputs(batch: int, seed: int = 0):
@@ -88,7 +91,7 @@ def main() -> None:
     a, b = outputs.values()
     print(f"forward outputs differ by at most {np.abs(a - b).max():.3g} (random offsets)")
     times = {(name, part): [] for name in programs for part in ("fwd", "fwd+bwd")}
-    for name, (fwd, bwd) in programs.items():  # warm-up
+    for fwd, bwd in programs.values():  # warm-up
         _time_ms(fwd, args), _time_ms(bwd, args)
     names = list(programs)
     for repeat in range(options.repeats):

@@ -19,7 +19,9 @@ def finish(process: subprocess.Popen, what: str, timeout: float, check: bool = T
         process.kill()
         output, _ = process.communicate()
         pytest.fail(f"{what} timed out:\n{output[-3000:]}")
-    assert not check or process.returncode == 0, f"{what} failed ({process.returncode}):\n{output[-5000:]}"
+    assert not check or process.returncode == 0, (
+        f"{what} failed ({process.returncode}):\n{output[-5000:]}"
+    )
     return output
 
 

@@ -18,12 +18,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx  # the [export] extra and jax2onnx: `make test` installs them in both lanes
 import onnxruntime as ort
 import pytest
-
-import jax.numpy as jnp
 from flax import nnx
 
 from deformable_detr_jax import (
