@@ -92,26 +92,24 @@ def _shared_corner(loc, size, acc_dtype):
     would not be the rows the coefficients were computed for, and the sample would be off by
     a pixel. An `optimization_barrier` does not help: XLA:CPU removes barriers before fusion.
 
-    Here the corner passes through a division by a divisor known only at run time (1; 2 for a
-    NaN coordinate, whose sample is NaN anyway). XLA never duplicates a floating-point division
-    into several fusions (an expensive producer, `InstructionFusion`), so it is computed once
-    and the indices, masks and coefficients all read the same corner (a float division, not
-    an integer one: x86 has no vector integer division, which made the forward 1.25x slower). The
-    fraction is `t - (corner + 0.5)` against that corner, in whichever fusion computes it:
-    where that fusion's `t` differs by a rounding, the fraction is off by the rounding (it
-    may be -ulp or 1 + ulp), never by a pixel, and the weights belong to the rows read.
-    `tests/test_ms_deform_attn.py` checks the compiled program and the numbers.
+    Here `t` and the corner each pass through a division by a divisor known only at run time
+    (1; 2 for a NaN location, whose sample is NaN anyway). XLA never duplicates a floating-point
+    division into several fusions (an expensive producer, `InstructionFusion`), so each is
+    computed once, and the indices, masks and coefficients all read the same `t` and corner:
+    the jitted core computes what the eager one does, to the bit. (A float division, not an
+    integer one: x86 has no vector integer division, which made the forward 1.25x slower.)
+    `tests/test_ms_deform_attn.py` and `tests/test_jitted_model.py` check the numbers.
     """
-    t = loc.astype(acc_dtype) * size
+    # (exactly 1 but for NaN, and known only at run time)
+    one = 1 + jnp.isnan(loc).astype(acc_dtype)
+    t = (loc.astype(acc_dtype) * size) / one
     t_floor = jnp.floor(t)
     # A point within a few roundings of a centre counts as on it (corner k, fraction about 0,
     # the right-hand derivative, as floor gives exactly on it): the same side whether or not
     # some compiler contracted the caller's arithmetic, so that jitted and eager gradients
     # agree at the centres where a freshly initialised model puts its points.
     slack = _CENTRE_SLACK * jnp.finfo(acc_dtype).eps * jnp.maximum(jnp.abs(t), 1)
-    corner = jnp.where(t >= t_floor + 0.5 - slack, t_floor, t_floor - 1)
-    # (an integer-valued float divided by exactly 1: the same integer)
-    corner = corner / (1 + jnp.isnan(t).astype(acc_dtype))
+    corner = jnp.where(t >= t_floor + 0.5 - slack, t_floor, t_floor - 1) / one
     return corner.astype(jnp.int32), t - (corner + 0.5)
 
 
