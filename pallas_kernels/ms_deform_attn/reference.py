@@ -24,10 +24,10 @@ carried table gradient), so that the gathered rows and the scatter's updates of 
 used while they are still in cache instead of going through main memory; on GPU/TPU the whole
 call is one gather, and its backward is autodiff's.
 
-Under jit each sample's pixel coordinate and corner are computed once and read by every fusion that needs them (the
-gather's indices, the validity masks, the coefficients; `_shared_corner`), so a compiler that
-contracts the caller's location arithmetic differently per fusion cannot make the rows read
-and their weights disagree at a pixel centre.
+Under jit each sample's pixel coordinate and corner are computed once and read by every fusion
+that needs them (the gather's indices, the validity masks, the coefficients; `_shared_corner`),
+so a compiler that contracts the caller's location arithmetic differently per fusion cannot
+make the rows read and their weights disagree at a pixel centre.
 """
 
 from __future__ import annotations
