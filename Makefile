@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # The ONNX converter, installed without its dependencies (see pyproject's `export` extra).
 JAX2ONNX ?= jax2onnx==0.17.1
 
-.PHONY: install install-test install-newest test test-main test-newest demo clean clean-newest
+.PHONY: install install-test install-newest lint test test-main test-newest demo clean clean-newest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,13 +51,19 @@ install: $(VENV)/.installed-runtime
 install-test: $(VENV)/.installed-test
 install-newest: $(VENV_NEWEST)/.installed-test
 
-# Both lanes; each runs even if the other fails, and `make test` fails if either does.
+# Lint and format first (seconds), then both lanes; each lane runs even if the other fails,
+# and `make test` fails if any part does.
 test: $(VENV)/.installed-test $(VENV_NEWEST)/.installed-test
 	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
 	$(MAKE) --no-print-directory test-main || status=1; \
 	$(MAKE) --no-print-directory test-newest || status=1; \
-	if [ $$status -ne 0 ]; then echo "make test: a lane failed (see above)" >&2; fi; \
+	if [ $$status -ne 0 ]; then echo "make test: lint or a lane failed (see above)" >&2; fi; \
 	exit $$status
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-main: $(VENV)/.installed-test
 	@echo "== lane 1: Python 3.11, jax 0.10.2, torch: the whole suite =="

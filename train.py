@@ -62,9 +62,11 @@ def _train(captured: exits.CapturedLogs) -> int:
     report = functools.partial(exits.report, PROG, folder=workdir)
     try:
         training.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
             auto=FLAGS.distributed,
-        )  # fmt: skip
+        )
         result = training.train(FLAGS.config, workdir)
     except training.ConfigError as err:
         return report(f"configuration: {err}", exits.BAD_INPUT)
@@ -78,15 +80,22 @@ def _train(captured: exits.CapturedLogs) -> int:
         return report(str(err), exits.WRITE_FAILED, details=err.details, logs=captured.records)
     except OSError as err:
         if err.errno in exits.WRITE_ERRNOS:
-            return report(f"cannot write {err.filename or 'a file'}: {err.strerror}; what was "
-                          "written before is intact", exits.WRITE_FAILED, error=err,
-                          logs=captured.records)  # fmt: skip
+            return report(
+                f"cannot write {err.filename or 'a file'}: {err.strerror}; what was "
+                "written before is intact",
+                exits.WRITE_FAILED,
+                error=err,
+                logs=captured.records,
+            )
         return exits.internal_error(PROG, err, folder=workdir, logs=captured.records)
     except Exception as err:
         return exits.internal_error(PROG, err, folder=workdir, logs=captured.records)
     if result.stopped == "preempted":
-        print(f"{PROG}: stopped at step {result.step} on SIGTERM; checkpoint saved, rerun the "
-              "same command to resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: stopped at step {result.step} on SIGTERM; checkpoint saved, rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
     elif result.eval_metrics:
         metrics = " ".join(f"{k} {v:.3f}" for k, v in result.eval_metrics.items())
         print(f"{PROG}: step {result.step}: {metrics}")
@@ -101,10 +110,11 @@ def parse_flags(argv):
         text = str(err).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         exits.report(
-            PROG, f"bad command line: {text} (config overrides given: {overrides}; each must "
+            PROG,
+            f"bad command line: {text} (config overrides given: {overrides}; each must "
             "name an existing setting of the recipe, e.g. --config.train.num_steps=100)",
             exits.BAD_INPUT,
-        )  # fmt: skip
+        )
         sys.exit(exits.BAD_INPUT)
 
 

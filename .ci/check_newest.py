@@ -17,8 +17,10 @@ from versions import PACKAGES
 def newest(name: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", name],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     match = re.search(rf"^{re.escape(name)} \(([^)]+)\)", out, re.MULTILINE)
     if match is None:
         raise SystemExit(f"error: could not read the newest {name} from `pip index versions`")
@@ -35,8 +37,9 @@ def main() -> int:
     if stale:
         print(
             "error: not the newest releases: " + ", ".join(stale) + "; something pins them "
-            "lower, or the environment is stale (make clean-newest)", file=sys.stderr,
-        )  # fmt: skip
+            "lower, or the environment is stale (make clean-newest)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

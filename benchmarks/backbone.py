@@ -44,14 +44,19 @@ def jax_backbone(config, batch, height, width, seed=0):
 
     model = ResNetBackbone(config, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    frozen_prefixes = [p.replace(r"^model\.backbone\.model\.", "").replace("\\", "")
-                       for p in DEFAULT_FROZEN]  # fmt: skip
+    frozen_prefixes = [
+        p.replace(r"^model\.backbone\.model\.", "").replace("\\", "") for p in DEFAULT_FROZEN
+    ]
     flat = dict(nnx.to_flat_state(params))
-    trained = {k: v for k, v in flat.items()
-               if not any(param_name(k).startswith(f) for f in frozen_prefixes)}  # fmt: skip
+    trained = {
+        k: v
+        for k, v in flat.items()
+        if not any(param_name(k).startswith(f) for f in frozen_prefixes)
+    }
     fixed = {k: v for k, v in flat.items() if k not in trained}
-    x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, height, width, 3)),
-                    jnp.float32)  # fmt: skip
+    x = jnp.asarray(
+        np.random.default_rng(seed).standard_normal((batch, height, width, 3)), jnp.float32
+    )
 
     def loss(trained, fixed, rest, x):
         features = nnx.merge(graphdef, nnx.from_flat_state({**trained, **fixed}), rest)(x)
@@ -59,8 +64,10 @@ def jax_backbone(config, batch, height, width, seed=0):
 
     forward = jax.jit(loss)
     grad = jax.jit(jax.grad(loss))
-    return (lambda: jax.block_until_ready(forward(trained, fixed, rest, x)),
-            lambda: jax.block_until_ready(grad(trained, fixed, rest, x)))  # fmt: skip
+    return (
+        lambda: jax.block_until_ready(forward(trained, fixed, rest, x)),
+        lambda: jax.block_until_ready(grad(trained, fixed, rest, x)),
+    )
 
 
 def torch_backbone(config, batch, height, width, seed=0):
@@ -100,22 +107,25 @@ def conv_gradients(batch, height, width, repeats):
 
     rng = np.random.default_rng(0)
     h, w = height // 4, width // 4
-    cases = [("layer2 1x1 256->128", h, w, 256, 128, 1, 1),
-             ("layer2 shortcut 1x1/2 256->512", h, w, 256, 512, 1, 2),
-             ("layer2 3x3/2 128", h, w, 128, 128, 3, 2),
-             ("layer2 3x3 128", h // 2, w // 2, 128, 128, 3, 1),
-             ("layer2 1x1 128->512", h // 2, w // 2, 128, 512, 1, 1),
-             ("layer3 1x1 1024->256", h // 4, w // 4, 1024, 256, 1, 1),
-             ("layer3 3x3 256", h // 4, w // 4, 256, 256, 3, 1),
-             ("layer4 3x3 512", h // 8, w // 8, 512, 512, 3, 1)]  # fmt: skip
+    cases = [
+        ("layer2 1x1 256->128", h, w, 256, 128, 1, 1),
+        ("layer2 shortcut 1x1/2 256->512", h, w, 256, 512, 1, 2),
+        ("layer2 3x3/2 128", h, w, 128, 128, 3, 2),
+        ("layer2 3x3 128", h // 2, w // 2, 128, 128, 3, 1),
+        ("layer2 1x1 128->512", h // 2, w // 2, 128, 512, 1, 1),
+        ("layer3 1x1 1024->256", h // 4, w // 4, 1024, 256, 1, 1),
+        ("layer3 3x3 256", h // 4, w // 4, 256, 256, 3, 1),
+        ("layer4 3x3 512", h // 8, w // 8, 512, 512, 3, 1),
+    ]
     rows = []
     for name, hh, ww, cin, cout, k, s in cases:
         x = jnp.asarray(rng.standard_normal((batch, hh, ww, cin)), jnp.float32)
         kern = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
 
         def conv(x, kern, s=s, k=k):
-            return lax.conv_general_dilated(x, kern, (s, s), ((k // 2, k // 2),) * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+            return lax.conv_general_dilated(
+                x, kern, (s, s), ((k // 2, k // 2),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
 
         def matmul(x, kern, s=s):
             return lax.dot_general(x[:, ::s, ::s], kern[0, 0], (((3,), (0,)), ((), ())))
@@ -123,9 +133,13 @@ def conv_gradients(batch, height, width, repeats):
         g = jnp.asarray(rng.standard_normal(conv(x, kern).shape), jnp.float32)
         fns = {
             "forward": jax.jit(conv),
-            "input grad": jax.jit(lambda x, kern, g, conv=conv: jax.vjp(lambda x: conv(x, kern), x)[1](g)),
-            "filter grad": jax.jit(lambda x, kern, g, conv=conv: jax.vjp(lambda f: conv(x, f), kern)[1](g)),
-        }  # fmt: skip
+            "input grad": jax.jit(
+                lambda x, kern, g, conv=conv: jax.vjp(lambda x: conv(x, kern), x)[1](g)
+            ),
+            "filter grad": jax.jit(
+                lambda x, kern, g, conv=conv: jax.vjp(lambda f: conv(x, f), kern)[1](g)
+            ),
+        }
         if k == 1:
             fns["filter grad, matmul"] = jax.jit(
                 lambda x, kern, g, matmul=matmul: jax.vjp(lambda f: matmul(x, f), kern)[1](g)
@@ -147,8 +161,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=(384, 512))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--conv1x1", action="store_true",
-                        help="also the 1x1 convolutions as lax.conv, and per-convolution times")  # fmt: skip
+    parser.add_argument(
+        "--conv1x1",
+        action="store_true",
+        help="also the 1x1 convolutions as lax.conv, and per-convolution times",
+    )
     args = parser.parse_args(argv)
     import jax
 
@@ -175,19 +192,25 @@ def main(argv=None) -> int:
         for name, fns in runs.items():
             for fn, out in zip(fns, times[name]):
                 out.extend(_time(fn, 1))
-    print(f"ResNet-50 backbone, batch {args.batch}, {height}x{width}, float32, stem + layer1 "
-          f"frozen, {jax.default_backend()}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"ResNet-50 backbone, batch {args.batch}, {height}x{width}, float32, stem + layer1 "
+        f"frozen, {jax.default_backend()}, median of {args.repeats}"
+    )
     print("| implementation | forward s | forward+backward s |\n|---|---:|---:|")
     for name, (fwd, fwd_bwd) in times.items():
         print(f"| {name} | {statistics.median(fwd):.3f} | {statistics.median(fwd_bwd):.3f} |")
     if args.conv1x1:
-        print("\n| convolution | forward ms | input grad ms | filter grad ms | filter grad as "
-              "matmul ms |\n|---|---:|---:|---:|---:|")  # fmt: skip
+        print(
+            "\n| convolution | forward ms | input grad ms | filter grad ms | filter grad as "
+            "matmul ms |\n|---|---:|---:|---:|---:|"
+        )
         for row in conv_gradients(args.batch, height, width, args.repeats):
             extra = row.get("filter grad, matmul")
-            print(f"| {row['conv']} | {row['forward'] * 1e3:.1f} | {row['input grad'] * 1e3:.1f} "
-                  f"| {row['filter grad'] * 1e3:.1f} | "
-                  f"{'' if extra is None else f'{extra * 1e3:.1f}'} |")  # fmt: skip
+            print(
+                f"| {row['conv']} | {row['forward'] * 1e3:.1f} | {row['input grad'] * 1e3:.1f} "
+                f"| {row['filter grad'] * 1e3:.1f} | "
+                f"{'' if extra is None else f'{extra * 1e3:.1f}'} |"
+            )
     return 0
 
 

@@ -68,13 +68,19 @@ def main() -> None:
             times["restore"].append(time.perf_counter() - start)
         checkpoints.close()
     medians = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({
-        "model": args.model, "arrays": len(jax.tree.leaves(state)), "MB": round(nbytes / 1e6, 1),
-        **{f"{k}_s": round(v, 3) for k, v in medians.items()},
-        "checksum_MB_per_s": round(nbytes / 1e6 / medians["checksums"]),
-        "checksums_of_save": round(medians["checksums"] / medians["save"], 3),
-        "checksums_of_restore": round(medians["checksums"] / medians["restore"], 3),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "arrays": len(jax.tree.leaves(state)),
+                "MB": round(nbytes / 1e6, 1),
+                **{f"{k}_s": round(v, 3) for k, v in medians.items()},
+                "checksum_MB_per_s": round(nbytes / 1e6 / medians["checksums"]),
+                "checksums_of_save": round(medians["checksums"] / medians["save"], 3),
+                "checksums_of_restore": round(medians["checksums"] / medians["restore"], 3),
+            }
+        )
+    )
 
 
 def setup_model(recipe):

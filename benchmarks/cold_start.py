@@ -68,8 +68,13 @@ print(json.dumps({"import": imported, "load": load, "warmup": warmup, "first": c
 def _child(folder, cache, mode) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DEFORMABLE_DETR_JAX_COMPILE_CACHE"}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(cache), mode, str(ROOT)],
-                          env=env, capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(folder), str(cache), mode, str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise SystemExit(done.stderr[-5000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -85,11 +90,20 @@ def main(argv=None) -> int:
 
     from deformable_detr_jax import DeformableDetrForObjectDetection, preset, save_pretrained
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")  # fmt: skip
-    print(f"jax {jax.__version__}; CPU {cpu}, {os.cpu_count()} cores; load average "
-          f"{os.getloadavg()[0]:.1f} at start; one {pathlib.Path(FIXTURES[0]).name} resized to "
-          "800x1216 (bucket 800x1280), batch 1", flush=True)  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"jax {jax.__version__}; CPU {cpu}, {os.cpu_count()} cores; load average "
+        f"{os.getloadavg()[0]:.1f} at start; one {pathlib.Path(FIXTURES[0]).name} resized to "
+        "800x1216 (bucket 800x1280), batch 1",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -103,27 +117,38 @@ def main(argv=None) -> int:
                 row = _child(tmp / "model", cache, "warmup" if mode == "warmup" else "call")
                 row.update(mode=mode, round=round_, load_avg=os.getloadavg()[0])
                 rows.append(row)
-                print(f"  {mode} (round {round_}): {time.perf_counter() - start:.0f} s "
-                      f"{json.dumps(row)}", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  {mode} (round {round_}): {time.perf_counter() - start:.0f} s "
+                    f"{json.dumps(row)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print()
-    print("| process | cache | load average | from_pretrained (s) | warmup (s) | first call (s) "
-          "| second call (s) | cache hits |")  # fmt: skip
+    print(
+        "| process | cache | load average | from_pretrained (s) | warmup (s) | first call (s) "
+        "| second call (s) | cache hits |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         warm = "-" if row["warmup"] is None else f"{row['warmup']:.2f}"
         cache = "empty" if row["mode"] == "cold" else "filled"
-        print(f"| {row['mode']} (round {row['round']}) | {cache} | {row['load_avg']:.1f} | "
-              f"{row['load']:.2f} | {warm} | {row['first']:.2f} | {row['second']:.2f} | "
-              f"{row['hits']} |")  # fmt: skip
+        print(
+            f"| {row['mode']} (round {row['round']}) | {cache} | {row['load_avg']:.1f} | "
+            f"{row['load']:.2f} | {warm} | {row['first']:.2f} | {row['second']:.2f} | "
+            f"{row['hits']} |"
+        )
     for round_ in range(args.rounds):
         cold, warm, warmup = (r for r in rows if r["round"] == round_)
-        print(f"- round {round_}: first call cold {cold['first']:.2f} s, warm {warm['first']:.2f} s "
-              f"({cold['first'] / warm['first']:.1f}x faster); compile overhead of the first call "
-              f"over the second: cold {cold['first'] - cold['second']:.2f} s, warm "
-              f"{warm['first'] - warm['second']:.2f} s; after warmup the first call takes "
-              f"{warmup['first']:.2f} s (warmup {warmup['warmup']:.2f} s)")  # fmt: skip
-    firsts = {m: statistics.median(r["first"] for r in rows if r["mode"] == m)
-              for m in ("cold", "warm")}  # fmt: skip
+        print(
+            f"- round {round_}: first call cold {cold['first']:.2f} s, warm {warm['first']:.2f} s "
+            f"({cold['first'] / warm['first']:.1f}x faster); compile overhead of the first call "
+            f"over the second: cold {cold['first'] - cold['second']:.2f} s, warm "
+            f"{warm['first'] - warm['second']:.2f} s; after warmup the first call takes "
+            f"{warmup['first']:.2f} s (warmup {warmup['warmup']:.2f} s)"
+        )
+    firsts = {
+        m: statistics.median(r["first"] for r in rows if r["mode"] == m) for m in ("cold", "warm")
+    }
     print(f"- median first call: cold {firsts['cold']:.2f} s, warm {firsts['warm']:.2f} s")
     return 0
 

@@ -113,20 +113,29 @@ def main(argv=None) -> int:
             continue
         step = record["step"]
         near = max((s for s in losses if s <= step), default=None)
-        rows.append({
-            "step": step, "seconds": round(record["time"] - start, 1),
-            "loss": losses.get(near), "AP": record["AP"], "AP50": record["AP50"],
-            "AP75": record["AP75"],
-        })  # fmt: skip
-    print(f"\n{name}: {result.step} steps, batch {config.data.batch_size}, "
-          f"{jax.device_count()} {jax.default_backend()} device(s), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {time.time() - start:.0f} s in all\n")  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "seconds": round(record["time"] - start, 1),
+                "loss": losses.get(near),
+                "AP": record["AP"],
+                "AP50": record["AP50"],
+                "AP75": record["AP75"],
+            }
+        )
+    print(
+        f"\n{name}: {result.step} steps, batch {config.data.batch_size}, "
+        f"{jax.device_count()} {jax.default_backend()} device(s), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {time.time() - start:.0f} s in all\n"
+    )
     print("| step | seconds | train loss | AP | AP50 | AP75 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         loss = f"{row['loss']:.3f}" if isinstance(row["loss"], float) else "-"
-        print(f"| {row['step']} | {row['seconds']:.0f} | {loss} | {row['AP']:.3f} | "
-              f"{row['AP50']:.3f} | {row['AP75']:.3f} |")  # fmt: skip
+        print(
+            f"| {row['step']} | {row['seconds']:.0f} | {loss} | {row['AP']:.3f} | "
+            f"{row['AP50']:.3f} | {row['AP75']:.3f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"name": name, "rows": rows}, f, indent=2)

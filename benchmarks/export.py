@@ -70,8 +70,9 @@ def _child_run(args) -> dict:
         import onnxruntime as ort
 
         start = time.perf_counter()
-        session = ort.InferenceSession(str(pathlib.Path(args.out_dir) / "model.onnx"),
-                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        session = ort.InferenceSession(
+            str(pathlib.Path(args.out_dir) / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         load = time.perf_counter() - start
         feed = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         run = lambda: session.run(None, feed)  # noqa: E731
@@ -99,8 +100,10 @@ def _child_run(args) -> dict:
         start = time.perf_counter()
         model = transformers.DeformableDetrForObjectDetection.from_pretrained(args.folder).eval()
         load = time.perf_counter() - start
-        inputs = {"pixel_values": torch.from_numpy(pixel_values.transpose(0, 3, 1, 2).copy()),
-                  "pixel_mask": torch.from_numpy(pixel_mask.astype(np.int64))}  # fmt: skip
+        inputs = {
+            "pixel_values": torch.from_numpy(pixel_values.transpose(0, 3, 1, 2).copy()),
+            "pixel_mask": torch.from_numpy(pixel_mask.astype(np.int64)),
+        }
 
         @torch.no_grad()
         def run():
@@ -110,15 +113,37 @@ def _child_run(args) -> dict:
         name = f"transformers {transformers.__version__} eager fp32 (torch {torch.__version__})"
     first, times, cpu, outputs = _time(run, args.repeats)
     np.savez(args.raw_out, logits=outputs[0], pred_boxes=outputs[1])
-    return {"name": name, "load_s": load, "first_s": first, "times_s": times, "cpu_s": cpu,
-            "peak_gib": _rss_gib()}  # fmt: skip
+    return {
+        "name": name,
+        "load_s": load,
+        "first_s": first,
+        "times_s": times,
+        "cpu_s": cpu,
+        "peak_gib": _rss_gib(),
+    }
 
 
 def _spawn(args, child: str, tmp: pathlib.Path) -> dict:
-    command = [sys.executable, __file__, "--child", child, "--folder", str(tmp / "model"),
-               "--out-dir", str(tmp), "--raw-out", str(tmp / f"{child}.npz"),
-               "--json-out", str(tmp / f"{child}.json"), "--height", str(args.height),
-               "--width", str(args.width), "--repeats", str(args.repeats)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        child,
+        "--folder",
+        str(tmp / "model"),
+        "--out-dir",
+        str(tmp),
+        "--raw-out",
+        str(tmp / f"{child}.npz"),
+        "--json-out",
+        str(tmp / f"{child}.json"),
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+        "--repeats",
+        str(args.repeats),
+    ]
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     print(f"  {child}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -145,17 +170,28 @@ def main(argv=None) -> int:
         pathlib.Path(args.json_out).write_text(json.dumps(result))
         return 0
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")  # fmt: skip
-    print(f"CPU {cpu}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start; "
-          f"{args.height}x{args.width}, batch 1, {pathlib.Path(FIXTURES[0]).name}; median of "
-          f"{args.repeats} calls after a first", flush=True)  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"CPU {cpu}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start; "
+        f"{args.height}x{args.width}, batch 1, {pathlib.Path(FIXTURES[0]).name}; median of "
+        f"{args.repeats} calls after a first",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         _make_folder(tmp / "model", args.seed)
         exported = _spawn(args, "export", tmp)
-        results = {child: _spawn(args, child, tmp)
-                   for child in ("onnxruntime", "jax", "stablehlo", "torch")}  # fmt: skip
+        results = {
+            child: _spawn(args, child, tmp)
+            for child in ("onnxruntime", "jax", "stablehlo", "torch")
+        }
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print()
     print("| format | export time (s) | file size (MiB) |")
@@ -163,8 +199,10 @@ def main(argv=None) -> int:
     for fmt, row in exported.items():
         print(f"| {fmt} | {row['seconds']:.1f} | {row['mib']:.1f} |")
     print()
-    print("| model run by | load (s) | first call (s) | median latency (s) | median CPU time (s) | "
-          "peak RSS (GiB) | vs transformers: scores, boxes (px) |")  # fmt: skip
+    print(
+        "| model run by | load (s) | first call (s) | median latency (s) | median CPU time (s) | "
+        "peak RSS (GiB) | vs transformers: scores, boxes (px) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     reference = results["torch"]["raw"]
     scale = np.array([args.width, args.height] * 2)
@@ -172,10 +210,12 @@ def main(argv=None) -> int:
         raw = result["raw"]
         scores = np.abs(_sigmoid(raw["logits"]) - _sigmoid(reference["logits"])).max()
         boxes = np.abs((raw["pred_boxes"] - reference["pred_boxes"]) * scale).max()
-        print(f"| {result['name']} | {result['load_s']:.2f} | {result['first_s']:.2f} | "
-              f"{statistics.median(result['times_s']):.3f} | "
-              f"{statistics.median(result['cpu_s']):.2f} | {result['peak_gib']:.2f} | "
-              f"{scores:.1e}, {boxes:.1e} |")  # fmt: skip
+        print(
+            f"| {result['name']} | {result['load_s']:.2f} | {result['first_s']:.2f} | "
+            f"{statistics.median(result['times_s']):.3f} | "
+            f"{statistics.median(result['cpu_s']):.2f} | {result['peak_gib']:.2f} | "
+            f"{scores:.1e}, {boxes:.1e} |"
+        )
     torch_median = statistics.median(results["torch"]["times_s"])
     for child in ("onnxruntime", "jax", "stablehlo"):
         median = statistics.median(results[child]["times_s"])

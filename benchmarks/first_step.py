@@ -49,11 +49,13 @@ def main() -> None:
     ran_at = time.perf_counter()
     read, saved = compile_cache.programs_read()
     cache = f"; {read} programs read from {args.cache}" if args.cache else ""
-    print(f"{args.model}, batch {args.batch}, {height}x{width}, {args.dtype}: "
-          f"trace + lower {lowered_at - start:.1f} s, compile {compiled_at - lowered_at:.1f} s, "
-          f"first run {ran_at - compiled_at:.1f} s, first step {ran_at - start:.1f} s{cache}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
+    print(
+        f"{args.model}, batch {args.batch}, {height}x{width}, {args.dtype}: "
+        f"trace + lower {lowered_at - start:.1f} s, compile {compiled_at - lowered_at:.1f} s, "
+        f"first run {ran_at - compiled_at:.1f} s, first step {ran_at - start:.1f} s{cache}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,10 +84,13 @@ def _time(fn, repeats: int) -> tuple[float, list[float], list[float], object]:
 
 def _detections_json(found) -> list[dict]:
     return [
-        {"scores": np.asarray(d["scores"]).tolist(), "labels": np.asarray(d["labels"]).tolist(),
-         "boxes": np.asarray(d["boxes"]).tolist()}
+        {
+            "scores": np.asarray(d["scores"]).tolist(),
+            "labels": np.asarray(d["labels"]).tolist(),
+            "boxes": np.asarray(d["boxes"]).tolist(),
+        }
         for d in found
-    ]  # fmt: skip
+    ]
 
 
 # ----------------------------------------------------------------------------- children
@@ -122,15 +125,30 @@ def _child_torch(args) -> dict:
             peak = torch.cuda.max_memory_allocated() / 2**30
         else:
             peak = _rss_gib()
-        rows.append({"batch": bs, "first_s": first, "times_s": times, "cpu_s": cpu, "peak_gib": peak,
-                     "detections": _detections_json(found)})  # fmt: skip
+        rows.append(
+            {
+                "batch": bs,
+                "first_s": first,
+                "times_s": times,
+                "cpu_s": cpu,
+                "peak_gib": peak,
+                "detections": _detections_json(found),
+            }
+        )
     with torch.no_grad():  # raw outputs of image 0 alone (no padding), for the agreement check
         inputs = processor(images[:1], return_tensors="pt").to(device)
         outputs = model(**inputs)
-    np.savez(args.raw_out, logits=outputs.logits.float().cpu().numpy(),
-             pred_boxes=outputs.pred_boxes.float().cpu().numpy())  # fmt: skip
-    return {"name": f"transformers eager fp32 ({device.type})", "rows": rows, "base_gib": base,
-            "memory": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS"}  # fmt: skip
+    np.savez(
+        args.raw_out,
+        logits=outputs.logits.float().cpu().numpy(),
+        pred_boxes=outputs.pred_boxes.float().cpu().numpy(),
+    )
+    return {
+        "name": f"transformers eager fp32 ({device.type})",
+        "rows": rows,
+        "base_gib": base,
+        "memory": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+    }
 
 
 def _child_jax(args) -> dict:
@@ -160,16 +178,28 @@ def _child_jax(args) -> dict:
     rows = []
     for bs in args.batch:
         first, times, cpu, found = _time(lambda: run(images[:bs]), args.repeats)  # noqa: B023
-        rows.append({"batch": bs, "first_s": first, "times_s": times, "cpu_s": cpu, "peak_gib": peak(),
-                     "detections": _detections_json(found)})  # fmt: skip
+        rows.append(
+            {
+                "batch": bs,
+                "first_s": first,
+                "times_s": times,
+                "cpu_s": cpu,
+                "peak_gib": peak(),
+                "detections": _detections_json(found),
+            }
+        )
     # raw outputs of image 0 unpadded (as transformers runs it alone), for the agreement check
     exact = Detector(model, processor, dtype=args.child_dtype, buckets=None)
     batch = processor.preprocess(images[:1])
     logits, pred_boxes = exact.forward(batch["pixel_values"], batch["pixel_mask"])
     np.savez(args.raw_out, logits=np.asarray(logits), pred_boxes=np.asarray(pred_boxes))
-    return {"name": f"deformable_detr_jax jit {args.child_dtype} ({device.platform})",
-            "rows": rows, "base_gib": base, "buckets": list(detector.compiled_shapes),
-            "memory": "peak RSS" if device.platform == "cpu" else "peak_bytes_in_use"}  # fmt: skip
+    return {
+        "name": f"deformable_detr_jax jit {args.child_dtype} ({device.platform})",
+        "rows": rows,
+        "base_gib": base,
+        "buckets": list(detector.compiled_shapes),
+        "memory": "peak RSS" if device.platform == "cpu" else "peak_bytes_in_use",
+    }
 
 
 # ----------------------------------------------------------------------------- parent
@@ -215,8 +245,12 @@ def _match_count(a: dict, b: dict, score_tol: float = 0.01, box_tol: float = 2.0
     boxes_b = np.asarray(b["boxes"]).reshape(-1, 4)
     for label, score, box in zip(a["labels"], a["scores"], np.asarray(a["boxes"]).reshape(-1, 4)):
         for j, (label_b, score_b) in enumerate(zip(b["labels"], b["scores"])):
-            if (j not in used and label_b == label and abs(score_b - score) <= score_tol
-                    and np.abs(boxes_b[j] - box).max() <= box_tol):  # fmt: skip
+            if (
+                j not in used
+                and label_b == label
+                and abs(score_b - score) <= score_tol
+                and np.abs(boxes_b[j] - box).max() <= box_tol
+            ):
                 used.add(j)
                 matched += 1
                 break
@@ -244,8 +278,9 @@ def _bucket_study(args) -> None:
 
     hf_cfg = ref.hf_config()
     hf_model = ref.random_hf_model(hf_cfg, seed=args.seed)
-    model = convert_state_dict(ref.state_dict_numpy(hf_model), DeformableDetrConfig.from_hf(
-        hf_cfg.to_dict()))  # fmt: skip
+    model = convert_state_dict(
+        ref.state_dict_numpy(hf_model), DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    )
     del hf_model
     processor = ImageProcessor(resize_backend="pil")
     settings = {"unpadded": None, "default buckets": "auto", "1333 canvas": (1333,)}
@@ -272,8 +307,11 @@ def _bucket_study(args) -> None:
         unpadded = ("unpadded", True)
         batch = processor.preprocess(image[::-1].copy(), pad_to=outputs[unpadded][0])
         logits, boxes = detectors[unpadded].forward(batch["pixel_values"], batch["pixel_mask"])
-        outputs[("flipped photo", True)] = (outputs[unpadded][0], _sigmoid(np.asarray(logits)[0]),
-                                            np.asarray(boxes)[0])  # fmt: skip
+        outputs[("flipped photo", True)] = (
+            outputs[unpadded][0],
+            _sigmoid(np.asarray(logits)[0]),
+            np.asarray(boxes)[0],
+        )
         size = processor.resized_size(image.shape[:2])
         _, ref_scores, ref_boxes = outputs[unpadded]
         scale = np.array([image.shape[1], image.shape[0]] * 2)
@@ -286,10 +324,13 @@ def _bucket_study(args) -> None:
                 top = set(np.argsort(-scores.ravel())[:100].tolist())
                 diff = np.abs(scores - ref_scores)
                 box = np.abs((boxes - ref_boxes) * scale).max()
-                print(f"| {pathlib.Path(path).name} | {size[0]}x{size[1]} | {name} | "
-                      f"{bucket[0]}x{bucket[1]} | {invariant if name != 'flipped photo' else '-'} | "
-                      f"{diff.max():.2e} | {diff.mean():.2e} | {box:.2e} | "
-                      f"{len(top & ref_top)}/100 |", flush=True)  # fmt: skip
+                print(
+                    f"| {pathlib.Path(path).name} | {size[0]}x{size[1]} | {name} | "
+                    f"{bucket[0]}x{bucket[1]} | {invariant if name != 'flipped photo' else '-'} | "
+                    f"{diff.max():.2e} | {diff.mean():.2e} | {box:.2e} | "
+                    f"{len(top & ref_top)}/100 |",
+                    flush=True,
+                )
                 w = worst.setdefault((name, invariant), [0.0, 0.0])
                 w[0], w[1] = max(w[0], diff.max()), max(w[1], box)
         spans.append((ref_scores.min(), ref_scores.max()))
@@ -307,12 +348,16 @@ def goal_check(results: dict, args) -> None:
     rows = {row["batch"]: row for row in (ours or {}).get("rows", [])}
     ref_rows = {row["batch"]: row for row in ref["rows"]}
     if args.torch_device != "cuda" or "(gpu)" not in (ours or {}).get("name", "") or 4 not in rows:
-        print("# goal Detector >= 3x transformers at batch 4: not measured here (needs jax "
-              "and torch on a GPU, float32, batch 4)")  # fmt: skip
+        print(
+            "# goal Detector >= 3x transformers at batch 4: not measured here (needs jax "
+            "and torch on a GPU, float32, batch 4)"
+        )
         return
     speedup = statistics.median(ref_rows[4]["times_s"]) / statistics.median(rows[4]["times_s"])
-    print(f"# goal Detector float32 >= 3x transformers eager float32 images/s at batch 4: "
-          f"{speedup:.2f}x {'PASS' if speedup >= 3 else 'FAIL'}")  # fmt: skip
+    print(
+        f"# goal Detector float32 >= 3x transformers eager float32 images/s at batch 4: "
+        f"{speedup:.2f}x {'PASS' if speedup >= 3 else 'FAIL'}"
+    )
 
 
 def main(argv=None) -> int:
@@ -347,12 +392,21 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")  # fmt: skip
-    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; CPU {cpu}, {os.cpu_count()} cores; "
-          f"image {args.height}x{args.width}, threshold {args.threshold}, "
-          f"median of {args.repeats} runs after a first (compile/warm-up) run", flush=True)  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; CPU {cpu}, {os.cpu_count()} cores; "
+        f"image {args.height}x{args.width}, threshold {args.threshold}, "
+        f"median of {args.repeats} runs after a first (compile/warm-up) run",
+        flush=True,
+    )
     runs = [("torch", "float32"), ("jax", "float32"), ("jax", "bfloat16")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -362,12 +416,32 @@ def main(argv=None) -> int:
             if (child if child == "torch" else dtype) in args.skip:
                 continue
             key = f"{child}-{dtype}"
-            command = [sys.executable, __file__, "--child", child, "--child-dtype", dtype,
-                       "--folder", str(tmp / "model"), "--raw-out", str(tmp / f"{key}.npz"),
-                       "--json-out", str(tmp / f"{key}.json"), "--height", str(args.height),
-                       "--width", str(args.width), "--repeats", str(args.repeats),
-                       "--threshold", str(args.threshold), "--torch-device", args.torch_device,
-                       "--batch", *map(str, args.batch)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                child,
+                "--child-dtype",
+                dtype,
+                "--folder",
+                str(tmp / "model"),
+                "--raw-out",
+                str(tmp / f"{key}.npz"),
+                "--json-out",
+                str(tmp / f"{key}.json"),
+                "--height",
+                str(args.height),
+                "--width",
+                str(args.width),
+                "--repeats",
+                str(args.repeats),
+                "--threshold",
+                str(args.threshold),
+                "--torch-device",
+                args.torch_device,
+                "--batch",
+                *map(str, args.batch),
+            ]
             start = time.perf_counter()
             subprocess.run(command, check=True, cwd=ROOT)
             results[key] = json.loads((tmp / f"{key}.json").read_text())
@@ -383,13 +457,17 @@ def main(argv=None) -> int:
     for result in results.values():
         for row in result["rows"]:
             median = statistics.median(row["times_s"])
-            print(f"| {result['name']} | {row['batch']} | {row['first_s']:.2f} | {median:.3f} | "
-                  f"{row['batch'] / median:.2f} | {statistics.median(row['cpu_s']):.2f} | "
-                  f"{row['peak_gib']:.2f} |")  # fmt: skip
+            print(
+                f"| {result['name']} | {row['batch']} | {row['first_s']:.2f} | {median:.3f} | "
+                f"{row['batch'] / median:.2f} | {statistics.median(row['cpu_s']):.2f} | "
+                f"{row['peak_gib']:.2f} |"
+            )
     print()
     for key, result in results.items():
-        print(f"- {key}: memory = {result['memory']} (after loading: {result['base_gib']:.2f} GiB)"
-              + (f"; programs {result['buckets']}" if "buckets" in result else ""))  # fmt: skip
+        print(
+            f"- {key}: memory = {result['memory']} (after loading: {result['base_gib']:.2f} GiB)"
+            + (f"; programs {result['buckets']}" if "buckets" in result else "")
+        )
     if "torch-float32" in results:
         torch_result = results["torch-float32"]
         for key, result in results.items():
@@ -408,9 +486,13 @@ def main(argv=None) -> int:
                     f"(wall clock), {cpu:.2f}x less CPU time"
                 )
         goal_check(results, args)
-        print("- transformers detections per image: " + "; ".join(
-            f"b{row['batch']}: " + "/".join(str(len(d["labels"])) for d in row["detections"])
-            for row in torch_result["rows"]))  # fmt: skip
+        print(
+            "- transformers detections per image: "
+            + "; ".join(
+                f"b{row['batch']}: " + "/".join(str(len(d["labels"])) for d in row["detections"])
+                for row in torch_result["rows"]
+            )
+        )
     return 0
 
 

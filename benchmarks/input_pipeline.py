@@ -55,15 +55,21 @@ def write_coco_json(yolo: sources.YoloFolderSource, folder: pathlib.Path) -> pat
         images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
         boxes, labels = yolo._targets[index]  # (n, 4) cxcywh normalised, (n,)
         for (cx, cy, w, h), label in zip(boxes.tolist(), labels.tolist(), strict=True):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                "bbox": [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height],
-                "area": w * width * h * height, "iscrowd": 0,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height],
+                    "area": w * width * h * height,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(yolo.label_names)]
     path = folder / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))  # fmt: skip
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return path
 
 
@@ -84,14 +90,21 @@ def stage_times(source, augment: transforms.AugmentConfig, batch_size: int, seed
         totals["decode"] += decoded - start
         totals["augment"] += augmented - decoded
         totals["normalise"] += normalised - augmented
-        examples.append({"image": image, "boxes": np.asarray(sample["boxes"], np.float32),
-                         "labels": np.asarray(sample["labels"], np.int32),
-                         "image_id": record["image_id"], "size": image.shape[:2],
-                         "orig_size": record["image"].shape[:2]})  # fmt: skip
+        examples.append(
+            {
+                "image": image,
+                "boxes": np.asarray(sample["boxes"], np.float32),
+                "labels": np.asarray(sample["labels"], np.int32),
+                "image_id": record["image_id"],
+                "size": image.shape[:2],
+                "orig_size": record["image"].shape[:2],
+            }
+        )
         if len(examples) == batch_size:
             start = time.perf_counter()
-            pipeline.collate(examples, batch_size, 100,
-                             buckets=pipeline.bucket_sizes(augment.max_size, 128))  # fmt: skip
+            pipeline.collate(
+                examples, batch_size, 100, buckets=pipeline.bucket_sizes(augment.max_size, 128)
+            )
             totals["collate"] += time.perf_counter() - start
             examples = []
     return {k: 1e3 * v / len(source) for k, v in totals.items()}
@@ -100,9 +113,17 @@ def stage_times(source, augment: transforms.AugmentConfig, batch_size: int, seed
 def throughput(source, augment, *, backend, threads, workers, batch_size, batches, seed) -> float:
     """Images per second of `make_batches` after one warm-up batch."""
     stream = pipeline.make_batches(
-        source, batch_size=batch_size, train=True, seed=seed, augment=augment, backend=backend,
-        num_threads=threads, num_workers=workers, process_index=0, process_count=1,
-    )  # fmt: skip
+        source,
+        batch_size=batch_size,
+        train=True,
+        seed=seed,
+        augment=augment,
+        backend=backend,
+        num_threads=threads,
+        num_workers=workers,
+        process_index=0,
+        process_count=1,
+    )
     with stream:
         next(stream)  # starts the threads / worker processes
         start = time.perf_counter()
@@ -115,12 +136,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a YOLO folder (coco128)")
     parser.add_argument("--split", default="train2017")
-    parser.add_argument("--sources", nargs="+", default=["coco-json", "yolo"],
-                        choices=["coco-json", "yolo"])  # fmt: skip
-    parser.add_argument("--workers", type=int, nargs="+", default=None,
-                        help="thread / worker counts (default 1..cores)")  # fmt: skip
-    parser.add_argument("--backends", nargs="+", default=["python", "grain"],
-                        choices=["python", "grain"])  # fmt: skip
+    parser.add_argument(
+        "--sources", nargs="+", default=["coco-json", "yolo"], choices=["coco-json", "yolo"]
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="thread / worker counts (default 1..cores)",
+    )
+    parser.add_argument(
+        "--backends", nargs="+", default=["python", "grain"], choices=["python", "grain"]
+    )
     parser.add_argument(
         "--batch", type=int, default=4, help="images per batch (the paper: 4 per GPU)"
     )
@@ -131,15 +159,21 @@ def main() -> None:
         help="timed batches per configuration (32 x 4: each image once)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--need", type=float, default=None,
-                        help="images/s a training step consumes (batch / step seconds)")  # fmt: skip
+    parser.add_argument(
+        "--need",
+        type=float,
+        default=None,
+        help="images/s a training step consumes (batch / step seconds)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
 
     data = pathlib.Path(args.data)
     if not (data / "images" / args.split).is_dir():
-        sys.exit(f"error: no YOLO folder at --data {data} (images/{args.split}); point --data at "
-                 "coco128 (../shared/data/coco128 from the project root)")  # fmt: skip
+        sys.exit(
+            f"error: no YOLO folder at --data {data} (images/{args.split}); point --data at "
+            "coco128 (../shared/data/coco128 from the project root)"
+        )
     cores = os.cpu_count() or 1
     counts = args.workers or list(range(1, cores + 1))
     if "grain" in args.backends and not pipeline.grain_available():
@@ -154,20 +188,32 @@ def main() -> None:
             )
         if "yolo" in args.sources:
             named["yolo"] = yolo
-        print(f"{len(yolo)} images from {data}, batch {args.batch}, {args.batches} timed batches "
-              f"per configuration, {cores} cores, load average "
-              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
-        results = {"cores": cores, "images": len(yolo), "batch": args.batch, "stages": {},
-                   "throughput": []}  # fmt: skip
-        print("\n| source | decode ms/img | augment ms/img | normalise ms/img | collate ms/img "
-              "| sum ms/img | one thread img/s |")  # fmt: skip
+        print(
+            f"{len(yolo)} images from {data}, batch {args.batch}, {args.batches} timed batches "
+            f"per configuration, {cores} cores, load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        )
+        results = {
+            "cores": cores,
+            "images": len(yolo),
+            "batch": args.batch,
+            "stages": {},
+            "throughput": [],
+        }
+        print(
+            "\n| source | decode ms/img | augment ms/img | normalise ms/img | collate ms/img "
+            "| sum ms/img | one thread img/s |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, source in named.items():
             stages = stage_times(source, augment, args.batch, args.seed)
             results["stages"][name] = stages
             total = sum(stages.values())
-            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in stages.values())
-                  + f" | {total:.1f} | {1e3 / total:.1f} |")  # fmt: skip
+            print(
+                f"| {name} | "
+                + " | ".join(f"{v:.1f}" for v in stages.values())
+                + f" | {total:.1f} | {1e3 / total:.1f} |"
+            )
         need = f" | cores for {args.need:g} img/s" if args.need else ""
         print(f"\n| source | backend | threads | workers | img/s | img/s per core{need} |")
         print("|---|---|---:|---:|---:|---:" + ("|---:|" if args.need else "|"))
@@ -176,17 +222,32 @@ def main() -> None:
             layouts += [("grain", 1, count) for count in counts if "grain" in args.backends]
             for backend, threads, workers in layouts:
                 count = max(threads, workers)
-                rate = throughput(source, augment, backend=backend, threads=threads,
-                                  workers=workers, batch_size=args.batch,
-                                  batches=args.batches, seed=args.seed)  # fmt: skip
+                rate = throughput(
+                    source,
+                    augment,
+                    backend=backend,
+                    threads=threads,
+                    workers=workers,
+                    batch_size=args.batch,
+                    batches=args.batches,
+                    seed=args.seed,
+                )
                 per_core = rate / min(count, cores)
-                row = {"source": name, "backend": backend, "threads": threads,
-                       "workers": workers, "images_per_s": rate,
-                       "images_per_s_per_core": per_core}  # fmt: skip
+                row = {
+                    "source": name,
+                    "backend": backend,
+                    "threads": threads,
+                    "workers": workers,
+                    "images_per_s": rate,
+                    "images_per_s_per_core": per_core,
+                }
                 results["throughput"].append(row)
                 extra = f" | {math.ceil(args.need / per_core)}" if args.need else ""
-                print(f"| {name} | {backend} | {threads} | {workers} | {rate:.1f} | "
-                      f"{per_core:.1f}{extra} |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {backend} | {threads} | {workers} | {rate:.1f} | "
+                    f"{per_core:.1f}{extra} |",
+                    flush=True,
+                )
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -363,8 +363,11 @@ def tile_sweep(repeats: int) -> None:
                 for size, ms in sorted(times.items()):
                     mark = " (default)" if size == getattr(default, field) else ""
                     mark += " (fastest)" if size == best else ""
-                    print(f"| {shape} | {bs} | {dtype_name} | {kernel} | {size}{mark} | "
-                          f"{ms:.3f} | {ms / base:.2f} |", flush=True)  # fmt: skip
+                    print(
+                        f"| {shape} | {bs} | {dtype_name} | {kernel} | {size}{mark} | "
+                        f"{ms:.3f} | {ms / base:.2f} |",
+                        flush=True,
+                    )
 
 
 def profile_once() -> None:

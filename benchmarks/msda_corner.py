@@ -45,8 +45,9 @@ def _inputs(batch: int, seed: int = 0):
         rng.normal(0, 2, (batch, len_v, NHEADS, nlevels, NPOINTS, 2)), jnp.float32
     )
     attn = jnp.asarray(rng.uniform(0, 1, (batch, len_v, NHEADS, nlevels, NPOINTS)), jnp.float32)
-    ratios = jnp.asarray(rng.uniform(0.7, 1.0, (batch, 1, 2)) * np.ones((1, nlevels, 1)),
-                         jnp.float32)  # fmt: skip
+    ratios = jnp.asarray(
+        rng.uniform(0.7, 1.0, (batch, 1, 2)) * np.ones((1, nlevels, 1)), jnp.float32
+    )
     return value, offsets, attn, ratios
 
 
@@ -99,9 +100,11 @@ def main() -> None:
             fwd, bwd = programs[name]
             times[name, "fwd"].append(_time_ms(fwd, args))
             times[name, "fwd+bwd"].append(_time_ms(bwd, args))
-    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {options.batch}, "
-          f"{options.repeats} repeats (median ms)")  # fmt: skip
+    print(
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {options.batch}, "
+        f"{options.repeats} repeats (median ms)"
+    )
     print("| formulation | fwd ms | fwd+bwd ms |")
     print("|---|---:|---:|")
     for name in names:

@@ -41,12 +41,40 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
 # Innermost scope wins; "sampling_core" is reported per stack (encoder / decoder).
-SCOPES = ("backbone", "input_proj", "encoder", "decoder", "sampling_core", "heads", "matcher",
-          "loss", "optimizer")  # fmt: skip
-ROWS = ("backbone", "input_proj", "encoder", "encoder sampling core", "decoder",
-        "decoder sampling core", "heads", "matcher", "loss", "optimizer", "other")  # fmt: skip
-_FRAMEWORK = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRt",
-              "ParseArguments", "Handle inputs", "end: ")  # fmt: skip
+SCOPES = (
+    "backbone",
+    "input_proj",
+    "encoder",
+    "decoder",
+    "sampling_core",
+    "heads",
+    "matcher",
+    "loss",
+    "optimizer",
+)
+ROWS = (
+    "backbone",
+    "input_proj",
+    "encoder",
+    "encoder sampling core",
+    "decoder",
+    "decoder sampling core",
+    "heads",
+    "matcher",
+    "loss",
+    "optimizer",
+    "other",
+)
+_FRAMEWORK = (
+    "$",
+    "ThunkExecutor",
+    "PjitFunction",
+    "SlinkyThreadPool",
+    "CommonPjRt",
+    "ParseArguments",
+    "Handle inputs",
+    "end: ",
+)
 
 
 def _part(scopes: list[str]) -> str:
@@ -247,15 +275,19 @@ def main(argv=None) -> int:
     measured, subjects = train_step.measure(args, JaxParts, TorchParts)
     try:
         step_s = {name: r["step_s"] for name, r in measured.items()}
-        parts = {name: _scaled(subject.call("profile", args.profile_steps), step_s[name])
-                 for name, subject in subjects.items()}  # fmt: skip
+        parts = {
+            name: _scaled(subject.call("profile", args.profile_steps), step_s[name])
+            for name, subject in subjects.items()
+        }
     finally:
         for subject in subjects.values():
             subject.close()
     first = measured["jax"]["first_step_s"]
     load_after = os.getloadavg()
-    print(f"{args.model}, batch {args.batch}, {height}x{width}, float32; JAX first step "
-          f"{first:.1f} s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip
+    print(
+        f"{args.model}, batch {args.batch}, {height}x{width}, float32; JAX first step "
+        f"{first:.1f} s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
     keys = []
     for row in ROWS:
         for direction in ("forward", "backward", ""):
@@ -278,9 +310,18 @@ def main(argv=None) -> int:
     print(total)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"step_s": step_s, "first_step_s": first, "load": [load_before, load_after],
-                       "parts": {n: {" ".join(k).strip(): v for k, v in p.items()}
-                                 for n, p in parts.items()}}, f, indent=2)  # fmt: skip
+            json.dump(
+                {
+                    "step_s": step_s,
+                    "first_step_s": first,
+                    "load": [load_before, load_after],
+                    "parts": {
+                        n: {" ".join(k).strip(): v for k, v in p.items()} for n, p in parts.items()
+                    },
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -61,8 +61,9 @@ def model_config(name: str):
     return DeformableDetrConfig(**fields)
 
 
-def synthetic_batch(batch: int, height: int, width: int, num_labels: int, max_boxes: int = 10,
-                    seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+def synthetic_batch(
+    batch: int, height: int, width: int, num_labels: int, max_boxes: int = 10, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     count = rng.integers(1, max_boxes + 1, batch)
     mask = np.arange(max_boxes)[None] < count[:, None]
@@ -140,16 +141,24 @@ def build_torch(config, batch, args):
         else:
             groups["default"].append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": groups["default"], "lr": 2e-4}, {"params": groups["backbone"], "lr": 2e-5},
-         {"params": groups["linear_proj"], "lr": 2e-5}], weight_decay=1e-4,
-    )  # fmt: skip
+        [
+            {"params": groups["default"], "lr": 2e-4},
+            {"params": groups["backbone"], "lr": 2e-5},
+            {"params": groups["linear_proj"], "lr": 2e-5},
+        ],
+        weight_decay=1e-4,
+    )
     pixel_values = torch.from_numpy(batch["pixel_values"].transpose(0, 3, 1, 2).copy()).to(device)
     pixel_mask = torch.from_numpy(batch["pixel_mask"].astype(np.int64)).to(device)
     labels = [
-        {"class_labels": torch.from_numpy(batch["labels"][i][batch["mask"][i]].astype(np.int64)).to(device),
-         "boxes": torch.from_numpy(batch["boxes"][i][batch["mask"][i]]).to(device)}
+        {
+            "class_labels": torch.from_numpy(
+                batch["labels"][i][batch["mask"][i]].astype(np.int64)
+            ).to(device),
+            "boxes": torch.from_numpy(batch["boxes"][i][batch["mask"][i]]).to(device),
+        }
         for i in range(len(batch["mask"]))
-    ]  # fmt: skip
+    ]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step():
@@ -249,9 +258,13 @@ def measure(args, jax_subject=JaxSubject, torch_subject=TorchSubject):
     results = {}
     for name, subject in subjects.items():
         median = statistics.median(times[name])
-        results[name] = {"step_s": median, "images_per_s": args.batch / median,
-                         "first_step_s": subject.info["first_step_s"], "loss": subject.call("loss"),
-                         "steps": len(times[name])}  # fmt: skip
+        results[name] = {
+            "step_s": median,
+            "images_per_s": args.batch / median,
+            "first_step_s": subject.info["first_step_s"],
+            "loss": subject.call("loss"),
+            "steps": len(times[name]),
+        }
     results["jax"]["devices"] = subjects["jax"].call("devices")
     results["jax"]["backend"] = subjects["jax"].call("backend")
     if args.torch:
@@ -279,8 +292,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
     _, _, (height, width) = setup(args)
-    results = {"model": args.model, "batch": args.batch, "size": [height, width],
-               "dtype": args.dtype}  # fmt: skip
+    results = {
+        "model": args.model,
+        "batch": args.batch,
+        "size": [height, width],
+        "dtype": args.dtype,
+    }
     load_before = os.getloadavg()
     measured, subjects = measure(args)
     for subject in subjects.values():
@@ -288,10 +305,12 @@ def main(argv=None) -> int:
     results.update(measured)
     results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     jax_r = results["jax"]
-    print(f"jax   {args.model} batch {args.batch} {height}x{width} {args.dtype} on "
-          f"{jax_r['devices']} {jax_r['backend']} device(s): {jax_r['images_per_s']:.2f} img/s "
-          f"({jax_r['step_s'] * 1e3:.1f} ms/step, first step {jax_r['first_step_s']:.1f} s, "
-          f"loss {jax_r['loss']:.4f})")  # fmt: skip
+    print(
+        f"jax   {args.model} batch {args.batch} {height}x{width} {args.dtype} on "
+        f"{jax_r['devices']} {jax_r['backend']} device(s): {jax_r['images_per_s']:.2f} img/s "
+        f"({jax_r['step_s'] * 1e3:.1f} ms/step, first step {jax_r['first_step_s']:.1f} s, "
+        f"loss {jax_r['loss']:.4f})"
+    )
     if args.torch:
         torch_r = results["torch"]
         speedup = jax_r["images_per_s"] / torch_r["images_per_s"]
@@ -300,20 +319,28 @@ def main(argv=None) -> int:
             (args.model, args.batch, (height, width))
         )
         results["speedup"] = speedup
-        print(f"torch {args.model} on {torch_r['device']}: {torch_r['images_per_s']:.2f} img/s "
-              f"({torch_r['step_s'] * 1e3:.1f} ms/step, first step {torch_r['first_step_s']:.1f} s, "
-              f"loss {torch_r['loss']:.4f}); JAX / PyTorch = {speedup:.2f}x")  # fmt: skip
+        print(
+            f"torch {args.model} on {torch_r['device']}: {torch_r['images_per_s']:.2f} img/s "
+            f"({torch_r['step_s'] * 1e3:.1f} ms/step, first step {torch_r['first_step_s']:.1f} s, "
+            f"loss {torch_r['loss']:.4f}); JAX / PyTorch = {speedup:.2f}x"
+        )
         if jax_r["backend"] == "gpu" and torch_r["device"] == "cuda":
-            print(f"# goal training step >= 2x transformers on the same GPU and batch: "
-                  f"{speedup:.2f}x {'PASS' if speedup >= 2 else 'FAIL'}")  # fmt: skip
+            print(
+                f"# goal training step >= 2x transformers on the same GPU and batch: "
+                f"{speedup:.2f}x {'PASS' if speedup >= 2 else 'FAIL'}"
+            )
         elif jax_r["backend"] == "cpu" and torch_r["device"] == "cpu" and cpu_goal:
-            print(f"# goal CPU training step >= {cpu_goal}x transformers (issue 14): "
-                  f"{speedup:.2f}x {'PASS' if speedup >= cpu_goal else 'FAIL'}")  # fmt: skip
+            print(
+                f"# goal CPU training step >= {cpu_goal}x transformers (issue 14): "
+                f"{speedup:.2f}x {'PASS' if speedup >= cpu_goal else 'FAIL'}"
+            )
         else:
             print("# goal training step >= 2x transformers: not measured here (needs a GPU)")
     before, after = results["load_average"]["before"], results["load_average"]["after"]
-    print(f"load average (1, 5, 15 min) before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
-          f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")  # fmt: skip
+    print(
+        f"load average (1, 5, 15 min) before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
+        f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

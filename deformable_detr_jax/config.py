@@ -145,11 +145,20 @@ class DeformableDetrConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
         for name in (
-            "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-            "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries",
-            "encoder_n_points", "decoder_n_points", "two_stage_num_proposals", "num_labels",
+            "d_model",
+            "encoder_layers",
+            "decoder_layers",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "num_queries",
+            "encoder_n_points",
+            "decoder_n_points",
+            "two_stage_num_proposals",
+            "num_labels",
             "backbone_embedding_size",
-        ):  # fmt: skip
+        ):
             positive(name)
         if self.num_feature_levels not in (1, 3, 4, 5):
             raise ValueError(
@@ -210,7 +219,9 @@ class DeformableDetrConfig:
         """18/34/50/101 when the backbone is a standard ResNet, else None."""
         for depth, (layer_type, depths) in RESNET_DEPTHS.items():
             if (layer_type, depths, _HIDDEN_SIZES[layer_type]) == (
-                self.backbone_layer_type, self.backbone_depths, self.backbone_hidden_sizes
+                self.backbone_layer_type,
+                self.backbone_depths,
+                self.backbone_hidden_sizes,
             ) and self.backbone_embedding_size == 64:
                 return depth
         return None
@@ -369,8 +380,7 @@ def _backbone_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
     expected = ["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"]
     if out is not None and list(out) != expected:
         raise ValueError(
-            f"backbone_config.out_features={out} but num_feature_levels={levels} needs "
-            f"{expected}"
+            f"backbone_config.out_features={out} but num_feature_levels={levels} needs {expected}"
         )
     return fields
 

@@ -104,24 +104,28 @@ class CocoEvaluator:
             scale = np.asarray([width, height, width, height], dtype=np.float64)
             xyxy = boxes[i] * scale
             for score, label, (x0, y0, x1, y1) in zip(scores[i], labels[i], xyxy):
-                self.detections.append({
-                    "image_id": image_id,
-                    "category_id": self._category(label),
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                    "score": float(score),
-                })  # fmt: skip
+                self.detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": self._category(label),
+                        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                        "score": float(score),
+                    }
+                )
             if self.ground_truth_json is None:
                 mask = np.asarray(batch["mask"][i], dtype=bool)
                 for label, (cx, cy, w, h) in zip(batch["labels"][i][mask], batch["boxes"][i][mask]):
                     w, h = float(w) * width, float(h) * height
-                    self.annotations.append({
-                        "id": len(self.annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": self._category(label),
-                        "bbox": [float(cx) * width - w / 2, float(cy) * height - h / 2, w, h],
-                        "area": w * h,
-                        "iscrowd": 0,
-                    })  # fmt: skip
+                    self.annotations.append(
+                        {
+                            "id": len(self.annotations) + 1,
+                            "image_id": image_id,
+                            "category_id": self._category(label),
+                            "bbox": [float(cx) * width - w / 2, float(cy) * height - h / 2, w, h],
+                            "area": w * h,
+                            "iscrowd": 0,
+                        }
+                    )
 
     def _ground_truth(self):
         COCO, _ = _require_pycocotools()

@@ -69,9 +69,16 @@ def write_report(prog: str, text: str, folder: str | os.PathLike | None = None) 
     return None
 
 
-def report(prog: str, message: str, code: int, *, error: BaseException | None = None,
-           details: str = "", folder: str | os.PathLike | None = None,
-           logs: Sequence[str] = ()) -> int:  # fmt: skip
+def report(
+    prog: str,
+    message: str,
+    code: int,
+    *,
+    error: BaseException | None = None,
+    details: str = "",
+    folder: str | os.PathLike | None = None,
+    logs: Sequence[str] = (),
+) -> int:
     """Prints `error: message` (plus where the full report went) and returns `code`.
 
     A report file is written when there is `details`, a traceback of `error` worth keeping
@@ -117,8 +124,13 @@ def internal_error(prog: str, error: BaseException, **kwargs) -> int:
     text = " ".join(str(error).split())
     text = text if len(text) <= 300 else text[:297] + "..."
     message = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return report(prog, f"{message} (an internal error; please report it with the file below)",
-                  INTERNAL, error=error, **kwargs)  # fmt: skip
+    return report(
+        prog,
+        f"{message} (an internal error; please report it with the file below)",
+        INTERNAL,
+        error=error,
+        **kwargs,
+    )
 
 
 def guarded(prog: str, main: Callable[[], int]) -> int:
@@ -144,8 +156,9 @@ class CapturedLogs(logging.Filter):
         super().__init__()
         self.records: list[str] = []
         self._logger, self._match = logging.getLogger(logger), match
-        self._format = logging.Formatter("%(levelname)s %(asctime)s %(pathname)s:%(lineno)d] "
-                                          "%(message)s")  # fmt: skip
+        self._format = logging.Formatter(
+            "%(levelname)s %(asctime)s %(pathname)s:%(lineno)d] %(message)s"
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and self._match in (record.pathname or ""):

@@ -131,8 +131,9 @@ _forward = jax.jit(_outputs, static_argnames=("graphdef", "dtype", "padding_inva
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _cast_floating(tree, *, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        tree)  # fmt: skip
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def _resolve_dtype(dtype: Any) -> jnp.dtype:
@@ -386,9 +387,13 @@ class Detector:
         `[bs, len_q, num_labels]` and `[bs, len_q, 4]` float32 out. For exporting
         (`deformable_detr_jax.export`) and for tracing under other transformations."""
         return functools.partial(
-            _outputs, self._params, self._rest, graphdef=self._graphdef, dtype=self.dtype,
+            _outputs,
+            self._params,
+            self._rest,
+            graphdef=self._graphdef,
+            dtype=self.dtype,
             padding_invariant=self.padding_invariant,
-        )  # fmt: skip
+        )
 
     def forward(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[Any, Any]:
         """Compiled model on a pre-processed batch: `[bs, height, width, 3]` float32 and
@@ -516,10 +521,22 @@ class Detector:
 
 # Distinct colours (Tableau 10 + a few), picked by label id.
 _PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (0, 0, 128), (128, 128, 0), (0, 128, 128), (128, 0, 128), (255, 215, 0),
-)  # fmt: skip
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (0, 0, 128),
+    (128, 128, 0),
+    (0, 128, 128),
+    (128, 0, 128),
+    (255, 215, 0),
+)
 
 
 def _font(size: int) -> PIL.ImageFont.ImageFont:

@@ -58,17 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect objects in images with a Deformable DETR model folder.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="model folder: hub-style (config.json + model.safetensors | "
-                             "pytorch_model.bin) or saved by deformable_detr_jax")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="model folder: hub-style (config.json + model.safetensors | "
+        "pytorch_model.bin) or saved by deformable_detr_jax",
+    )
     parser.add_argument("--out", metavar="DIR", help="write annotated images to DIR/<name>.png")
-    parser.add_argument("--threshold", type=_threshold, default=0.5, metavar="T",
-                        help="keep detections with score > T, in [0, 1] (default 0.5)")  # fmt: skip
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.5,
+        metavar="T",
+        help="keep detections with score > T, in [0, 1] (default 0.5)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N",
-                        help="images per device batch within a shape bucket (default 4)")  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per image instead of text")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="images per device batch within a shape bucket (default 4)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per image instead of text"
+    )
     return parser
 
 
@@ -94,18 +109,21 @@ def _predict(args: argparse.Namespace) -> int:
     from deformable_detr_jax.processing import ImageError
 
     try:
-        detector = Detector.from_pretrained(args.model, dtype=args.dtype,
-                                            batch_size=args.batch_size)  # fmt: skip
+        detector = Detector.from_pretrained(
+            args.model, dtype=args.dtype, batch_size=args.batch_size
+        )
     except (OSError, ValueError) as err:  # missing folder, bad checkpoint or config
-        return exits.report(PROG, f"cannot load the model from {args.model!r}: {err}",
-                            exits.BAD_INPUT)  # fmt: skip
+        return exits.report(
+            PROG, f"cannot load the model from {args.model!r}: {err}", exits.BAD_INPUT
+        )
     out = pathlib.Path(args.out) if args.out else None
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            return exits.report(PROG, f"cannot create --out {str(out)!r}: {err}",
-                                exits.WRITE_FAILED)  # fmt: skip
+            return exits.report(
+                PROG, f"cannot create --out {str(out)!r}: {err}", exits.WRITE_FAILED
+            )
 
     start = time.perf_counter()
     results = detector(args.images, threshold=args.threshold, on_error="return")
@@ -127,8 +145,12 @@ def _predict(args: argparse.Namespace) -> int:
                 print(f"error: {path}: cannot write {written}: {err}", file=sys.stderr)
                 written = None
         if args.json:
-            record = {"image": os.fspath(path), "height": result.image_size[0],
-                      "width": result.image_size[1], "detections": result.to_list()}  # fmt: skip
+            record = {
+                "image": os.fspath(path),
+                "height": result.image_size[0],
+                "width": result.image_size[1],
+                "detections": result.to_list(),
+            }
             if written is not None:
                 record["annotated"] = os.fspath(written)
             print(json.dumps(record))
@@ -137,9 +159,11 @@ def _predict(args: argparse.Namespace) -> int:
             if written is not None:
                 print(f"  -> {written}")
     ok = len(args.images) - failed
-    print(f"{ok} of {len(args.images)} image(s) processed in {seconds:.1f} s "
-          f"(programs compiled for {len(detector.compiled_shapes)} shape(s))",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"{ok} of {len(args.images)} image(s) processed in {seconds:.1f} s "
+        f"(programs compiled for {len(detector.compiled_shapes)} shape(s))",
+        file=sys.stderr,
+    )
     return exits.SOME_FAILED if failed else exits.OK
 
 

@@ -112,8 +112,9 @@ elif KIND in ("nan", "bug", "sigint"):
             if KIND == "sigint":
                 os.kill(os.getpid(), signal.SIGINT)
             else:
-                batches = [dict(b, pixel_values=np.full_like(b["pixel_values"], np.nan))
-                           for b in batches]  # fmt: skip
+                batches = [
+                    dict(b, pixel_values=np.full_like(b["pixel_values"], np.nan)) for b in batches
+                ]
         return _global_batch(batches, mesh)
 
     loop.global_train_batch = _faulty_batch

@@ -16,10 +16,19 @@ import re
 import numpy as np
 
 FULL_SIZE = dict(
-    d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-    decoder_attention_heads=8, encoder_ffn_dim=1024, decoder_ffn_dim=1024, num_queries=300,
-    num_feature_levels=4, encoder_n_points=4, decoder_n_points=4, num_labels=91,
-)  # fmt: skip
+    d_model=256,
+    encoder_layers=6,
+    decoder_layers=6,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_ffn_dim=1024,
+    decoder_ffn_dim=1024,
+    num_queries=300,
+    num_feature_levels=4,
+    encoder_n_points=4,
+    decoder_n_points=4,
+    num_labels=91,
+)
 
 VARIANTS = {
     "plain": {},
@@ -37,9 +46,11 @@ def hf_config(depth_layout=((3, 4, 6, 3), "bottleneck", (256, 512, 1024, 2048)),
     kwargs = {**FULL_SIZE, **kwargs}
     levels = kwargs["num_feature_levels"]
     backbone = ResNetConfig(
-        depths=list(depths), layer_type=layer_type, hidden_sizes=list(hidden_sizes),
+        depths=list(depths),
+        layer_type=layer_type,
+        hidden_sizes=list(hidden_sizes),
         out_features=["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"],
-    )  # fmt: skip
+    )
     return HFConfig(use_timm_backbone=False, backbone_config=backbone, **kwargs)
 
 
@@ -83,8 +94,11 @@ def to_hub_naming(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for key, value in state_dict.items():
         new = key
-        m = re.match(r"model\.backbone\.model\.embedder\.embedder\.(convolution|normalization)"
-                     r"\.(.*)", key)  # fmt: skip
+        m = re.match(
+            r"model\.backbone\.model\.embedder\.embedder\.(convolution|normalization)"
+            r"\.(.*)",
+            key,
+        )
         if m:
             new = f"model.backbone.conv_encoder.model.{'conv1' if m[1] == 'convolution' else 'bn1'}.{m[2]}"
         m = re.match(r"model\.backbone\.model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)", key)

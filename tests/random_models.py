@@ -16,10 +16,20 @@ from flax import nnx
 
 from deformable_detr_jax import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-SMALL = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
-             decoder_ffn_dim=48, num_queries=12, two_stage_num_proposals=12, num_labels=5,
-             encoder_attention_heads=4, decoder_attention_heads=2, encoder_n_points=3,
-             decoder_n_points=2)  # fmt: skip
+SMALL = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    num_queries=12,
+    two_stage_num_proposals=12,
+    num_labels=5,
+    encoder_attention_heads=4,
+    decoder_attention_heads=2,
+    encoder_n_points=3,
+    decoder_n_points=2,
+)
 BASIC_18 = ((2, 2, 2, 2), "basic", (64, 128, 256, 512))
 TINY_BOTTLENECK = ((1, 2, 1, 1), "bottleneck", (64, 128, 256, 256))
 

@@ -53,8 +53,9 @@ def finish_all(
         for reader in readers:
             if reader.ident is not None:
                 reader.join()
-    tails = "\n".join(f"--- {what} {i} ({p.returncode}):\n{outputs[i][-3000:]}"
-                      for i, p in enumerate(processes))  # fmt: skip
+    tails = "\n".join(
+        f"--- {what} {i} ({p.returncode}):\n{outputs[i][-3000:]}" for i, p in enumerate(processes)
+    )
     if late:
         pytest.fail(f"{what} {late} still running after {timeout:.0f} s, killed:\n{tails}")
     if check and any(p.returncode != 0 for p in processes):

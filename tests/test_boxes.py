@@ -115,9 +115,11 @@ def test_gradients_match_finite_differences(name):
     that overlap without sharing a coordinate (away from the kinks of min, max and clamp)."""
     rng = np.random.default_rng(5)
     targets = np.concatenate(
-        [np.array(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 4))), np.float64),
-         _DEGENERATE]
-    )  # fmt: skip
+        [
+            np.array(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 4))), np.float64),
+            _DEGENERATE,
+        ]
+    )
     shift = rng.choice([-1.0, 1.0], size=(4, 4)) * rng.uniform(0.01, 0.05, size=(4, 4))
     preds = targets[:4] + shift  # each overlaps its target
     preds = np.concatenate([preds, [[0.12, 0.16, 0.83, 0.91]]])  # holds the point and segments

@@ -21,11 +21,23 @@ from deformable_detr_jax.convert import (
 )
 from tests.random_models import random_model
 
-TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
-            decoder_ffn_dim=40, num_queries=10, two_stage_num_proposals=10, num_labels=5,
-            encoder_attention_heads=4, decoder_attention_heads=2, encoder_n_points=3,
-            decoder_n_points=2, backbone_depths=(1, 1, 1, 1),
-            backbone_hidden_sizes=(32, 64, 128, 256), backbone_embedding_size=16)  # fmt: skip
+TINY = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=40,
+    num_queries=10,
+    two_stage_num_proposals=10,
+    num_labels=5,
+    encoder_attention_heads=4,
+    decoder_attention_heads=2,
+    encoder_n_points=3,
+    decoder_n_points=2,
+    backbone_depths=(1, 1, 1, 1),
+    backbone_hidden_sizes=(32, 64, 128, 256),
+    backbone_embedding_size=16,
+)
 VARIANTS = {
     "plain": {},
     "box_refine": {"with_box_refine": True},

@@ -126,8 +126,13 @@ def test_what_a_failed_command_prints_while_shutting_down_goes_to_its_report(tmp
         "print('late stdout'); print('late stderr', file=sys.stderr)\n"
         "os.write(2, b'late fd 2\\n')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "progress before"
     line = _one_error_line(done.stderr)

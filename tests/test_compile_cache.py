@@ -63,13 +63,21 @@ def model_folder(tmp_path_factory):
 def _child(folder, env: dict, detect: bool = True) -> dict:
     """Runs `_CHILD` with `env` on top of ours (a None value removes that variable); every
     program is cached, however fast it compiled."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           **env}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        **env,
+    }
     env = {k: v for k, v in env.items() if v is not None}
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, os.fspath(folder), "detect" if detect else "construct"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -87,12 +95,16 @@ def test_a_second_process_loads_what_the_first_compiled(model_folder, tmp_path):
 
 
 def test_the_variable_moves_or_turns_off_the_cache(model_folder, tmp_path):
-    moved = _child(model_folder, {ENV_VAR: str(tmp_path / "elsewhere"),
-                                  "XDG_CACHE_HOME": str(tmp_path / "x")}, detect=False)  # fmt: skip
+    moved = _child(
+        model_folder,
+        {ENV_VAR: str(tmp_path / "elsewhere"), "XDG_CACHE_HOME": str(tmp_path / "x")},
+        detect=False,
+    )
     assert moved["directory"] == str(tmp_path / "elsewhere")
     assert (tmp_path / "elsewhere").is_dir() and not (tmp_path / "x").exists()
-    off = _child(model_folder, {ENV_VAR: "off", "XDG_CACHE_HOME": str(tmp_path / "y")},
-                 detect=False)  # fmt: skip
+    off = _child(
+        model_folder, {ENV_VAR: "off", "XDG_CACHE_HOME": str(tmp_path / "y")}, detect=False
+    )
     assert off["directory"] is None
     assert not (tmp_path / "y").exists()
 

@@ -11,21 +11,48 @@ from deformable_detr_jax import PRESETS, DeformableDetrConfig, preset
 
 # The shape of the hub's SenseTime/deformable-detr-with-box-refine-two-stage config.json.
 HUB_TWO_STAGE = {
-    "activation_dropout": 0.0, "activation_function": "relu", "architectures":
-    ["DeformableDetrForObjectDetection"], "attention_dropout": 0.0, "auxiliary_loss": False,
-    "backbone": "resnet50", "bbox_cost": 5, "bbox_loss_coefficient": 5, "class_cost": 1,
-    "d_model": 256, "decoder_attention_heads": 8, "decoder_ffn_dim": 1024, "decoder_layers": 6,
-    "decoder_n_points": 4, "dice_loss_coefficient": 1, "dilation": False, "dropout": 0.1,
-    "encoder_attention_heads": 8, "encoder_ffn_dim": 1024, "encoder_layerdrop": 0.0,
-    "encoder_layers": 6, "encoder_n_points": 4, "eos_coefficient": 0.1, "focal_alpha": 0.25,
-    "giou_cost": 2, "giou_loss_coefficient": 2,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "architectures": ["DeformableDetrForObjectDetection"],
+    "attention_dropout": 0.0,
+    "auxiliary_loss": False,
+    "backbone": "resnet50",
+    "bbox_cost": 5,
+    "bbox_loss_coefficient": 5,
+    "class_cost": 1,
+    "d_model": 256,
+    "decoder_attention_heads": 8,
+    "decoder_ffn_dim": 1024,
+    "decoder_layers": 6,
+    "decoder_n_points": 4,
+    "dice_loss_coefficient": 1,
+    "dilation": False,
+    "dropout": 0.1,
+    "encoder_attention_heads": 8,
+    "encoder_ffn_dim": 1024,
+    "encoder_layerdrop": 0.0,
+    "encoder_layers": 6,
+    "encoder_n_points": 4,
+    "eos_coefficient": 0.1,
+    "focal_alpha": 0.25,
+    "giou_cost": 2,
+    "giou_loss_coefficient": 2,
     "id2label": {str(i): f"class{i}" for i in range(91)},
-    "init_std": 0.02, "init_xavier_std": 1.0, "is_encoder_decoder": True,
-    "mask_loss_coefficient": 1, "max_position_embeddings": 1024, "model_type": "deformable_detr",
-    "num_feature_levels": 4, "num_queries": 300, "position_embedding_type": "sine",
-    "two_stage": True, "two_stage_num_proposals": 300, "use_pretrained_backbone": True,
-    "use_timm_backbone": True, "with_box_refine": True,
-}  # fmt: skip
+    "init_std": 0.02,
+    "init_xavier_std": 1.0,
+    "is_encoder_decoder": True,
+    "mask_loss_coefficient": 1,
+    "max_position_embeddings": 1024,
+    "model_type": "deformable_detr",
+    "num_feature_levels": 4,
+    "num_queries": 300,
+    "position_embedding_type": "sine",
+    "two_stage": True,
+    "two_stage_num_proposals": 300,
+    "use_pretrained_backbone": True,
+    "use_timm_backbone": True,
+    "with_box_refine": True,
+}
 
 
 def test_from_hub_config_json(tmp_path):
@@ -45,9 +72,12 @@ def test_with_resnet(depth):
 
 
 def test_presets():
-    assert set(PRESETS) >= {"deformable-detr", "deformable-detr-with-box-refine",
-                            "deformable-detr-with-box-refine-two-stage",
-                            "deformable-detr-single-scale"}  # fmt: skip
+    assert set(PRESETS) >= {
+        "deformable-detr",
+        "deformable-detr-with-box-refine",
+        "deformable-detr-with-box-refine-two-stage",
+        "deformable-detr-single-scale",
+    }
     assert preset("SenseTime/deformable-detr-with-box-refine-two-stage").two_stage
     assert preset("deformable-detr-single-scale-dc5").dilation
     assert preset("deformable-detr", num_labels=3).num_labels == 3

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.torch
 def test_hub_single_scale_dc5_reads_dilation():
     from transformers import DeformableDetrConfig as HFConfig
 
-    hf = HFConfig(use_timm_backbone=True, backbone="resnet50", dilation=True,
-                  num_feature_levels=1).to_dict()  # fmt: skip
+    hf = HFConfig(
+        use_timm_backbone=True, backbone="resnet50", dilation=True, num_feature_levels=1
+    ).to_dict()
     config = DeformableDetrConfig.from_hf(hf)
     assert config.dilation and config.num_feature_levels == 1
     assert config.backbone_out_stages == (3,)

@@ -36,10 +36,18 @@ from deformable_detr_jax.convert import (
 )
 
 TINY = dict(
-    d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48, decoder_ffn_dim=40,
-    num_queries=10, num_labels=7, encoder_n_points=2, decoder_n_points=3,
-    encoder_attention_heads=8, decoder_attention_heads=8,
-)  # fmt: skip
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=40,
+    num_queries=10,
+    num_labels=7,
+    encoder_n_points=2,
+    decoder_n_points=3,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+)
 BACKBONE = dict(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[2, 1, 1, 1])
 VARIANTS = {
     "plain": dict(num_feature_levels=4, with_box_refine=False, two_stage=False),
@@ -210,8 +218,12 @@ def test_config_check(models):
         check_config_against_variant(wrong, variant)
     message = str(info.value)
     assert "4 setting(s)" in message
-    for expected in ("num_labels: config says 80, the weights have 7", "with_box_refine",
-                     "decoder_layers: config says 6", "decoder attention"):  # fmt: skip
+    for expected in (
+        "num_labels: config says 80, the weights have 7",
+        "with_box_refine",
+        "decoder_layers: config says 6",
+        "decoder attention",
+    ):
         assert expected in message
 
 
@@ -302,11 +314,20 @@ def test_infer_variant_missing_keys(models):
 def test_variant_from_original_args(models):
     name, _, original_sd, _, _ = models
     args = argparse.Namespace(
-        hidden_dim=TINY["d_model"], nheads=8, enc_layers=TINY["encoder_layers"],
-        dec_layers=TINY["decoder_layers"], dim_feedforward=48, enc_n_points=2, dec_n_points=3,
-        num_queries=TINY["num_queries"], dilation=True, position_embedding="sine",
-        backbone="resnet50", lr=2e-4, **VARIANTS[name],
-    )  # fmt: skip
+        hidden_dim=TINY["d_model"],
+        nheads=8,
+        enc_layers=TINY["encoder_layers"],
+        dec_layers=TINY["decoder_layers"],
+        dim_feedforward=48,
+        enc_n_points=2,
+        dec_n_points=3,
+        num_queries=TINY["num_queries"],
+        dilation=True,
+        position_embedding="sine",
+        backbone="resnet50",
+        lr=2e-4,
+        **VARIANTS[name],
+    )
     fields = variant_from_original_args(args)
     assert fields["dilation"] is True and fields["backbone_depths"] == (3, 4, 6, 3)
     assert fields["two_stage_num_proposals"] == TINY["num_queries"]

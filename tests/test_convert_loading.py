@@ -44,10 +44,20 @@ from tests.test_convert_bad_files import _cli_fails
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-4
 # 8 heads as in every published checkpoint, so that configs can be read off the weights.
-TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
-            decoder_ffn_dim=48, num_queries=12, two_stage_num_proposals=12, num_labels=5,
-            encoder_attention_heads=8, decoder_attention_heads=8, encoder_n_points=2,
-            decoder_n_points=3)  # fmt: skip
+TINY = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    num_queries=12,
+    two_stage_num_proposals=12,
+    num_labels=5,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_n_points=2,
+    decoder_n_points=3,
+)
 BACKBONE = ((1, 1, 1, 1), "bottleneck", (32, 64, 128, 256))
 SIZES = ((128, 160), (96, 136))
 OUTPUTS = ("logits", "pred_boxes", "enc_outputs_class", "enc_outputs_coord_logits")
@@ -62,15 +72,31 @@ def _hf_config(variant: str):
 def _original_args(config) -> argparse.Namespace:
     """fundamentalvision main.py arguments (training ones included) for `config`."""
     return argparse.Namespace(
-        lr=2e-4, lr_backbone=2e-5, batch_size=2, epochs=50, lr_drop=40, clip_max_norm=0.1,
-        hidden_dim=config.d_model, enc_layers=config.encoder_layers,
-        dec_layers=config.decoder_layers, dim_feedforward=config.encoder_ffn_dim,
-        nheads=config.encoder_attention_heads, enc_n_points=config.encoder_n_points,
-        dec_n_points=config.decoder_n_points, num_feature_levels=config.num_feature_levels,
-        num_queries=config.num_queries, with_box_refine=config.with_box_refine,
-        two_stage=config.two_stage, dilation=False, dropout=0.1, position_embedding="sine",
-        masks=False, dataset_file="coco", coco_path="./data/coco", seed=42,
-    )  # fmt: skip
+        lr=2e-4,
+        lr_backbone=2e-5,
+        batch_size=2,
+        epochs=50,
+        lr_drop=40,
+        clip_max_norm=0.1,
+        hidden_dim=config.d_model,
+        enc_layers=config.encoder_layers,
+        dec_layers=config.decoder_layers,
+        dim_feedforward=config.encoder_ffn_dim,
+        nheads=config.encoder_attention_heads,
+        enc_n_points=config.encoder_n_points,
+        dec_n_points=config.decoder_n_points,
+        num_feature_levels=config.num_feature_levels,
+        num_queries=config.num_queries,
+        with_box_refine=config.with_box_refine,
+        two_stage=config.two_stage,
+        dilation=False,
+        dropout=0.1,
+        position_embedding="sine",
+        masks=False,
+        dataset_file="coco",
+        coco_path="./data/coco",
+        seed=42,
+    )
 
 
 def _torch_tensors(state_dict):
@@ -87,14 +113,19 @@ def _save_original(path, state_dict, args=None):
         torch.save(original, path, _use_new_zipfile_serialization=False)  # legacy format
         return
     params = list(original.values())[:2]
-    torch.save({
-        "model": original,
-        "optimizer": {"state": {0: {"exp_avg": torch.randn_like(params[0])}},
-                      "param_groups": [{"lr": 2e-4, "params": [0]}]},
-        "lr_scheduler": {"step_size": 40, "last_epoch": 11},
-        "epoch": 11,
-        "args": args,
-    }, path)  # fmt: skip
+    torch.save(
+        {
+            "model": original,
+            "optimizer": {
+                "state": {0: {"exp_avg": torch.randn_like(params[0])}},
+                "param_groups": [{"lr": 2e-4, "params": [0]}],
+            },
+            "lr_scheduler": {"step_size": 40, "last_epoch": 11},
+            "epoch": 11,
+            "args": args,
+        },
+        path,
+    )
 
 
 def _torch_outputs(model, pixels, mask):
@@ -143,18 +174,33 @@ def checkpoints(hf_models, tmp_path_factory):
     cases["plain_original"] = ("plain", root / "plain.pth", None, "original", "args")
     # torch.save of transformers' state dict (in-memory names), config read off the weights.
     torch.save(_torch_tensors(sd["box_refine"]), root / "box_refine.bin")
-    cases["box_refine_bin"] = ("box_refine", root / "box_refine.bin", None, "transformers",
-                               "weights")  # fmt: skip
+    cases["box_refine_bin"] = (
+        "box_refine",
+        root / "box_refine.bin",
+        None,
+        "transformers",
+        "weights",
+    )
     # bare original state dict, legacy torch format.
     _save_original(root / "box_refine_original.pth", sd["box_refine"])
-    cases["box_refine_original"] = ("box_refine", root / "box_refine_original.pth", None,
-                                    "original", "weights")  # fmt: skip
+    cases["box_refine_original"] = (
+        "box_refine",
+        root / "box_refine_original.pth",
+        None,
+        "original",
+        "weights",
+    )
     # hub (transformers 4, timm backbone) names in safetensors; two-stage needs a config
     # for num_queries: given as the path of a config.json.
     save_file(ref.to_hub_naming(sd["two_stage"]), root / "two_stage.safetensors")
     hf_cfg["two_stage"].to_json_file(root / "two_stage_config.json")
-    cases["two_stage_hub"] = ("two_stage", root / "two_stage.safetensors",
-                              str(root / "two_stage_config.json"), "hub", "argument")  # fmt: skip
+    cases["two_stage_hub"] = (
+        "two_stage",
+        root / "two_stage.safetensors",
+        str(root / "two_stage_config.json"),
+        "hub",
+        "argument",
+    )
     _save_original(root / "two_stage.pth", sd["two_stage"], _original_args(hf_cfg["two_stage"]))
     cases["two_stage_original"] = ("two_stage", root / "two_stage.pth", None, "original", "args")
     # hub-style folder with pytorch_model.bin; config given as a dict.
@@ -164,11 +210,20 @@ def checkpoints(hf_models, tmp_path_factory):
     hf_cfg["single_scale"].to_json_file(folder / "config.json")
     cases["single_scale_folder"] = ("single_scale", folder, None, "hub", "config.json")
     save_file(sd["single_scale"], root / "single_scale.safetensors")
-    cases["single_scale_safetensors"] = ("single_scale", root / "single_scale.safetensors",
-                                         hf_cfg["single_scale"].to_dict(), "transformers",
-                                         "argument")  # fmt: skip
-    cases["single_scale_bare"] = ("single_scale", root / "single_scale.safetensors", None,
-                                  "transformers", "weights")  # fmt: skip
+    cases["single_scale_safetensors"] = (
+        "single_scale",
+        root / "single_scale.safetensors",
+        hf_cfg["single_scale"].to_dict(),
+        "transformers",
+        "argument",
+    )
+    cases["single_scale_bare"] = (
+        "single_scale",
+        root / "single_scale.safetensors",
+        None,
+        "transformers",
+        "weights",
+    )
     return cases
 
 
@@ -219,10 +274,20 @@ def test_every_variant_and_format_without_torch(checkpoints, hf_models, images, 
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     np.savez(tmp_path / "images.npz", pixels=pixels, mask=mask)
     subprocess.run(
-        [sys.executable, "-c", _CONVERT_WITHOUT_TORCH, str(tmp_path / "spec.json"),
-         str(tmp_path / "images.npz"), str(tmp_path / "out.npz"), str(tmp_path / "info.json")],
-        check=True, env=_subprocess_env(), cwd=tmp_path, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _CONVERT_WITHOUT_TORCH,
+            str(tmp_path / "spec.json"),
+            str(tmp_path / "images.npz"),
+            str(tmp_path / "out.npz"),
+            str(tmp_path / "info.json"),
+        ],
+        check=True,
+        env=_subprocess_env(),
+        cwd=tmp_path,
+        timeout=600,
+    )
     ours = np.load(tmp_path / "out.npz")
     infos = json.loads((tmp_path / "info.json").read_text())
     theirs = {v: _torch_outputs(m, pixels, mask) for v, m in hf_models.items()}
@@ -237,8 +302,9 @@ def test_every_variant_and_format_without_torch(checkpoints, hf_models, images, 
         dc5_warning = any("DC5" in w for w in info["warnings"])
         assert dc5_warning == (name == "single_scale_bare"), (name, info["warnings"])
         for field, want in theirs[variant].items():
-            np.testing.assert_allclose(ours[f"{name}/{field}"], want, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name}: {field}")  # fmt: skip
+            np.testing.assert_allclose(
+                ours[f"{name}/{field}"], want, rtol=RTOL, atol=ATOL, err_msg=f"{name}: {field}"
+            )
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,8 +351,9 @@ def test_save_pytorch_checkpoint_loads_in_transformers(variant, hf_models, image
         pixels, mask = images
         ours = model(jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask))
         for field, want in _torch_outputs(theirs.eval(), pixels, mask).items():
-            np.testing.assert_allclose(np.asarray(getattr(ours, field)), want, rtol=RTOL,
-                                       atol=ATOL, err_msg=field)  # fmt: skip
+            np.testing.assert_allclose(
+                np.asarray(getattr(ours, field)), want, rtol=RTOL, atol=ATOL, err_msg=field
+            )
     # and back: the folder is a hub-style folder for this package too
     again = load_pytorch_checkpoint(folder)
     assert again.config == DeformableDetrConfig.from_hf(config.to_hf())
@@ -401,13 +468,24 @@ def test_config_argument_forms(plain_state_dict, hf_models, tmp_path):
     hf_cfg = hf_models["plain"].config
     hf_cfg.to_json_file(tmp_path / "config.json")
     want = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
-    for config in (want, hf_cfg.to_dict(), tmp_path / "config.json", str(tmp_path),
-                   {f: getattr(want, f) for f in ("d_model", "num_queries", "num_labels")}
-                   | {"backbone_depths": (1, 1, 1, 1), "encoder_ffn_dim": 48,
-                      "decoder_ffn_dim": 48, "encoder_layers": 2, "decoder_layers": 2,
-                      "encoder_n_points": 2, "decoder_n_points": 3,
-                      "two_stage_num_proposals": 12,
-                      "backbone_hidden_sizes": (32, 64, 128, 256)}):  # fmt: skip
+    for config in (
+        want,
+        hf_cfg.to_dict(),
+        tmp_path / "config.json",
+        str(tmp_path),
+        {f: getattr(want, f) for f in ("d_model", "num_queries", "num_labels")}
+        | {
+            "backbone_depths": (1, 1, 1, 1),
+            "encoder_ffn_dim": 48,
+            "decoder_ffn_dim": 48,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_n_points": 2,
+            "decoder_n_points": 3,
+            "two_stage_num_proposals": 12,
+            "backbone_hidden_sizes": (32, 64, 128, 256),
+        },
+    ):
         model = load_pytorch_checkpoint(tmp_path / "plain.safetensors", config)
         assert model.config.replace(id2label=None) == want.replace(id2label=None), config
     with pytest.raises(TypeError, match="config must be"):
@@ -415,9 +493,15 @@ def test_config_argument_forms(plain_state_dict, hf_models, tmp_path):
 
 
 def test_heads_other_than_eight_need_a_config(tmp_path):
-    hf_cfg = ref.hf_config(depth_layout=BACKBONE, **{**TINY, "encoder_attention_heads": 4,
-                                                      "decoder_attention_heads": 2,
-                                                      "encoder_n_points": 3})  # fmt: skip
+    hf_cfg = ref.hf_config(
+        depth_layout=BACKBONE,
+        **{
+            **TINY,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 2,
+            "encoder_n_points": 3,
+        },
+    )
     model = ref.random_hf_model(hf_cfg, seed=2)
     save_file(ref.state_dict_numpy(model), tmp_path / "m.safetensors")
     with pytest.raises(ConfigMismatchError, match="number of heads"):
@@ -427,8 +511,10 @@ def test_heads_other_than_eight_need_a_config(tmp_path):
 
 
 def test_existing_destination_is_left_alone(hf_models, tmp_path, capsys):
-    model = convert_state_dict(ref.state_dict_numpy(hf_models["plain"]),
-                               DeformableDetrConfig.from_hf(hf_models["plain"].config.to_dict()))  # fmt: skip
+    model = convert_state_dict(
+        ref.state_dict_numpy(hf_models["plain"]),
+        DeformableDetrConfig.from_hf(hf_models["plain"].config.to_dict()),
+    )
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -442,8 +528,10 @@ def test_existing_destination_is_left_alone(hf_models, tmp_path, capsys):
 def test_failure_while_writing_leaves_nothing(hf_models, tmp_path, monkeypatch):
     import safetensors.numpy
 
-    model = convert_state_dict(ref.state_dict_numpy(hf_models["plain"]),
-                               DeformableDetrConfig.from_hf(hf_models["plain"].config.to_dict()))  # fmt: skip
+    model = convert_state_dict(
+        ref.state_dict_numpy(hf_models["plain"]),
+        DeformableDetrConfig.from_hf(hf_models["plain"].config.to_dict()),
+    )
 
     def half_written(tensors, filename, metadata=None):
         pathlib.Path(filename).write_bytes(b"partial")
@@ -465,8 +553,10 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
 
     _, src, _, _, _ = checkpoints["two_stage_original"]
     run = dict(env=_subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    done = subprocess.run([sys.executable, "-m", "deformable_detr_jax.convert", str(src),
-                           str(tmp_path / "jax")], **run)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deformable_detr_jax.convert", str(src), str(tmp_path / "jax")],
+        **run,
+    )
     assert done.returncode == 0, done.stderr
     params = sum(p.numel() for p in hf_models["two_stage"].parameters())
     assert done.stdout.strip() == (
@@ -480,8 +570,16 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
     for key, value in ref.state_dict_numpy(hf_models["two_stage"]).items():
         np.testing.assert_array_equal(ref.state_dict_numpy(theirs)[key], value, err_msg=key)
 
-    failed = subprocess.run([sys.executable, "-m", "deformable_detr_jax.convert",
-                             str(tmp_path / "missing.pth"), str(tmp_path / "dst")], **run)  # fmt: skip
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deformable_detr_jax.convert",
+            str(tmp_path / "missing.pth"),
+            str(tmp_path / "dst"),
+        ],
+        **run,
+    )
     assert failed.returncode == 2
     assert failed.stdout == ""
     assert failed.stderr.startswith("error: no checkpoint file or folder at")
@@ -500,5 +598,6 @@ def test_cli_options(checkpoints, tmp_path, capsys):
     # a JAX folder takes no config
     assert main([str(folder), str(tmp_path / "jax")]) == 0
     capsys.readouterr()
-    assert "PyTorch checkpoints only" in _cli_fails(tmp_path / "jax", tmp_path / "c", capsys,
-                                                    "--config", str(preset_file))  # fmt: skip
+    assert "PyTorch checkpoints only" in _cli_fails(
+        tmp_path / "jax", tmp_path / "c", capsys, "--config", str(preset_file)
+    )

@@ -119,8 +119,14 @@ def saved_files(tmp_path_factory):
 
     # fundamentalvision layout: model + optimizer (tensors, never read) + args Namespace.
     model = {k: v for k, v in _random_state_dict(2).items()}
-    args = argparse.Namespace(lr=2e-4, backbone="resnet50", with_box_refine=True, nheads=8,
-                              lr_drop_epochs=None, lr_backbone_names=["backbone.0"])  # fmt: skip
+    args = argparse.Namespace(
+        lr=2e-4,
+        backbone="resnet50",
+        with_box_refine=True,
+        nheads=8,
+        lr_drop_epochs=None,
+        lr_backbone_names=["backbone.0"],
+    )
     checkpoint = {
         "model": model,
         "optimizer": {"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 1e-4}]},
@@ -138,8 +144,11 @@ def saved_files(tmp_path_factory):
         files[name] = ({k: _reference(v) for k, v in model.items()}, want_meta)
 
     dense = {k: v.contiguous() for k, v in _random_state_dict(3).items() if k != "f8"}
-    save_torch({k: v.detach().clone() for k, v in dense.items()}, folder / "torch.safetensors",
-               metadata={"format": "pt"})  # fmt: skip
+    save_torch(
+        {k: v.detach().clone() for k, v in dense.items()},
+        folder / "torch.safetensors",
+        metadata={"format": "pt"},
+    )
     files["torch.safetensors"] = ({k: _reference(v) for k, v in dense.items()}, {"format": "pt"})
     numpy_sd = {
         k: _reference(v) for k, v in dense.items() if v.dtype not in (torch.bfloat16, torch.bool)
@@ -180,8 +189,11 @@ def test_views_are_independent_writable_copies(saved_files):
 def test_sniff_and_specific_readers(saved_files):
 
     folder, files = saved_files
-    kinds = {"zip.pth": "torch_zip", "legacy.pth": "torch_legacy",
-             "torch.safetensors": "safetensors"}  # fmt: skip
+    kinds = {
+        "zip.pth": "torch_zip",
+        "legacy.pth": "torch_legacy",
+        "torch.safetensors": "safetensors",
+    }
     for name, kind in kinds.items():
         assert sniff_format(folder / name) == kind
     _assert_same(read_torch_legacy(folder / "legacy.pth"), files["legacy.pth"][0])

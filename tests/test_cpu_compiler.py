@@ -59,8 +59,9 @@ def test_options_only_on_the_measured_jaxlib(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     options = cpu_compiler_options("cpu")
     if JAXLIB_0_10:
-        assert options == {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                           "LIBRARY_FUSION_TYPE_REDUCE"}  # fmt: skip
+        assert options == {
+            YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        }
     else:
         assert options is None
 

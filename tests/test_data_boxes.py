@@ -49,8 +49,16 @@ BAD_COCO = [  # (image id, bbox, what the log says); image 86 is 512 wide, 640 t
 def _coco_with_bad_boxes(tmp_path):
     images, path, data = _coco_folder(tmp_path)
     for number, (image_id, bbox, _) in enumerate(BAD_COCO):
-        data["annotations"].append({"id": 900 + number, "image_id": image_id, "category_id": 1,
-                                    "bbox": bbox, "area": 1.0, "iscrowd": 0})  # fmt: skip
+        data["annotations"].append(
+            {
+                "id": 900 + number,
+                "image_id": image_id,
+                "category_id": 1,
+                "bbox": bbox,
+                "area": 1.0,
+                "iscrowd": 0,
+            }
+        )
     path.write_text(json.dumps(data))  # json writes NaN as NaN, which json.loads reads
     return images, path
 
@@ -96,13 +104,18 @@ def _yolo_folder(tmp_path, lines):
 
 
 def test_yolo_invalid_boxes_are_counted_logged_by_file_and_line(tmp_path, caplog):
-    _yolo_folder(tmp_path, ["0 0.5 0.5 0.2 0.3",    # 1: valid
-                            "1 0.5 0.5 -0.2 0.3",   # 2: negative width (the case)
-                            "",                     # 3: empty, skipped
-                            "2 0.4 0.4 0.0 0.1",    # 4: zero width
-                            "1 1.5 0.5 0.2 0.2",    # 5: outside the image
-                            "0 nan 0.5 0.2 0.2",    # 6: NaN
-                            "1 0.95 0.5 0.2 0.2"])  # 7: partly outside: clipped, kept  # fmt: skip
+    _yolo_folder(
+        tmp_path,
+        [
+            "0 0.5 0.5 0.2 0.3",  # 1: valid
+            "1 0.5 0.5 -0.2 0.3",  # 2: negative width (the case)
+            "",  # 3: empty, skipped
+            "2 0.4 0.4 0.0 0.1",  # 4: zero width
+            "1 1.5 0.5 0.2 0.2",  # 5: outside the image
+            "0 nan 0.5 0.2 0.2",  # 6: NaN
+            "1 0.95 0.5 0.2 0.2",
+        ],
+    )  # 7: partly outside: clipped, kept
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         source = YoloFolderSource(tmp_path, split="val")
     label_file = tmp_path / "labels" / "val" / "000000000086.txt"
@@ -115,8 +128,9 @@ def test_yolo_invalid_boxes_are_counted_logged_by_file_and_line(tmp_path, caplog
     assert f"{label_file}:2: negative width" in caplog.text
     record = source[0]
     assert record["labels"].tolist() == [0, 1]
-    np.testing.assert_allclose(record["boxes"], [[0.5, 0.5, 0.2, 0.3], [0.925, 0.5, 0.15, 0.2]],
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        record["boxes"], [[0.5, 0.5, 0.2, 0.3], [0.925, 0.5, 0.15, 0.2]], atol=1e-6
+    )
     with pytest.raises(InvalidBoxError, match=rf"{label_file}:2: invalid box: negative width"):
         YoloFolderSource(tmp_path, split="val", strict=True)
 
@@ -130,12 +144,19 @@ def test_tfds_invalid_boxes_are_logged_when_read(monkeypatch, caplog):
         "image": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
         "image/id": 77,
         "objects": {  # ymin, xmin, ymax, xmax normalised
-            "bbox": np.asarray([[0.1, 0.1, 0.5, 0.6], [0.3, 0.6, 0.3, 0.9],
-                                [0.2, 0.5, 0.4, 0.2], [0.1, 0.1, 0.9, 0.9]], np.float32),
+            "bbox": np.asarray(
+                [
+                    [0.1, 0.1, 0.5, 0.6],
+                    [0.3, 0.6, 0.3, 0.9],
+                    [0.2, 0.5, 0.4, 0.2],
+                    [0.1, 0.1, 0.9, 0.9],
+                ],
+                np.float32,
+            ),
             "label": np.asarray([1, 2, 3, 4]),
             "is_crowd": np.asarray([False, False, False, True]),
         },
-    }  # fmt: skip
+    }
     monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: [example])
     source = TfdsCocoSource("train")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -143,8 +164,10 @@ def test_tfds_invalid_boxes_are_logged_when_read(monkeypatch, caplog):
     assert record["labels"].tolist() == [1]  # object 0; 1, 2 invalid; 3 crowd
     np.testing.assert_allclose(record["boxes"], [[0.35, 0.3, 0.5, 0.4]], atol=1e-6)
     where = [w for w, _ in source.invalid_boxes.found]
-    assert where == ["TFDS coco/2017:1.1.0 train[0] (image id 77) object 1",
-                     "TFDS coco/2017:1.1.0 train[0] (image id 77) object 2"]  # fmt: skip
+    assert where == [
+        "TFDS coco/2017:1.1.0 train[0] (image id 77) object 1",
+        "TFDS coco/2017:1.1.0 train[0] (image id 77) object 2",
+    ]
     assert "zero height" in caplog.text and "negative width" in caplog.text
     with pytest.raises(InvalidBoxError, match=r"train\[0\] \(image id 77\) object 1"):
         TfdsCocoSource("train", strict=True)[0]

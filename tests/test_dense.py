@@ -153,11 +153,13 @@ def test_pointwise_convolution_gradients_inside_the_context():
     got_params, got_x = grads(lambda c, x: pointwise_conv(c, x, 2), on=True)
     want_params, want_x = grads(lambda c, x: c(x), on=False)
     np.testing.assert_allclose(got_x, want_x, rtol=0, atol=1e-5 * np.abs(want_x).max())
-    for (path, got), (_, want) in zip(nnx.to_flat_state(got_params),
-                                      nnx.to_flat_state(want_params)):  # fmt: skip
+    for (path, got), (_, want) in zip(
+        nnx.to_flat_state(got_params), nnx.to_flat_state(want_params)
+    ):
         want = np.asarray(want[...])
-        np.testing.assert_allclose(got[...], want, rtol=0, atol=1e-5 * np.abs(want).max(),
-                                   err_msg=str(path))  # fmt: skip
+        np.testing.assert_allclose(
+            got[...], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=str(path)
+        )
 
 
 def test_the_tiny_models_gradients_inside_the_context():
@@ -196,5 +198,6 @@ def test_the_tiny_models_gradients_inside_the_context():
     assert set(got) == set(want)
     for name in want:
         scale = np.abs(np.asarray(want[name])).max()
-        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5 * max(scale, 1e-6),
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            got[name], want[name], rtol=0, atol=1e-5 * max(scale, 1e-6), err_msg=name
+        )

@@ -113,25 +113,44 @@ def _eager_float64(model, pixel_values, pixel_mask):
     runs it: `(logits, pred_boxes)` float64."""
     with jax.enable_x64(True):
         model64 = convert_state_dict(export_state_dict(model), model.config, dtype=jnp.float64)
-        out = model64(jnp.asarray(pixel_values, jnp.float64), jnp.asarray(pixel_mask),
-                      padding_invariant=True)  # fmt: skip
+        out = model64(
+            jnp.asarray(pixel_values, jnp.float64), jnp.asarray(pixel_mask), padding_invariant=True
+        )
         return np.asarray(out.logits), np.asarray(out.pred_boxes)
 
 
 def _check_stablehlo(path, folder, expected, truth):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"), str(path)],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"), str(path)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]
     reloaded = np.load(str(path) + ".out.npz")
     for name, want, true in zip(("logits", "pred_boxes"), expected, truth):
-        np.testing.assert_allclose(reloaded[name], want, rtol=STABLEHLO_TOL, atol=STABLEHLO_TOL,
-                                   err_msg=f"stablehlo {name} vs Detector.forward")  # fmt: skip
-        np.testing.assert_allclose(reloaded[name], true, rtol=EXPORT_TOL, atol=EXPORT_TOL,
-                                   err_msg=f"stablehlo {name} vs eager float64")  # fmt: skip
+        np.testing.assert_allclose(
+            reloaded[name],
+            want,
+            rtol=STABLEHLO_TOL,
+            atol=STABLEHLO_TOL,
+            err_msg=f"stablehlo {name} vs Detector.forward",
+        )
+        np.testing.assert_allclose(
+            reloaded[name],
+            true,
+            rtol=EXPORT_TOL,
+            atol=EXPORT_TOL,
+            err_msg=f"stablehlo {name} vs eager float64",
+        )
     program = jax.export.deserialize(bytearray(path.read_bytes()))
-    assert [a.shape for a in program.in_avals] == [(BATCH, HEIGHT, WIDTH, 3),
-                                                   (BATCH, HEIGHT, WIDTH)]  # fmt: skip
+    assert [a.shape for a in program.in_avals] == [
+        (BATCH, HEIGHT, WIDTH, 3),
+        (BATCH, HEIGHT, WIDTH),
+    ]
     assert program.platforms == (jax.default_backend(),)
 
 
@@ -168,15 +187,22 @@ def test_bfloat16_stablehlo_is_the_bfloat16_detector(tmp_path):
     config = small_config(encoder_layers=1)
     detector = Detector(random_model(config, seed=4), dtype="bfloat16", compile_cache=None)
     pixel_values, pixel_mask = _inputs()
-    path = export_stablehlo(detector, tmp_path / "bf16.stablehlo", height=HEIGHT, width=WIDTH,
-                            batch=BATCH, dtype="bfloat16")  # fmt: skip
+    path = export_stablehlo(
+        detector,
+        tmp_path / "bf16.stablehlo",
+        height=HEIGHT,
+        width=WIDTH,
+        batch=BATCH,
+        dtype="bfloat16",
+    )
     program = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
     got = program.call(pixel_values, pixel_mask)
     want = detector.forward(pixel_values, pixel_mask)
     for g, w in zip(got, want):
         assert g.dtype == np.float32
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=STABLEHLO_TOL,
-                                   atol=STABLEHLO_TOL)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w), rtol=STABLEHLO_TOL, atol=STABLEHLO_TOL
+        )
     float32 = Detector(random_model(config, seed=4), compile_cache=None)
     logits32, _ = float32.forward(pixel_values, pixel_mask)
     assert np.abs(np.asarray(got[0]) - np.asarray(logits32)).max() > 1e-3  # bfloat16 indeed

@@ -61,8 +61,12 @@ def _only_error_line(capsys) -> str:
 
 def test_feature_sizes_are_the_models_spatial_shapes():
     """`feature_sizes` (used to check sizes before tracing) equals the levels the model makes."""
-    for fields in ({}, {"num_feature_levels": 1}, {"num_feature_levels": 5},
-                   {"num_feature_levels": 1, "dilation": True}):  # fmt: skip
+    for fields in (
+        {},
+        {"num_feature_levels": 1},
+        {"num_feature_levels": 5},
+        {"num_feature_levels": 1, "dilation": True},
+    ):
         config = small_config(**fields)
         abstract = nnx.eval_shape(
             lambda c=config: DeformableDetrForObjectDetection(c, rngs=nnx.Rngs(0))
@@ -77,12 +81,15 @@ def test_feature_sizes_are_the_models_spatial_shapes():
             assert out.shape[1] == sum(h * w for h, w in sizes), (fields, height, width, sizes)
 
 
-@pytest.mark.parametrize("height, width, batch, match", [
-    (31, 128, 1, "at least 32x32"),
-    (96, 0, 1, "width must be a positive integer"),
-    (96, 128, 0, "batch must be a positive integer"),
-    (96, 12.5, 1, "width must be a positive integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "height, width, batch, match",
+    [
+        (31, 128, 1, "at least 32x32"),
+        (96, 0, 1, "width must be a positive integer"),
+        (96, 128, 0, "batch must be a positive integer"),
+        (96, 12.5, 1, "width must be a positive integer"),
+    ],
+)
 def test_a_size_the_model_cannot_take_is_refused(detector, tmp_path, height, width, batch, match):
     out = tmp_path / "m.stablehlo"
     with pytest.raises(UnsupportedSizeError, match=match):
@@ -159,8 +166,7 @@ def test_onnx_is_float32_only(detector, tmp_path):
 def test_a_bfloat16_detector_cannot_export_float32(tmp_path):
     from deformable_detr_jax.export import ExportError
 
-    detector = Detector(random_model(small_config(), seed=1), dtype="bfloat16",
-                        compile_cache=None)  # fmt: skip
+    detector = Detector(random_model(small_config(), seed=1), dtype="bfloat16", compile_cache=None)
     with pytest.raises(ExportError, match="computes in bfloat16"):
         export_stablehlo(detector, tmp_path / "m", height=64, width=64, dtype="float32")
 
@@ -170,8 +176,18 @@ def test_a_bfloat16_detector_cannot_export_float32(tmp_path):
 
 def test_cli_writes_a_program_that_reloads(model_folder, tmp_path, capsys, rng):
     out = tmp_path / "m.stablehlo"
-    args = [os.fspath(model_folder), os.fspath(out), "--format", "stablehlo", "--height", "64",
-            "--width", "80", "--batch", "2"]  # fmt: skip
+    args = [
+        os.fspath(model_folder),
+        os.fspath(out),
+        "--format",
+        "stablehlo",
+        "--height",
+        "64",
+        "--width",
+        "80",
+        "--batch",
+        "2",
+    ]
     assert cli.main(args) == 0
     assert "wrote" in capsys.readouterr().out
     program = jax.export.deserialize(bytearray(out.read_bytes()))
@@ -189,14 +205,17 @@ def test_cli_writes_a_program_that_reloads(model_folder, tmp_path, capsys, rng):
     assert out.read_bytes() == before
 
 
-@pytest.mark.parametrize("case, extra, message", [
-    ("format", ["--format", "tflite"], "unknown export format 'tflite'"),
-    ("dtype", ["--format", "onnx", "--dtype", "float16"], "--dtype must be one of"),
-    ("onnx_bf16", ["--format", "onnx", "--dtype", "bfloat16"], "onnx is float32 only"),
-    ("size", ["--format", "stablehlo", "--height", "20"], "at least 32x32"),
-    ("proposals", ["--format", "stablehlo", "--height", "32", "--width", "32"], "proposals"),
-    ("height", ["--format", "onnx", "--height", "tall"], "invalid int value: 'tall'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("format", ["--format", "tflite"], "unknown export format 'tflite'"),
+        ("dtype", ["--format", "onnx", "--dtype", "float16"], "--dtype must be one of"),
+        ("onnx_bf16", ["--format", "onnx", "--dtype", "bfloat16"], "onnx is float32 only"),
+        ("size", ["--format", "stablehlo", "--height", "20"], "at least 32x32"),
+        ("proposals", ["--format", "stablehlo", "--height", "32", "--width", "32"], "proposals"),
+        ("height", ["--format", "onnx", "--height", "tall"], "invalid int value: 'tall'"),
+    ],
+)
 def test_cli_bad_input_is_one_line(model_folder, tmp_path, capsys, case, extra, message):
     base = {"--height": "96", "--width": "96"}
     args = [os.fspath(model_folder), os.fspath(tmp_path / "m.out")]
@@ -221,15 +240,24 @@ def test_cli_model_that_is_not_a_model_is_one_line(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text("{not json")
     for model in (tmp_path / "missing", folder):
-        status = _main([os.fspath(model), os.fspath(tmp_path / "m.onnx"), "--format", "onnx",
-                        "--height", "96", "--width", "96"])  # fmt: skip
+        status = _main(
+            [
+                os.fspath(model),
+                os.fspath(tmp_path / "m.onnx"),
+                "--format",
+                "onnx",
+                "--height",
+                "96",
+                "--width",
+                "96",
+            ]
+        )
         assert status == 2
         assert "cannot load the model" in _only_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_model"]
 
 
-def test_cli_disk_full_is_status_5_and_leaves_nothing(model_folder, tmp_path, capsys,
-                                                     monkeypatch):  # fmt: skip
+def test_cli_disk_full_is_status_5_and_leaves_nothing(model_folder, tmp_path, capsys, monkeypatch):
     serialize = jax.export.Exported.serialize
 
     def full(self, *args, **kwargs):
@@ -238,8 +266,18 @@ def test_cli_disk_full_is_status_5_and_leaves_nothing(model_folder, tmp_path, ca
 
     monkeypatch.setattr(jax.export.Exported, "serialize", full)
     out = tmp_path / "m.stablehlo"
-    status = _main([os.fspath(model_folder), os.fspath(out), "--format", "stablehlo",
-                    "--height", "64", "--width", "64"])  # fmt: skip
+    status = _main(
+        [
+            os.fspath(model_folder),
+            os.fspath(out),
+            "--format",
+            "stablehlo",
+            "--height",
+            "64",
+            "--width",
+            "64",
+        ]
+    )
     assert status == 5
     line = _only_error_line(capsys)
     assert line == f"error: cannot write {out}: No space left on device; nothing was left there"
@@ -248,10 +286,23 @@ def test_cli_disk_full_is_status_5_and_leaves_nothing(model_folder, tmp_path, ca
 
 def test_cli_in_a_real_process_prints_one_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "deformable_detr_jax.export", os.fspath(tmp_path / "none"),
-         os.fspath(tmp_path / "m.onnx"), "--format", "onnx", "--height", "96", "--width", "96"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deformable_detr_jax.export",
+            os.fspath(tmp_path / "none"),
+            os.fspath(tmp_path / "m.onnx"),
+            "--format",
+            "onnx",
+            "--height",
+            "96",
+            "--width",
+            "96",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: cannot load the model from"), done.stderr

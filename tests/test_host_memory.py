@@ -95,15 +95,20 @@ def test_nested_uses_share_one_setting(monkeypatch):
         with host_memory.retained_host_memory():
             pass
         assert calls == [(0, 2**31 - 1)]
-    assert calls == [(0, 2**31 - 1), (host_memory.DEFAULT_MMAP_MAX,
-                                      host_memory.DEFAULT_TRIM_THRESHOLD)]  # fmt: skip
+    assert calls == [
+        (0, 2**31 - 1),
+        (host_memory.DEFAULT_MMAP_MAX, host_memory.DEFAULT_TRIM_THRESHOLD),
+    ]
 
 
 @pytest.mark.parametrize(
     "name, value",
-    [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "1000"),
-     ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")],
-)  # fmt: skip
+    [
+        ("MALLOC_MMAP_MAX_", "0"),
+        ("MALLOC_TRIM_THRESHOLD_", "1000"),
+        ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+    ],
+)
 def test_the_users_own_malloc_settings_are_kept(name, value, monkeypatch):
     monkeypatch.setenv(name, value)
     assert not host_memory.applies()

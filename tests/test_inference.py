@@ -161,9 +161,15 @@ def test_batches_within_a_bucket_equal_single_images():
 
 @pytest.mark.parametrize(
     "count, batch_size, expected",
-    [(1, 4, [1]), (4, 4, [4]), (7, 4, [4, 2, 1]), (13, 4, [4, 4, 4, 1]), (6, 3, [3, 3]),
-     (5, 3, [3, 2])],
-)  # fmt: skip
+    [
+        (1, 4, [1]),
+        (4, 4, [4]),
+        (7, 4, [4, 2, 1]),
+        (13, 4, [4, 4, 4, 1]),
+        (6, 3, [3, 3]),
+        (5, 3, [3, 2]),
+    ],
+)
 def test_chunk_sizes(count, batch_size, expected):
     assert _chunk_sizes(count, batch_size) == expected
 
@@ -175,7 +181,9 @@ def test_bucket_settings():
     assert Detector(model, ImageProcessor()).bucket((800, 1216)) == (800, 1280)
     assert Detector(model, ImageProcessor(), buckets=None).bucket((800, 1216)) == (800, 1216)
     assert Detector(model, ImageProcessor(), buckets=(1000, 1400)).bucket((600, 900)) == (
-        1000, 1400)  # fmt: skip
+        1000,
+        1400,
+    )
     assert Detector(model, ImageProcessor(buckets=(1024, 1536))).processor.buckets == (1024, 1536)
     fixed = ImageProcessor(pad_size=(1333, 1333))
     assert Detector(model, fixed).bucket((480, 640)) == (1333, 1333)
@@ -280,28 +288,52 @@ def test_draw():
     # one box alone (the first that lies inside the image): its outline's bottom edge has the
     # label's colour right across
     height, width = image.shape[:2]
-    inside = [i for i, (a, b, c, d) in enumerate(found.boxes)
-              if a > 2 and b > 2 and c < width - 3 and d < height - 3 and c - a > 20]  # fmt: skip
+    inside = [
+        i
+        for i, (a, b, c, d) in enumerate(found.boxes)
+        if a > 2 and b > 2 and c < width - 3 and d < height - 3 and c - a > 20
+    ]
     assert inside, "no detection inside the image to draw alone"
     i = inside[0]
-    one = Detections(found.boxes[i : i + 1], found.scores[i : i + 1], found.labels[i : i + 1],
-                     found.label_names[i : i + 1], found.image_size)  # fmt: skip
+    one = Detections(
+        found.boxes[i : i + 1],
+        found.scores[i : i + 1],
+        found.labels[i : i + 1],
+        found.label_names[i : i + 1],
+        found.image_size,
+    )
     x0, _, x1, y1 = (int(v) for v in found.boxes[i])
     edge = np.asarray(draw_detections(image, one))[y1 - 1, x0 + 3 : x1 - 2]  # width-2 outline
     assert len(edge) > 10 and (edge == _PALETTE[found.labels[i] % len(_PALETTE)]).all()
-    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                       np.zeros(0, np.int64), (), image.shape[:2])  # fmt: skip
+    empty = Detections(
+        np.zeros((0, 4), np.float32),
+        np.zeros(0, np.float32),
+        np.zeros(0, np.int64),
+        (),
+        image.shape[:2],
+    )
     np.testing.assert_array_equal(np.asarray(draw_detections(image, empty)), image)
     with pytest.raises(ValueError, match="draw on the image that was detected"):
         detector.draw(image[:100], found)
 
 
 def test_detections_api():
-    found = Detections(np.array([[1, 2, 30, 40]], np.float32), np.array([0.9], np.float32),
-                       np.array([3]), ("person",), (50, 60))  # fmt: skip
+    found = Detections(
+        np.array([[1, 2, 30, 40]], np.float32),
+        np.array([0.9], np.float32),
+        np.array([3]),
+        ("person",),
+        (50, 60),
+    )
     assert len(found) == 1
-    assert found.to_list() == [{"label": "person", "label_id": 3, "score": pytest.approx(0.9),
-                                "box": [1.0, 2.0, 30.0, 40.0]}]  # fmt: skip
+    assert found.to_list() == [
+        {
+            "label": "person",
+            "label_id": 3,
+            "score": pytest.approx(0.9),
+            "box": [1.0, 2.0, 30.0, 40.0],
+        }
+    ]
     assert "person" in str(found) and "1 detection(s) in a 50x60 image" in str(found)
 
 
@@ -341,8 +373,9 @@ def test_bad_image_does_not_stop_the_others():
     model = tiny_model()
     detector = Detector(model, small_processor())
     image = photo(PHOTO_PORTRAIT)
-    results = detector([image, np.ones((5, 5, 2), np.uint8), image], threshold=THRESHOLD,
-                       on_error="return")  # fmt: skip
+    results = detector(
+        [image, np.ones((5, 5, 2), np.uint8), image], threshold=THRESHOLD, on_error="return"
+    )
     assert isinstance(results[1], ImageError) and "image 1" in str(results[1])
     assert isinstance(results[0], Detections) and isinstance(results[2], Detections)
     np.testing.assert_array_equal(results[0].scores, results[2].scores)

@@ -95,8 +95,9 @@ def _gradients(model, pixels, mask, targets, jit: bool) -> dict[str, np.ndarray]
 
     def loss(params, pixels):
         outputs = nnx.merge(graphdef, params, rest)(pixels, mask, deterministic=True)
-        return loss_from_outputs(outputs, labels, boxes.astype(pixels.dtype), box_mask,
-                                 loss_config)[0]  # fmt: skip
+        return loss_from_outputs(
+            outputs, labels, boxes.astype(pixels.dtype), box_mask, loss_config
+        )[0]
 
     if jit:
 
@@ -115,9 +116,13 @@ def _assert_gradients_close(got, want, tol: float, what: str) -> None:
     scale = max(np.abs(g).max() for g in want.values())
     assert scale > 0
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=tol,
-                                   atol=tol * max(np.abs(want[name]).max(), 1e-3 * scale),
-                                   err_msg=f"{what}: {name}")  # fmt: skip
+        np.testing.assert_allclose(
+            got[name],
+            want[name],
+            rtol=tol,
+            atol=tol * max(np.abs(want[name]).max(), 1e-3 * scale),
+            err_msg=f"{what}: {name}",
+        )
 
 
 def test_jitted_gradients_equal_eager_on_a_fresh_model():
@@ -131,9 +136,11 @@ def test_jitted_gradients_equal_eager_on_a_fresh_model():
     mask = jnp.asarray(mask)
     rng = np.random.default_rng(2)
     centres = rng.uniform(0.3, 0.7, (2, 3, 2))
-    targets = (jnp.asarray(rng.integers(0, model.config.num_labels, (2, 3))),
-               jnp.asarray(np.concatenate([centres, rng.uniform(0.1, 0.3, (2, 3, 2))], -1)),
-               jnp.asarray([[True, True, True], [True, True, False]]))  # fmt: skip
+    targets = (
+        jnp.asarray(rng.integers(0, model.config.num_labels, (2, 3))),
+        jnp.asarray(np.concatenate([centres, rng.uniform(0.1, 0.3, (2, 3, 2))], -1)),
+        jnp.asarray([[True, True, True], [True, True, False]]),
+    )
     with jax.enable_x64(True):
         model64 = _eager_float64(model)
         x64 = jnp.asarray(pixels)

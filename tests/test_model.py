@@ -40,8 +40,9 @@ def test_padding_is_masked():
     unmasked = model(x, jnp.ones_like(mask))
     assert np.isfinite(np.asarray(masked.logits)).all()
     assert not np.allclose(np.asarray(unmasked.logits[1]), np.asarray(masked.logits[1]))
-    np.testing.assert_allclose(np.asarray(unmasked.logits[0]), np.asarray(masked.logits[0]),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(unmasked.logits[0]), np.asarray(masked.logits[0]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_dropout_only_when_asked():

@@ -41,9 +41,13 @@ def test_small_variant_parity(depth_layout, kwargs):
         jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask)
     )
     for name in ("logits", "pred_boxes", "intermediate_reference_points"):
-        np.testing.assert_allclose(np.asarray(getattr(ours, name)),
-                                   getattr(theirs, name).numpy(), rtol=1e-4, atol=1e-4,
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(getattr(ours, name)),
+            getattr(theirs, name).numpy(),
+            rtol=1e-4,
+            atol=1e-4,
+            err_msg=name,
+        )
 
 
 def test_export_inverts_convert():
@@ -87,8 +91,9 @@ def test_jitted_model_as_transformers_initialises_it(variant, monkeypatch):
     model = HFModel(hf_cfg).eval().double()
     pixels, mask = ref.two_images(seed=6, sizes=((160, 224), (136, 184)))
     with torch.no_grad():
-        theirs = model(pixel_values=torch.from_numpy(pixels).double(),
-                       pixel_mask=torch.from_numpy(mask))  # fmt: skip
+        theirs = model(
+            pixel_values=torch.from_numpy(pixels).double(), pixel_mask=torch.from_numpy(mask)
+        )
     config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
     state_dict = ref.state_dict_numpy(model)
 
@@ -99,13 +104,19 @@ def test_jitted_model_as_transformers_initialises_it(variant, monkeypatch):
 
     nhwc, mask = pixels.transpose(0, 2, 3, 1), jnp.asarray(mask, bool)
     with jax.enable_x64(True):
-        got64 = forward(convert_state_dict(state_dict, config, dtype=jnp.float64),
-                        jnp.asarray(nhwc, jnp.float64), mask)  # fmt: skip
+        got64 = forward(
+            convert_state_dict(state_dict, config, dtype=jnp.float64),
+            jnp.asarray(nhwc, jnp.float64),
+            mask,
+        )
     got32 = forward(convert_state_dict(state_dict, config), jnp.asarray(nhwc), mask)
-    for name, ours64, ours32, want in zip(("logits", "boxes"), got64, got32,
-                                          (theirs.logits, theirs.pred_boxes)):  # fmt: skip
+    for name, ours64, ours32, want in zip(
+        ("logits", "boxes"), got64, got32, (theirs.logits, theirs.pred_boxes)
+    ):
         want = want.numpy()
-        np.testing.assert_allclose(np.asarray(ours64), want, rtol=1e-9, atol=1e-9,
-                                   err_msg=f"jitted float64 {name}")  # fmt: skip
-        np.testing.assert_allclose(np.asarray(ours32), want, rtol=1e-4, atol=1e-4,
-                                   err_msg=f"jitted float32 {name}")  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(ours64), want, rtol=1e-9, atol=1e-9, err_msg=f"jitted float64 {name}"
+        )
+        np.testing.assert_allclose(
+            np.asarray(ours32), want, rtol=1e-4, atol=1e-4, err_msg=f"jitted float32 {name}"
+        )

@@ -335,8 +335,12 @@ class MSDASuite:
                 _assert_close(grads[2], want[2], 1e-10, f"seed {seed} grad attention_weights")
                 away = ~_near_pixel_centre(np.asarray(loc), shapes)
                 assert away.any() and not away.all()
-                _assert_close(np.asarray(grads[1])[away], want[1][away], 1e-10,
-                              f"seed {seed} grad sampling_locations")  # fmt: skip
+                _assert_close(
+                    np.asarray(grads[1])[away],
+                    want[1][away],
+                    1e-10,
+                    f"seed {seed} grad sampling_locations",
+                )
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
     def test_locations_built_as_the_model_builds_them(self, dtype):
@@ -391,8 +395,12 @@ class MSDASuite:
         _assert_close(g_value, want_value, rtol_grad, "grad value")
         _assert_close(g_attn, want_attn, rtol_grad, "grad attention_weights")
         want_offsets = want_loc / np.asarray(normaliser)[:, None, :]
-        _assert_close(np.asarray(g_offsets)[~on_centre], want_offsets[~on_centre], rtol_grad,
-                      "grad offsets away from centres")  # fmt: skip
+        _assert_close(
+            np.asarray(g_offsets)[~on_centre],
+            want_offsets[~on_centre],
+            rtol_grad,
+            "grad offsets away from centres",
+        )
 
     @pytest.mark.parametrize(
         "change, match",

@@ -190,9 +190,13 @@ def test_unsupported_dtype_raises_before_tracing(implementation, dtype, monkeypa
         bad[i] = operands[i].astype(dtype)
         with pytest.raises(errors.UnsupportedDtypeError, match=f"^{name} has dtype") as raised:
             pallas_kernels.ms_deform_attn(
-                bad[0], CASE.spatial_shapes, bad[1], bad[2],
-                implementation=implementation, interpret=True,
-            )  # fmt: skip
+                bad[0],
+                CASE.spatial_shapes,
+                bad[1],
+                bad[2],
+                implementation=implementation,
+                interpret=True,
+            )
         assert "cast it to float32" in str(raised.value)
         assert isinstance(raised.value, TypeError) and isinstance(raised.value, ValueError)
 

@@ -16,16 +16,21 @@ NOTEBOOK = pathlib.Path(__file__).parents[1] / "examples" / "inference.ipynb"
 
 def test_inference_notebook_runs(tmp_path, monkeypatch):
     # single-scale, 1+2 layers: the fresh kernel compiles it in a few seconds
-    save_pretrained(tiny_model(seed=5, num_feature_levels=1), tmp_path / "model",
-                    processor=small_processor())  # fmt: skip
+    save_pretrained(
+        tiny_model(seed=5, num_feature_levels=1), tmp_path / "model", processor=small_processor()
+    )
     monkeypatch.setenv("DEFORMABLE_DETR_MODEL", str(tmp_path / "model"))
     monkeypatch.setenv("DEFORMABLE_DETR_IMAGES", str(PHOTO_PORTRAIT))
     monkeypatch.setenv("DEFORMABLE_DETR_THRESHOLD", "0.02")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})  # fmt: skip
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]

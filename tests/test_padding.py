@@ -58,8 +58,13 @@ def _check_invariance(model, images, canvas, alone):
     for i, expected in enumerate(alone):
         got = {k: v[i] for k, v in invariant.items()}
         for name in OUTPUTS:
-            np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=SAME_MODEL_TOL,
-                                       err_msg=f"image {i} {name} on {canvas}")  # fmt: skip
+            np.testing.assert_allclose(
+                got[name],
+                expected[name],
+                rtol=0,
+                atol=SAME_MODEL_TOL,
+                err_msg=f"image {i} {name} on {canvas}",
+            )
         assert _max_diff({k: v[i] for k, v in leaky.items()}, expected) > LEAK_MIN, (
             "padding_invariant=False matches the unpadded image too: this canvas tests nothing"
         )

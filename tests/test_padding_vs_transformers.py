@@ -29,6 +29,11 @@ def test_unpadded_image_equals_transformers(depth_layout, kwargs):
         ours = _outputs(model(jnp.asarray(image[None]), None), 0)
         with torch.no_grad():
             out = hf_model(pixel_values=torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))
-        theirs = {"logits": torch.sigmoid(out.logits)[0].numpy(), "pred_boxes": out.pred_boxes[0].numpy()}
+        theirs = {
+            "logits": torch.sigmoid(out.logits)[0].numpy(),
+            "pred_boxes": out.pred_boxes[0].numpy(),
+        }
         for name, value in theirs.items():
-            np.testing.assert_allclose(ours[name], value, rtol=0, atol=TRANSFORMERS_TOL, err_msg=name)
+            np.testing.assert_allclose(
+                ours[name], value, rtol=0, atol=TRANSFORMERS_TOL, err_msg=name
+            )

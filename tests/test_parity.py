@@ -26,9 +26,14 @@ def _torch_outputs(model, pixels, mask):
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
     ] * len(pixels)
     with torch.no_grad():
-        out = model(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask),
-                    labels=[{k: v.to(model.dtype) if v.is_floating_point() else v
-                             for k, v in t.items()} for t in labels])  # fmt: skip
+        out = model(
+            pixel_values=torch.from_numpy(pixels),
+            pixel_mask=torch.from_numpy(mask),
+            labels=[
+                {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in t.items()}
+                for t in labels
+            ],
+        )
     return out
 
 
@@ -49,12 +54,17 @@ def _compare(jax_out, torch_out, rtol, atol, valid_tokens=None):
 
     check("logits", jax_out.logits, torch_out.logits)
     check("pred_boxes", jax_out.pred_boxes, torch_out.pred_boxes)
-    check("init_reference_points", jax_out.init_reference_points,
-          torch_out.init_reference_points)  # fmt: skip
-    check("intermediate_hidden_states", jax_out.intermediate_hidden_states,
-          torch_out.intermediate_hidden_states)  # fmt: skip
-    check("intermediate_reference_points", jax_out.intermediate_reference_points,
-          torch_out.intermediate_reference_points)  # fmt: skip
+    check("init_reference_points", jax_out.init_reference_points, torch_out.init_reference_points)
+    check(
+        "intermediate_hidden_states",
+        jax_out.intermediate_hidden_states,
+        torch_out.intermediate_hidden_states,
+    )
+    check(
+        "intermediate_reference_points",
+        jax_out.intermediate_reference_points,
+        torch_out.intermediate_reference_points,
+    )
     encoder_ours = np.asarray(jax_out.encoder_last_hidden_state)
     encoder_theirs = torch_out.encoder_last_hidden_state
     if valid_tokens is not None:
@@ -68,8 +78,11 @@ def _compare(jax_out, torch_out, rtol, atol, valid_tokens=None):
         check(f"layer {i} boxes", jax_out.intermediate_boxes[:, i], layer["pred_boxes"])
     if torch_out.enc_outputs_class is not None:
         check("enc_outputs_class", jax_out.enc_outputs_class, torch_out.enc_outputs_class)
-        check("enc_outputs_coord_logits", jax_out.enc_outputs_coord_logits,
-              torch_out.enc_outputs_coord_logits)  # fmt: skip
+        check(
+            "enc_outputs_coord_logits",
+            jax_out.enc_outputs_coord_logits,
+            torch_out.enc_outputs_coord_logits,
+        )
     else:
         assert jax_out.enc_outputs_class is None
 
@@ -93,11 +106,18 @@ def test_float32_parity(variant, record_property):
     if variant == "two_stage":
         # float32 rounding can reorder near-tied proposal scores in the top-k; the
         # encoder side is compared here, the whole model in float64 below.
-        np.testing.assert_allclose(np.asarray(jax_out.enc_outputs_class),
-                                   torch_out.enc_outputs_class.numpy(), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(np.asarray(jax_out.encoder_last_hidden_state)[valid],
-                                   torch_out.encoder_last_hidden_state.numpy()[valid],
-                                   rtol=RTOL, atol=ATOL)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(jax_out.enc_outputs_class),
+            torch_out.enc_outputs_class.numpy(),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        np.testing.assert_allclose(
+            np.asarray(jax_out.encoder_last_hidden_state)[valid],
+            torch_out.encoder_last_hidden_state.numpy()[valid],
+            rtol=RTOL,
+            atol=ATOL,
+        )
         return
     _compare(jax_out, torch_out, RTOL, ATOL, valid)
 
@@ -108,8 +128,12 @@ def _valid_tokens(model, mask) -> np.ndarray:
 
     shapes = _level_shapes(model.config, *mask.shape[1:])
     return np.concatenate(
-        [np.asarray(downsample_mask(jnp.asarray(mask, bool), *s)).reshape(len(mask), -1)
-         for s in shapes], 1)  # fmt: skip
+        [
+            np.asarray(downsample_mask(jnp.asarray(mask, bool), *s)).reshape(len(mask), -1)
+            for s in shapes
+        ],
+        1,
+    )
 
 
 def _level_shapes(config, height, width):
@@ -119,8 +143,9 @@ def _level_shapes(config, height, width):
         return x
 
     first = 3 if config.num_feature_levels > 1 else 5
-    return [(down(height, first + i), down(width, first + i))
-            for i in range(config.num_feature_levels)]  # fmt: skip
+    return [
+        (down(height, first + i), down(width, first + i)) for i in range(config.num_feature_levels)
+    ]
 
 
 @pytest.mark.parametrize("variant", ["two_stage", "box_refine"])
@@ -146,8 +171,7 @@ def test_float64_parity(variant, monkeypatch):
     with jax.enable_x64(True):
         config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
         ours = convert_state_dict(ref.state_dict_numpy(model), config, dtype=jnp.float64)
-        jax_out = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1), jnp.float64),
-                       jnp.asarray(mask))  # fmt: skip
+        jax_out = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1), jnp.float64), jnp.asarray(mask))
         assert jax_out.logits.dtype == jnp.float64
         _compare(jax_out, torch_out, rtol=1e-9, atol=1e-9)
     del proposal_pos_embed
@@ -182,5 +206,6 @@ def test_hub_naming_gives_same_model():
     b = convert_state_dict(hub, config)(x, m)
     np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
     torch_out = _torch_outputs(model, pixels, mask)
-    np.testing.assert_allclose(np.asarray(b.pred_boxes), torch_out.pred_boxes.numpy(),
-                               rtol=RTOL, atol=ATOL)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(b.pred_boxes), torch_out.pred_boxes.numpy(), rtol=RTOL, atol=ATOL
+    )

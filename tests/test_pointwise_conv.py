@@ -13,11 +13,13 @@ from flax import nnx
 from deformable_detr_jax.modeling.backbone import pointwise_conv
 
 
-@pytest.mark.parametrize("stride, use_bias, size", [(1, False, (7, 9)), (2, False, (7, 10)),
-                                                    (1, True, (6, 5))])  # fmt: skip
+@pytest.mark.parametrize(
+    "stride, use_bias, size", [(1, False, (7, 9)), (2, False, (7, 10)), (1, True, (6, 5))]
+)
 def test_pointwise_conv_equals_conv_and_its_gradients(stride, use_bias, size):
-    conv = nnx.Conv(24, 40, (1, 1), strides=stride, padding="VALID", use_bias=use_bias,
-                    rngs=nnx.Rngs(0))  # fmt: skip
+    conv = nnx.Conv(
+        24, 40, (1, 1), strides=stride, padding="VALID", use_bias=use_bias, rngs=nnx.Rngs(0)
+    )
     rng = np.random.default_rng(1)
     if use_bias:
         conv.bias[...] = jnp.asarray(rng.standard_normal(40), jnp.float32)
@@ -41,6 +43,7 @@ def test_pointwise_conv_equals_conv_and_its_gradients(stride, use_bias, size):
     assert out.shape == want.shape == out_shape
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_x, want_x, rtol=1e-5, atol=1e-5)
-    for (path, got), (_, expected) in zip(nnx.to_flat_state(grad_params),
-                                          nnx.to_flat_state(want_params)):  # fmt: skip
+    for (path, got), (_, expected) in zip(
+        nnx.to_flat_state(grad_params), nnx.to_flat_state(want_params)
+    ):
         np.testing.assert_allclose(got[...], expected[...], rtol=1e-4, atol=1e-4, err_msg=path)

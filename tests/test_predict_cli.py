@@ -35,8 +35,9 @@ def test_cli_reports_bad_images_and_goes_on(model_folder, tmp_path, capsys):
     shutil.copy(PHOTO_PORTRAIT, other)
     images = [PHOTO_PORTRAIT, empty, PHOTO_LANDSCAPE, broken, other]
     out = tmp_path / "out"
-    status = main(["--model", str(model_folder), *map(str, images), "--out", str(out),
-                   "--threshold", "0.02"])  # fmt: skip
+    status = main(
+        ["--model", str(model_folder), *map(str, images), "--out", str(out), "--threshold", "0.02"]
+    )
     captured = capsys.readouterr()
     assert status == 1
     assert f"image 1 ('{empty}'): the file is empty" in captured.err
@@ -54,8 +55,9 @@ def test_cli_reports_bad_images_and_goes_on(model_folder, tmp_path, capsys):
 
 
 def test_cli_json_and_success_status(model_folder, capsys):
-    status = main(["--model", str(model_folder), str(PHOTO_PORTRAIT), "--json",
-                   "--threshold", "0.03"])  # fmt: skip
+    status = main(
+        ["--model", str(model_folder), str(PHOTO_PORTRAIT), "--json", "--threshold", "0.03"]
+    )
     assert status == 0
     record = json.loads(capsys.readouterr().out.strip())
     assert record["image"] == str(PHOTO_PORTRAIT)
@@ -78,7 +80,11 @@ def test_cli_missing_model(tmp_path, capsys):
 
 
 def test_cli_runs_as_module():
-    result = subprocess.run([sys.executable, "-m", "deformable_detr_jax.predict", "--help"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "deformable_detr_jax.predict", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
     assert "--model" in result.stdout and "--threshold" in result.stdout

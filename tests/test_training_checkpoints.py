@@ -39,18 +39,20 @@ def _state(step: int, shape=(64, 64)) -> TrainState:
     put = lambda a: jax.device_put(a, sharding)  # noqa: E731
     return TrainState(
         step=put(np.int32(step)),
-        params={"w": put(rng.normal(size=shape).astype(np.float32)),
-                "b": put(rng.normal(size=(64,)).astype(np.float32))},
-        opt_state=({"mu": put(rng.normal(size=shape).astype(np.float32))},
-                   put(np.int32(step))),
+        params={
+            "w": put(rng.normal(size=shape).astype(np.float32)),
+            "b": put(rng.normal(size=(64,)).astype(np.float32)),
+        },
+        opt_state=({"mu": put(rng.normal(size=shape).astype(np.float32))}, put(np.int32(step))),
         frozen={"running_var": put(rng.uniform(0.5, 2, size=(256,)).astype(np.float32))},
         bad_step=put(np.int32(-1)),
-    )  # fmt: skip
+    )
 
 
 def _abstract(state: TrainState) -> TrainState:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)  # fmt: skip
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 def _write(directory, steps) -> dict[int, TrainState]:
@@ -131,8 +133,7 @@ def test_truncated_missing_and_tampered_checkpoints_until_none_restores(tmp_path
     checkpoints.close()
     _assert_equal(state, states[1])
     assert position == {"index": 10}
-    assert sorted(os.listdir(tmp_path)) == ["1", "corrupt-2", "corrupt-3", "corrupt-4",
-                                            "corrupt-5"]  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["1", "corrupt-2", "corrupt-3", "corrupt-4", "corrupt-5"]
     reasons = {n: (tmp_path / f"corrupt-{n}" / "CORRUPT.txt").read_text() for n in (2, 3, 4, 5)}
     assert "its arrays cannot be read" in reasons[5] and "its arrays cannot be read" in reasons[4]
     assert "the data item does not match its checksum" in reasons[3]
@@ -185,9 +186,14 @@ def test_a_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog
     with ocp.CheckpointManager(
         tmp_path, options=options, item_names=("state", "data", "meta")
     ) as m:
-        m.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave({"processes": [None]}),
-                                          meta=ocp.args.JsonSave({"step": 7})))  # fmt: skip
+        m.save(
+            7,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"processes": [None]}),
+                meta=ocp.args.JsonSave({"step": 7}),
+            ),
+        )
     checkpoints = Checkpoints(tmp_path)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         restored, position, _ = checkpoints.restore_latest(_abstract(state))
@@ -214,19 +220,34 @@ def test_settings_differences_name_each_and_skip_what_may_change(tmp_path):
     saved = _payload()
     resume.write_settings(str(tmp_path), saved)
     # what may change does not count; a setting the file does not know is not compared
-    later = _payload(**{"train.num_steps": 500, "train.log_every": 7, "optimizer.lr": 1e-5,
-                        "model.msda_implementation": "xla"})  # fmt: skip
+    later = _payload(
+        **{
+            "train.num_steps": 500,
+            "train.log_every": 7,
+            "optimizer.lr": 1e-5,
+            "model.msda_implementation": "xla",
+        }
+    )
     later["config"]["data"]["a_new_setting"] = 3
     resume.check_settings(str(tmp_path), later)
 
     with pytest.raises(ConfigError) as error:
         resume.check_settings(str(tmp_path), _payload(**{"model.d_model": 96}), shown="runs/x")
-    assert str(error.value) == ("workdir runs/x was trained with model.d_model=64; this run has 96:"
-                                " use another --workdir or the same settings")  # fmt: skip
+    assert str(error.value) == (
+        "workdir runs/x was trained with model.d_model=64; this run has 96:"
+        " use another --workdir or the same settings"
+    )
 
-    changed = _payload(**{"model.d_model": 96, "optimizer.frozen": (), "data.batch_size": 8,
-                          "train.grad_accum_steps": 2, "train.param_dtype": "float64",
-                          "train.seed": 1})  # fmt: skip
+    changed = _payload(
+        **{
+            "model.d_model": 96,
+            "optimizer.frozen": (),
+            "data.batch_size": 8,
+            "train.grad_accum_steps": 2,
+            "train.param_dtype": "float64",
+            "train.seed": 1,
+        }
+    )
     with pytest.raises(ConfigError) as error:
         resume.check_settings(str(tmp_path), changed, shown="runs/x")
     lines = str(error.value).splitlines()

@@ -54,13 +54,30 @@ def _env(cache: str, devices: int) -> dict[str, str]:
 
 
 def _worker(out, workdir, cache, *, devices=1, host_devices=None, extra=()):
-    command = [sys.executable, "-m", "tests.test_training_workers", "train", "--out", str(out),
-               "--workdir", str(workdir), "--devices", str(devices), "--x64", "--dropout", "0",
-               *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tests.test_training_workers",
+        "train",
+        "--out",
+        str(out),
+        "--workdir",
+        str(workdir),
+        "--devices",
+        str(devices),
+        "--x64",
+        "--dropout",
+        "0",
+        *extra,
+    ]
     return subprocess.Popen(
-        command, cwd=ROOT, env=_env(cache, host_devices or devices),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        command,
+        cwd=ROOT,
+        env=_env(cache, host_devices or devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(process) -> str:
@@ -101,8 +118,14 @@ def test_eight_devices_match_one_device(tmp_path, compilation_cache, single_devi
 
 def test_gradient_accumulation_matches_one_batch(tmp_path, compilation_cache, single_device_run):
     """2 micro-batches of 4 on 4 devices == one batch of 8 on one device."""
-    process = _worker(tmp_path / "accum.npz", tmp_path / "accum", compilation_cache, devices=4,
-                      host_devices=8, extra=("--accum", "2"))  # fmt: skip
+    process = _worker(
+        tmp_path / "accum.npz",
+        tmp_path / "accum",
+        compilation_cache,
+        devices=4,
+        host_devices=8,
+        extra=("--accum", "2"),
+    )
     _finish(process)
     diff, name = _max_difference(_load(tmp_path / "accum.npz"), single_device_run)
     assert diff < 1e-5, f"accumulated step differs from the full batch by {diff:.3g} at {name}"
@@ -124,7 +147,7 @@ def test_two_processes_train_in_lockstep(tmp_path, compilation_cache, single_dev
             devices=0,
             host_devices=1,
             extra=("--coordinator", address, "--num-processes", "2", "--process-id", str(i)),
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = [_finish(p) for p in processes]
@@ -142,12 +165,28 @@ def test_two_processes_agree_on_the_checkpoint_they_fall_back_to(tmp_path, compi
     def run(steps, *extra):
         address = f"127.0.0.1:{_free_port()}"
         processes = [
-            _worker(tmp_path / f"p{i}.npz", tmp_path / "work", compilation_cache, devices=0,
-                    host_devices=1, extra=("--coordinator", address, "--num-processes", "2",
-                                           "--process-id", str(i), "--steps", str(steps),
-                                           "--checkpoint-every", "2", *extra))
+            _worker(
+                tmp_path / f"p{i}.npz",
+                tmp_path / "work",
+                compilation_cache,
+                devices=0,
+                host_devices=1,
+                extra=(
+                    "--coordinator",
+                    address,
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                    "--steps",
+                    str(steps),
+                    "--checkpoint-every",
+                    "2",
+                    *extra,
+                ),
+            )
             for i in range(2)
-        ]  # fmt: skip
+        ]
         return [_finish(p) for p in processes]
 
     run(4)
@@ -178,10 +217,27 @@ def test_two_processes_finish_on_a_filled_compilation_cache(tmp_path):
         processes, start = [], time.monotonic()
         try:
             for i in range(2):
-                flags = ("--coordinator", address, "--num-processes", "2", "--process-id", str(i),
-                         "--steps", "2", *extra)  # fmt: skip
-                processes.append(_worker(tmp_path / f"{tag}{i}.npz", tmp_path / f"work-{tag}",
-                                         cache, devices=0, host_devices=1, extra=flags))  # fmt: skip
+                flags = (
+                    "--coordinator",
+                    address,
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                    "--steps",
+                    "2",
+                    *extra,
+                )
+                processes.append(
+                    _worker(
+                        tmp_path / f"{tag}{i}.npz",
+                        tmp_path / f"work-{tag}",
+                        cache,
+                        devices=0,
+                        host_devices=1,
+                        extra=flags,
+                    )
+                )
         except BaseException:  # the one started is killed, not left waiting for its peer
             for process in processes:
                 process.kill()
@@ -193,8 +249,14 @@ def test_two_processes_finish_on_a_filled_compilation_cache(tmp_path):
     run("fill", "--keep-compile-cache")
     assert any(cache.iterdir()), "the first run wrote nothing to the compilation cache"
     outputs = run("filled")
-    reports = [[line.split("compilation cache off: ", 1)[1] for line in out.splitlines()
-                if "compilation cache off: " in line] for out in outputs]  # fmt: skip
+    reports = [
+        [
+            line.split("compilation cache off: ", 1)[1]
+            for line in out.splitlines()
+            if "compilation cache off: " in line
+        ]
+        for out in outputs
+    ]
     assert len(reports[0]) == 1 and reports[0] == reports[1], outputs[0][-3000:]
     assert "2 processes on CPU" in reports[0][0], reports[0]
     assert "no compilation cache (turned off at startup" in outputs[0], outputs[0][-3000:]

@@ -42,8 +42,7 @@ def _draw(seed: int) -> str:
     rng = random.Random(seed)
     first, second = {"step": (1, 4), "data": (1, 16), "write": (1, 1), "commit": (1, 4)}[kind]
     if seed > 0:  # counts within the run's second checkpoint interval
-        first, second = {"step": (5, 8), "data": (20, 32), "write": (2, 2),
-                         "commit": (5, 8)}[kind]  # fmt: skip
+        first, second = {"step": (5, 8), "data": (20, 32), "write": (2, 2), "commit": (5, 8)}[kind]
     return f"{kind}:{rng.randint(first, second)}"
 
 
@@ -72,10 +71,23 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
             environment.pop(key, None)
         else:
             environment[key] = value
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-               os.path.join(ROOT, "tests", "fault_config.py"), "--workdir", str(workdir), *extra]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "tests", "fault_config.py"),
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = finish(process, f"train.py (FAULT={fault!r})", TIMEOUT, check=False)
     return process.returncode, output
 
@@ -141,8 +153,9 @@ def _copy(baseline, target, steps=None):
 # ----------------------------------------------------------------------------- SIGKILL
 
 
-def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(shared, baseline,
-                                                                          tmp_path):  # fmt: skip
+def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(
+    shared, baseline, tmp_path
+):
     workdir = tmp_path / "killed"
     faults = [_draw(seed) for seed in SEEDS]
     history = []
@@ -183,8 +196,9 @@ def test_a_restarted_run_reads_its_programs_from_the_workdir_cache(shared, basel
     assert any(cache.iterdir()), "nothing was written to the workdir's compilation cache"
     code, output = _run(shared, workdir, env=outside)
     assert code == 0, output[-5000:]
-    read = re.search(rf"(\d+) programs? read from the compilation cache in {re.escape(str(cache))}",
-                     output)  # fmt: skip
+    read = re.search(
+        rf"(\d+) programs? read from the compilation cache in {re.escape(str(cache))}", output
+    )
     assert read and int(read.group(1)) >= 1, output[-3000:]
     _assert_same(_params(workdir, STEPS), _params(baseline, STEPS))
 
@@ -226,8 +240,10 @@ def test_no_checkpoint_restores_is_one_error_and_exit_4(shared, baseline, tmp_pa
     code, output = _run(shared, workdir)
     assert code == 4, output[-5000:]
     lines = _error_lines(output)
-    assert lines[0] == f"error: no checkpoint in {workdir / 'checkpoints'} restores; each was moved "\
-        "aside (nothing deleted):"  # fmt: skip
+    assert (
+        lines[0] == f"error: no checkpoint in {workdir / 'checkpoints'} restores; each was moved "
+        "aside (nothing deleted):"
+    )
     assert lines[1].startswith("  corrupt-20: its meta item cannot be read")
     assert lines[-1].startswith("(full report: ") and (workdir / "errors").is_dir()
     assert os.listdir(workdir / "checkpoints") == ["corrupt-20"]
@@ -241,8 +257,10 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
     code, output = _run(shared, workdir, "enospc:2")
     assert code == 5, output[-5000:]
     line = _one_error_line(output)
-    assert line.startswith(f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
-                           "OSError: [Errno 28] No space left on device")  # fmt: skip
+    assert line.startswith(
+        f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
+        "OSError: [Errno 28] No space left on device"
+    )
     assert "checkpoint 4 is intact; fix that (e.g. free disk space), then rerun" in line
     assert _steps(workdir) == [4]
     _assert_same(_params(workdir, 4), _params(baseline, 4))
@@ -254,10 +272,16 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
 def test_resume_with_other_settings_stops_before_compiling(shared, baseline, tmp_path):
     workdir = _copy(baseline, tmp_path / "settings", steps=[20])
     before = (workdir / "config.json").read_bytes()
-    code, output = _run(shared, workdir, extra=["--config.model.d_model=96",
-                                                "--config.optimizer.frozen=()",
-                                                "--config.train.num_steps=40"],
-                        env={"JAX_LOG_COMPILES": "1"})  # fmt: skip
+    code, output = _run(
+        shared,
+        workdir,
+        extra=[
+            "--config.model.d_model=96",
+            "--config.optimizer.frozen=()",
+            "--config.train.num_steps=40",
+        ],
+        env={"JAX_LOG_COMPILES": "1"},
+    )
     assert code == 2, output[-5000:]
     assert "Compiling" not in output and "Finished XLA compilation" not in output, output[-3000:]
     assert _error_lines(output) == [
@@ -283,14 +307,17 @@ def test_nan_loss_exits_3_with_the_last_good_checkpoint_intact(shared, baseline,
     _assert_same(_params(workdir, 4), _params(baseline, 4))
 
 
-def test_an_internal_error_or_ctrl_c_is_one_line_and_keeps_the_checkpoints(shared, baseline,
-                                                                           tmp_path):  # fmt: skip
+def test_an_internal_error_or_ctrl_c_is_one_line_and_keeps_the_checkpoints(
+    shared, baseline, tmp_path
+):
     workdir = tmp_path / "bug"
     code, output = _run(shared, workdir, "bug:6")
     assert code == 70, output[-5000:]
     line = _one_error_line(output)
-    assert line.startswith("error: RuntimeError: an injected bug (an internal error; please "
-                           "report it with the file below) (full report: ")  # fmt: skip
+    assert line.startswith(
+        "error: RuntimeError: an injected bug (an internal error; please "
+        "report it with the file below) (full report: "
+    )
     report = line[line.index("(full report: ") + 14 : -1]
     assert os.path.dirname(report) == str(workdir / "errors")
     text = open(report).read()

@@ -67,6 +67,8 @@ def test_overfit_fixed_batch_then_nan_stops_with_last_good_checkpoint(tmp_path):
     assert any(n.startswith("model.backbone.model.embedder.") for n in frozen0)
     for name, value in frozen0.items():
         np.testing.assert_array_equal(np.asarray(state.frozen[name]), np.asarray(value), name)
-    moved = {n: float(np.abs(np.asarray(state.params[n]) - np.asarray(params0[n])).max())
-             for n in params0}  # fmt: skip
+    moved = {
+        n: float(np.abs(np.asarray(state.params[n]) - np.asarray(params0[n])).max())
+        for n in params0
+    }
     assert min(moved.values()) > 0, [n for n, d in moved.items() if d == 0][:5]

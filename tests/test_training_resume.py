@@ -64,10 +64,17 @@ def _start(tmp, workdir) -> subprocess.Popen:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-               str(tmp / "tiny_resume.py"), "--workdir", str(workdir)]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        str(tmp / "tiny_resume.py"),
+        "--workdir",
+        str(workdir),
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(process) -> str:

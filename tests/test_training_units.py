@@ -28,8 +28,13 @@ from deformable_detr_jax.training.train_state import model_spec
 from tests.test_training_workers import get_config, tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ("deformable_detr_r50_coco", "box_refine_r50_coco", "two_stage_r50_coco",
-           "finetune_coco_json", "shapes_tiny")  # fmt: skip
+RECIPES = (
+    "deformable_detr_r50_coco",
+    "box_refine_r50_coco",
+    "two_stage_r50_coco",
+    "finetune_coco_json",
+    "shapes_tiny",
+)
 
 
 def _recipe(name):
@@ -59,8 +64,10 @@ def test_param_groups_of_the_paper():
     assert group("model.encoder.layers.3.self_attn.attention_weights.kernel") == "default"
     assert group("class_embed.0.bias") == "default"
     assert optimizer_lib.group_learning_rates(config) == {
-        "default": 2e-4, "backbone": 2e-5, "linear_proj": pytest.approx(2e-5),
-    }  # fmt: skip
+        "default": 2e-4,
+        "backbone": 2e-5,
+        "linear_proj": pytest.approx(2e-5),
+    }
 
 
 def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
@@ -82,8 +89,12 @@ def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
         name = ".".join(str(p) for p in path)
         if name in labels:
             params[name] = jnp.asarray(rng.normal(size=var.shape), jnp.float32)
-    grads = {n: jnp.asarray(rng.choice([-1.0, 1.0], size=v.shape) * rng.uniform(0.5, 2, v.shape),
-                            jnp.float32) for n, v in params.items()}  # fmt: skip
+    grads = {
+        n: jnp.asarray(
+            rng.choice([-1.0, 1.0], size=v.shape) * rng.uniform(0.5, 2, v.shape), jnp.float32
+        )
+        for n, v in params.items()
+    }
     steps_per_epoch = 3
     tx, schedules = optimizer_lib.make_optimizer(config, labels, steps_per_epoch)
     state = tx.init(params)
@@ -95,9 +106,11 @@ def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
             lr = expected[labels[name]] * factor
             # constant gradients: m_hat / sqrt(v_hat) = sign(g) at every step
             np.testing.assert_allclose(
-                np.asarray(update), -lr * np.sign(np.asarray(grads[name])), rtol=1e-4,
+                np.asarray(update),
+                -lr * np.sign(np.asarray(grads[name])),
+                rtol=1e-4,
                 err_msg=f"{name} ({labels[name]}) at step {step}",
-            )  # fmt: skip
+            )
         assert float(schedules["backbone"](step)) == pytest.approx(1e-3 * factor)
 
 
@@ -112,8 +125,11 @@ def test_clipping_applies_to_the_global_norm():
     params = {"a": jnp.ones((3,)), "b": jnp.ones((2,))}
     grads = {"a": jnp.asarray([3.0, 0.0, 0.0]), "b": jnp.asarray([0.0, 4.0])}
     _, state = tx.update(grads, tx.init(params), params)
-    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    adam = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     first_moment = np.sqrt(sum(float(jnp.sum(m**2)) for s in adam for m in jax.tree.leaves(s.mu)))
     assert first_moment == pytest.approx((1 - config.b1) * 0.1, rel=1e-5)
 
@@ -191,8 +207,11 @@ def test_coco_json_with_unknown_ids_fails_at_start(monkeypatch, tmp_path, proble
     Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(images / "a.jpg")
     annotation = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10], "iscrowd": 0}
     annotation[problem] = 99
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 40, "width": 50}],
-            "annotations": [annotation], "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 40, "width": 50}],
+        "annotations": [annotation],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "train.json").write_text(json.dumps(data))
     config = get_config()
     config.data.source = "coco_json"
@@ -205,10 +224,20 @@ def test_coco_json_with_unknown_ids_fails_at_start(monkeypatch, tmp_path, proble
 
 def test_unknown_config_key_fails_on_the_command_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/shapes_tiny.py", "--workdir",
-         str(tmp_path), "--config.train.num_stepz=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/shapes_tiny.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.train.num_stepz=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "num_stepz" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()

@@ -97,9 +97,19 @@ class SyntheticBatches:
     `nan_from`: batches from this index on have NaN pixels (to make the loss non-finite).
     """
 
-    def __init__(self, global_batch: int, *, process_index: int = 0, process_count: int = 1,
-                 seed: int = 0, num_labels: int = 3, fixed: bool = False, accum: int = 1,
-                 nan_from: int | None = None, image: int = IMAGE):  # fmt: skip
+    def __init__(
+        self,
+        global_batch: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        seed: int = 0,
+        num_labels: int = 3,
+        fixed: bool = False,
+        accum: int = 1,
+        nan_from: int | None = None,
+        image: int = IMAGE,
+    ):
         if global_batch % (process_count * accum):
             raise ValueError("global_batch must split over the processes and micro-batches")
         self.bs = global_batch // process_count
@@ -124,8 +134,9 @@ class SyntheticBatches:
         labels = rng.integers(0, self.num_labels, (n, MAX_BOXES)).astype(np.int32)
         if self.nan_from is not None and t >= self.nan_from:
             pixel_values[:] = np.nan
-        return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels,
-                    boxes=boxes, mask=mask)  # fmt: skip
+        return dict(
+            pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels, boxes=boxes, mask=mask
+        )
 
     def __iter__(self):
         return self
@@ -218,19 +229,33 @@ def _train_worker(args) -> None:
     config.train.grad_accum_steps = args.accum
     config.train.checkpoint_every = args.checkpoint_every
     config.train.log_every = args.steps
-    data = SyntheticBatches(args.batch, process_index=jax.process_index(),
-                            process_count=jax.process_count(), seed=1, accum=args.accum)  # fmt: skip
-    result = train(config, args.workdir, mesh=mesh, train_data=data,
-                   model_config=tiny_model_config(dropout=args.dropout))  # fmt: skip
+    data = SyntheticBatches(
+        args.batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=1,
+        accum=args.accum,
+    )
+    result = train(
+        config,
+        args.workdir,
+        mesh=mesh,
+        train_data=data,
+        model_config=tiny_model_config(dropout=args.dropout),
+    )
     from deformable_detr_jax.training.train_state import init_weights
 
-    initial = init_weights(result.spec, int(config.train.seed), mesh,
-                           jax.numpy.float64 if args.x64 else None)  # fmt: skip
+    initial = init_weights(
+        result.spec, int(config.train.seed), mesh, jax.numpy.float64 if args.x64 else None
+    )
     initial = {f"init:{k}": np.asarray(jax.device_get(v)) for d in initial for k, v in d.items()}
     np.savez(args.out, **flat_params(result.state), **initial)
     read, _ = compile_cache.programs_read()
-    print(f"worker done: {mesh.size} devices, {jax.process_count()} processes, {read} programs "
-          "read from the compilation cache", flush=True)  # fmt: skip
+    print(
+        f"worker done: {mesh.size} devices, {jax.process_count()} processes, {read} programs "
+        "read from the compilation cache",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -249,10 +274,17 @@ def main(argv=None) -> int:
     worker.add_argument("--num-processes", type=int, default=1)
     worker.add_argument("--process-id", type=int, default=0)
     worker.add_argument("--checkpoint-every", type=int, default=0)
-    worker.add_argument("--fail-restore", type=int, default=None,
-                        help="the last process cannot read this checkpoint step")  # fmt: skip
-    worker.add_argument("--keep-compile-cache", action="store_true",
-                        help="several processes on CPU keep the persistent cache on")  # fmt: skip
+    worker.add_argument(
+        "--fail-restore",
+        type=int,
+        default=None,
+        help="the last process cannot read this checkpoint step",
+    )
+    worker.add_argument(
+        "--keep-compile-cache",
+        action="store_true",
+        help="several processes on CPU keep the persistent cache on",
+    )
     args = parser.parse_args(argv)
     _die_with_parent()
     if args.command == "train":

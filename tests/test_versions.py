@@ -22,8 +22,10 @@ def _fake(versions):
 def test_supported_versions_pass():
     _versions.check()  # this environment
     _versions.check((3, 11, 0), _fake(dict(_versions.MINIMUM)))  # exactly the minimums
-    _versions.check((3, 13, 0), _fake({"jax": "0.13.0rc1", "jaxlib": "0.13.0.dev20270101",
-                                       "flax": "0.12.12+local"}))  # fmt: skip
+    _versions.check(
+        (3, 13, 0),
+        _fake({"jax": "0.13.0rc1", "jaxlib": "0.13.0.dev20270101", "flax": "0.12.12+local"}),
+    )
 
 
 def test_every_old_version_is_named_with_its_minimum():
@@ -56,8 +58,11 @@ def test_import_with_an_old_jax_fails_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     result = subprocess.run(
         [sys.executable, "-c", "import deformable_detr_jax"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("deformable_detr_jax._versions.UnsupportedVersionError: ")

@@ -86,8 +86,10 @@ def convert(
     """Runs one conversion; returns the summary line."""
     if is_pretrained_folder(src):
         if config is not None or num_heads is not None:
-            raise ValueError(f"{src} is a save_pretrained folder; --config/--num-heads apply "
-                             "to PyTorch checkpoints only")  # fmt: skip
+            raise ValueError(
+                f"{src} is a save_pretrained folder; --config/--num-heads apply "
+                "to PyTorch checkpoints only"
+            )
         model, key_format = load_pretrained(src), "jax"
     else:
         imported = import_pytorch_checkpoint(src, config, num_heads=num_heads)
@@ -112,8 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        line = convert(args.src, args.dst, to=args.to, config=args.config,
-                       num_heads=args.num_heads, overwrite=args.overwrite)  # fmt: skip
+        line = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            config=args.config,
+            num_heads=args.num_heads,
+            overwrite=args.overwrite,
+        )
     except OSError as e:
         code = exits.WRITE_FAILED if e.errno in exits.WRITE_ERRNOS else exits.BAD_INPUT
         return exits.report(PROG, str(e), code)

@@ -369,8 +369,12 @@ def fill_tied_heads(state_dict: Mapping[str, Any], variant: Mapping[str, Any]) -
     """
     refine, two_stage = bool(variant["with_box_refine"]), bool(variant["two_stage"])
     num_heads = int(variant["decoder_layers"]) + two_stage
-    conditions = {None: True, "shared_boxes": not refine, "with_box_refine": refine,
-                  "two_stage": two_stage}  # fmt: skip
+    conditions = {
+        None: True,
+        "shared_boxes": not refine,
+        "with_box_refine": refine,
+        "two_stage": two_stage,
+    }
     out = dict(state_dict)
 
     def keys_under(prefix: str) -> list[str]:

@@ -277,7 +277,6 @@ def _drop_saved_ties(state_dict: dict[str, np.ndarray], config: DeformableDetrCo
     return out
 
 
-
 def export_transformers_checkpoint(
     model: DeformableDetrForObjectDetection,
 ) -> dict[str, np.ndarray]:

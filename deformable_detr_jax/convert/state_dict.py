@@ -34,6 +34,7 @@ NNX_TO_TRANSFORMERS: tuple[tuple[str, str], ...] = (
     (r"\.(kernel|scale|embedding)$", ".weight"),
 )
 
+
 def nnx_path_to_key(path: tuple) -> str:
     key = ".".join(str(p) for p in path)
     for pattern, replacement in NNX_TO_TRANSFORMERS:
@@ -112,8 +113,11 @@ def convert_state_dict(
       CheckpointKeyError: listing every missing, unexpected and mis-shaped key, and tied
         copies that differ from the parameter they copy.
     """
-    variant = {"with_box_refine": config.with_box_refine, "two_stage": config.two_stage,
-               "decoder_layers": config.decoder_layers}  # fmt: skip
+    variant = {
+        "with_box_refine": config.with_box_refine,
+        "two_stage": config.two_stage,
+        "decoder_layers": config.decoder_layers,
+    }
     weights = to_transformers(fill_tied_heads(to_hub(state_dict), variant))
     copies = tied_copies(config)
     graphdef, state = nnx.split(abstract_model(config))

@@ -102,5 +102,7 @@ class InvalidBoxes:
             lines.append(f"  ... and {len(self.found) - LISTED} more")
         logger.warning(
             "%s: dropped %d invalid box(es) (set data.strict=True to make them errors):\n%s",
-            self.what, len(self.found), "\n".join(lines),
-        )  # fmt: skip
+            self.what,
+            len(self.found),
+            "\n".join(lines),
+        )

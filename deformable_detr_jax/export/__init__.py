@@ -51,8 +51,9 @@ def export(
 ) -> pathlib.Path:
     """`export_onnx` or `export_stablehlo` by `format` ("onnx" | "stablehlo"); returns `out`."""
     writer = {"onnx": export_onnx, "stablehlo": export_stablehlo}[check_format(format)]
-    return writer(model, out, height=height, width=width, batch=batch, dtype=dtype,
-                  overwrite=overwrite)  # fmt: skip
+    return writer(
+        model, out, height=height, width=width, batch=batch, dtype=dtype, overwrite=overwrite
+    )
 
 
 __all__ = [

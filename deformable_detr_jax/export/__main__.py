@@ -36,18 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Export a Deformable DETR model as ONNX or StableHLO for a fixed input size.",
     )
-    parser.add_argument("model", metavar="MODEL",
-                        help="what Detector.from_pretrained reads: a hub-style model folder or "
-                             "one saved by deformable_detr_jax")  # fmt: skip
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="what Detector.from_pretrained reads: a hub-style model folder or "
+        "one saved by deformable_detr_jax",
+    )
     parser.add_argument("out", metavar="OUT", help="file to write (.onnx / .stablehlo)")
     parser.add_argument("--format", required=True, metavar="onnx|stablehlo")
-    parser.add_argument("--height", type=int, required=True, metavar="H",
-                        help="input height in pixels (pad images to it)")  # fmt: skip
-    parser.add_argument("--width", type=int, required=True, metavar="W",
-                        help="input width in pixels")  # fmt: skip
+    parser.add_argument(
+        "--height",
+        type=int,
+        required=True,
+        metavar="H",
+        help="input height in pixels (pad images to it)",
+    )
+    parser.add_argument(
+        "--width", type=int, required=True, metavar="W", help="input width in pixels"
+    )
     parser.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
-    parser.add_argument("--dtype", default="float32", metavar="float32|bfloat16",
-                        help="compute dtype (default float32)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        metavar="float32|bfloat16",
+        help="compute dtype (default float32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
 
@@ -79,22 +92,35 @@ def _main(args: argparse.Namespace) -> int:
     try:
         detector = as_detector(args.model, args.dtype)
     except (OSError, ValueError) as err:  # not a model, unreadable, bad config (typed errors)
-        return exits.report(PROG, f"cannot load the model from {args.model!r}: {err}",
-                            exits.BAD_INPUT)  # fmt: skip
+        return exits.report(
+            PROG, f"cannot load the model from {args.model!r}: {err}", exits.BAD_INPUT
+        )
     try:
-        path = export(detector, args.out, format=args.format, height=args.height,
-                      width=args.width, batch=args.batch, dtype=args.dtype,
-                      overwrite=args.overwrite)  # fmt: skip
+        path = export(
+            detector,
+            args.out,
+            format=args.format,
+            height=args.height,
+            width=args.width,
+            batch=args.batch,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
     except (ExportError, ImportError) as err:
         return exits.report(PROG, str(err), exits.BAD_INPUT)
     except OSError as err:
         if err.errno not in exits.WRITE_ERRNOS:
             raise
-        return exits.report(PROG, f"cannot write {args.out}: {err.strerror}; nothing was left "
-                            "there", exits.WRITE_FAILED)  # fmt: skip
+        return exits.report(
+            PROG,
+            f"cannot write {args.out}: {err.strerror}; nothing was left there",
+            exits.WRITE_FAILED,
+        )
     size = os.path.getsize(path) / 2**20
-    print(f"wrote {os.fspath(path)} ({args.format}, {args.batch}x{args.height}x{args.width}, "
-          f"{args.dtype}, {size:.1f} MiB) in {time.perf_counter() - start:.0f} s")  # fmt: skip
+    print(
+        f"wrote {os.fspath(path)} ({args.format}, {args.batch}x{args.height}x{args.width}, "
+        f"{args.dtype}, {size:.1f} MiB) in {time.perf_counter() - start:.0f} s"
+    )
     return 0
 
 

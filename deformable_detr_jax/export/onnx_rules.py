@@ -82,8 +82,12 @@ def grid_sample(x: jax.Array, grid: jax.Array) -> jax.Array:
     # (n, c, h * w)
     table = x.astype(acc).reshape(n, c, height * width)
     out = jnp.zeros((n, c, h_out * w_out), acc)
-    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                           (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):  # fmt: skip
+    for dy, dx, weight in (
+        (0, 0, (1 - fy) * (1 - fx)),
+        (0, 1, (1 - fy) * fx),
+        (1, 0, fy * (1 - fx)),
+        (1, 1, fy * fx),
+    ):
         xi, yi = x0 + dx, y0 + dy
         valid = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
         # (n, h_out * w_out)
@@ -173,9 +177,13 @@ class _GridSamplePlugin(PrimitiveLeafPlugin):
         grid = ctx.get_value_for_var(grid_var, name_hint=ctx.fresh_name("grid_sample_grid"))
         out_spec = ctx.get_value_for_var(out_var, name_hint=ctx.fresh_name("grid_sample_out"))
         result = ctx.builder.GridSample(
-            x, grid, _outputs=[_output_name(ctx, out_spec, "grid_sample_out")],
-            mode="linear", padding_mode="zeros", align_corners=0,
-        )  # fmt: skip
+            x,
+            grid,
+            _outputs=[_output_name(ctx, out_spec, "grid_sample_out")],
+            mode="linear",
+            padding_mode="zeros",
+            align_corners=0,
+        )
         _bind(ctx, out_var, out_spec, result)
 
 
@@ -208,8 +216,9 @@ class _NhwcMaxPoolPlugin(ReduceWindowMaxPrimitivePlugin):
         (out_var,) = eqn.outvars
         x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("max_pool_in"))
         out_spec = ctx.get_value_for_var(out_var, name_hint=ctx.fresh_name("max_pool_out"))
-        nchw = ctx.builder.Transpose(x, _outputs=[ctx.fresh_name("max_pool_nchw")],
-                                     perm=[0, 3, 1, 2])  # fmt: skip
+        nchw = ctx.builder.Transpose(
+            x, _outputs=[ctx.fresh_name("max_pool_nchw")], perm=[0, 3, 1, 2]
+        )
         nchw.type = ir.TensorType(x.dtype)
         b, h, w, c = x_var.aval.shape
         nchw.shape = ir.Shape([b, c, h, w])
@@ -233,8 +242,12 @@ class _NhwcMaxPoolPlugin(ReduceWindowMaxPrimitivePlugin):
 
 # ----------------------------------------------------------------------------- inlining
 
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "custom_jvp_call": "call_jaxpr"}  # fmt: skip
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+}
 
 
 def _dense_layer(eqn) -> bool:
@@ -243,9 +256,13 @@ def _dense_layer(eqn) -> bool:
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
     lhs, rhs = (var.aval for var in eqn.invars)
     return (
-        not lhs_batch and not rhs_batch and lhs.ndim > 2 and rhs.ndim == 2
-        and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-    )  # fmt: skip
+        not lhs_batch
+        and not rhs_batch
+        and lhs.ndim > 2
+        and rhs.ndim == 2
+        and tuple(lhs_contract) == (lhs.ndim - 1,)
+        and tuple(rhs_contract) == (0,)
+    )
 
 
 def _as_matrix_product(eqn, lhs, rhs):

@@ -24,8 +24,9 @@ import jax
 from deformable_detr_jax.export.common import as_detector, atomic_output, check_input, check_output
 
 
-def to_exported(model: Any, *, height: int, width: int, batch: int = 1,
-                dtype: str = "float32") -> jax.export.Exported:  # fmt: skip
+def to_exported(
+    model: Any, *, height: int, width: int, batch: int = 1, dtype: str = "float32"
+) -> jax.export.Exported:
     """The `jax.export.Exported` of `model` (see `export_stablehlo`), not written anywhere."""
     detector = as_detector(model, dtype)
     spec = check_input(detector.config, height, width, batch)

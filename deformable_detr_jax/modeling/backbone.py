@@ -91,9 +91,11 @@ def pointwise_conv(conv: nnx.Conv, x: jax.Array, stride: int = 1) -> jax.Array:
         x = x[:, ::stride, ::stride]
     # (bs, h, w, in) @ (in, out)
     out = dense_dot_general(
-        x.astype(dtype), kernel[0, 0].astype(dtype), (((3,), (0,)), ((), ())),
+        x.astype(dtype),
+        kernel[0, 0].astype(dtype),
+        (((3,), (0,)), ((), ())),
         precision=conv.precision,
-    )  # fmt: skip
+    )
     return out if bias is None else out + bias.astype(dtype)
 
 
@@ -138,9 +140,15 @@ class ResNetShortCut(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
         self.convolution = nnx.Conv(
-            in_channels, out_channels, (1, 1), strides=stride, padding="VALID", use_bias=False,
-            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs,
-        )  # fmt: skip
+            in_channels,
+            out_channels,
+            (1, 1),
+            strides=stride,
+            padding="VALID",
+            use_bias=False,
+            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            rngs=rngs,
+        )
         self.normalization = FrozenBatchNorm2d(out_channels)
         self.stride = stride
 
@@ -157,10 +165,12 @@ class ResNetBasicLayer(nnx.Module):
             if in_channels != out_channels or stride != 1
             else None
         )
-        self.layer = nnx.List([
-            ResNetConvLayer(in_channels, out_channels, 3, stride, first_dilation, rngs=rngs),
-            ResNetConvLayer(out_channels, out_channels, 3, 1, dilation, False, rngs=rngs),
-        ])  # fmt: skip
+        self.layer = nnx.List(
+            [
+                ResNetConvLayer(in_channels, out_channels, 3, stride, first_dilation, rngs=rngs),
+                ResNetConvLayer(out_channels, out_channels, 3, 1, dilation, False, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -180,11 +190,13 @@ class ResNetBottleNeckLayer(nnx.Module):
             if in_channels != out_channels or stride != 1
             else None
         )
-        self.layer = nnx.List([
-            ResNetConvLayer(in_channels, reduces, 1, rngs=rngs),
-            ResNetConvLayer(reduces, reduces, 3, stride, first_dilation, rngs=rngs),
-            ResNetConvLayer(reduces, out_channels, 1, activation=False, rngs=rngs),
-        ])  # fmt: skip
+        self.layer = nnx.List(
+            [
+                ResNetConvLayer(in_channels, reduces, 1, rngs=rngs),
+                ResNetConvLayer(reduces, reduces, 3, stride, first_dilation, rngs=rngs),
+                ResNetConvLayer(reduces, out_channels, 1, activation=False, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -197,11 +209,19 @@ class ResNetBottleNeckLayer(nnx.Module):
 class ResNetStage(nnx.Module):
     def __init__(self, block, in_channels, out_channels, stride, depth, dilation, *, rngs):
         # The first block keeps the previous stage's dilation (1), later blocks use `dilation`.
-        self.layers = nnx.List([
-            block(in_channels if i == 0 else out_channels, out_channels,
-                  stride if i == 0 else 1, 1 if i == 0 else dilation, dilation, rngs=rngs)
-            for i in range(depth)
-        ])  # fmt: skip
+        self.layers = nnx.List(
+            [
+                block(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    stride if i == 0 else 1,
+                    1 if i == 0 else dilation,
+                    dilation,
+                    rngs=rngs,
+                )
+                for i in range(depth)
+            ]
+        )
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         for layer in self.layers:
@@ -222,9 +242,13 @@ class ResNetEmbeddings(nnx.Module):
         x = mask_padding(x, masks)
         # (bs, height, width, channels), padded with -inf like torch's MaxPool2d(3, 2, 1).
         return jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+            x,
+            -jnp.inf,
+            jax.lax.max,
+            (1, 3, 3, 1),
+            (1, 2, 2, 1),
             ((0, 0), (1, 1), (1, 1), (0, 0)),
-        )  # fmt: skip
+        )
 
 
 class ResNetEncoder(nnx.Module):
@@ -238,9 +262,10 @@ class ResNetEncoder(nnx.Module):
             dilated = config.dilation and i == 3
             stride = 1 if i == 0 or dilated else 2
             stages.append(
-                ResNetStage(block, in_channels, out_channels, stride, depth,
-                            2 if dilated else 1, rngs=rngs)
-            )  # fmt: skip
+                ResNetStage(
+                    block, in_channels, out_channels, stride, depth, 2 if dilated else 1, rngs=rngs
+                )
+            )
             in_channels = out_channels
         self.stages = nnx.List(stages)
 

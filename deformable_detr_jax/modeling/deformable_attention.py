@@ -43,9 +43,12 @@ class DeformableDetrMultiscaleDeformableAttention(nnx.Module):
         zeros = nnx.initializers.zeros
         xavier = nnx.initializers.xavier_uniform()
         self.sampling_offsets = dense_layer(
-            d_model, n_offsets * 2, kernel_init=zeros,
-            bias_init=lambda *_: jnp.asarray(grid_bias), rngs=rngs,
-        )  # fmt: skip
+            d_model,
+            n_offsets * 2,
+            kernel_init=zeros,
+            bias_init=lambda *_: jnp.asarray(grid_bias),
+            rngs=rngs,
+        )
         self.attention_weights = dense_layer(
             d_model, n_offsets, kernel_init=zeros, bias_init=zeros, rngs=rngs
         )

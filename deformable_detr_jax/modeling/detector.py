@@ -84,12 +84,17 @@ class InputProjection(nnx.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride, *, rngs: nnx.Rngs):
         pad = kernel_size // 2
         self.conv = nnx.Conv(
-            in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
-            padding=((pad, pad), (pad, pad)), kernel_init=nnx.initializers.xavier_uniform(),
+            in_channels,
+            out_channels,
+            (kernel_size, kernel_size),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            kernel_init=nnx.initializers.xavier_uniform(),
             rngs=rngs,
-        )  # fmt: skip
-        self.norm = nnx.GroupNorm(out_channels, num_groups=32, epsilon=1e-5,
-                                  use_fast_variance=False, rngs=rngs)  # fmt: skip
+        )
+        self.norm = nnx.GroupNorm(
+            out_channels, num_groups=32, epsilon=1e-5, use_fast_variance=False, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """`(bs, h, w, c_in)` -> `(bs, h', w', d_model)`; GroupNorm statistics over the
@@ -133,8 +138,9 @@ class DeformableDetrModel(nnx.Module):
         d_model = config.d_model
         self.backbone = DeformableDetrConvEncoder(config, rngs=rngs)
         if config.position_embedding_type == "learned":
-            self.position_embedding = DeformableDetrLearnedPositionEmbedding(d_model // 2,
-                                                                             rngs=rngs)  # fmt: skip
+            self.position_embedding = DeformableDetrLearnedPositionEmbedding(
+                d_model // 2, rngs=rngs
+            )
         else:
             self.position_embedding = None  # sine: computed from the mask, no parameters
 
@@ -148,9 +154,11 @@ class DeformableDetrModel(nnx.Module):
 
         if not config.two_stage:
             self.query_position_embeddings = nnx.Embed(
-                config.num_queries, 2 * d_model,
-                embedding_init=nnx.initializers.normal(1.0), rngs=rngs,
-            )  # fmt: skip
+                config.num_queries,
+                2 * d_model,
+                embedding_init=nnx.initializers.normal(1.0),
+                rngs=rngs,
+            )
         self.encoder = DeformableDetrEncoder(config, rngs=rngs)
         self.decoder = DeformableDetrDecoder(config, rngs=rngs)
         self.level_embed = nnx.Param(
@@ -228,8 +236,14 @@ class DeformableDetrModel(nnx.Module):
         valid_ratios = jnp.stack([valid_ratio(m, dtype) for m in masks], 1)
 
         with jax.named_scope("encoder"):
-            memory = self.encoder(source_flatten, mask_flatten, pos_flatten, spatial_shapes,
-                                  valid_ratios, deterministic)  # fmt: skip
+            memory = self.encoder(
+                source_flatten,
+                mask_flatten,
+                pos_flatten,
+                spatial_shapes,
+                valid_ratios,
+                deterministic,
+            )
 
         enc_outputs_class = enc_outputs_coord_logits = None
         d_model = config.d_model
@@ -257,18 +271,26 @@ class DeformableDetrModel(nnx.Module):
         else:
             # (num_queries, 2 * d_model) -> query position and content, broadcast over bs
             query_embeds = self.query_position_embeddings.embedding[...].astype(dtype)
-            query_embed = jnp.broadcast_to(query_embeds[None, :, :d_model],
-                                           (bs, config.num_queries, d_model))  # fmt: skip
-            target = jnp.broadcast_to(query_embeds[None, :, d_model:],
-                                      (bs, config.num_queries, d_model))  # fmt: skip
+            query_embed = jnp.broadcast_to(
+                query_embeds[None, :, :d_model], (bs, config.num_queries, d_model)
+            )
+            target = jnp.broadcast_to(
+                query_embeds[None, :, d_model:], (bs, config.num_queries, d_model)
+            )
             reference_points = jax.nn.sigmoid(self.reference_points(query_embed))
 
         with jax.named_scope("decoder"):
             hidden, references = self.decoder(
-                target, query_embed, memory, mask_flatten, reference_points, spatial_shapes,
-                valid_ratios, bbox_embed=bbox_embed if config.with_box_refine else None,
+                target,
+                query_embed,
+                memory,
+                mask_flatten,
+                reference_points,
+                spatial_shapes,
+                valid_ratios,
+                bbox_embed=bbox_embed if config.with_box_refine else None,
                 deterministic=deterministic,
-            )  # fmt: skip
+            )
         return DeformableDetrModelOutput(
             init_reference_points=reference_points,
             last_hidden_state=hidden[:, -1],
@@ -297,8 +319,12 @@ class DeformableDetrForObjectDetection(nnx.Module):
         prior_bias = -math.log((1 - 0.01) / 0.01)
 
         def make_class_embed():
-            return dense_layer(config.d_model, config.num_labels,
-                               bias_init=nnx.initializers.constant(prior_bias), rngs=rngs)  # fmt: skip
+            return dense_layer(
+                config.d_model,
+                config.num_labels,
+                bias_init=nnx.initializers.constant(prior_bias),
+                rngs=rngs,
+            )
 
         def make_bbox_embed():
             head = DeformableDetrMLPPredictionHead(config.d_model, config.d_model, 4, 3, rngs=rngs)
@@ -348,8 +374,14 @@ class DeformableDetrForObjectDetection(nnx.Module):
           and `pred_boxes (bs, num_queries, 4)` (cxcywh, normalised to the unpadded image).
         """
         pixel_values, pixel_mask = check_inputs(pixel_values, pixel_mask)
-        outputs = self.model(pixel_values, pixel_mask, self.class_embed, self.bbox_embed,
-                             deterministic, padding_invariant)  # fmt: skip
+        outputs = self.model(
+            pixel_values,
+            pixel_mask,
+            self.class_embed,
+            self.bbox_embed,
+            deterministic,
+            padding_invariant,
+        )
         with jax.named_scope("heads"):
             logits, boxes = self._heads(outputs)
         return DeformableDetrObjectDetectionOutput(

@@ -45,10 +45,12 @@ class DeformableDetrLearnedPositionEmbedding(nnx.Module):
 
     def __init__(self, embedding_dim: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.uniform(1.0)
-        self.row_embeddings = nnx.Embed(self.max_size, embedding_dim, embedding_init=init,
-                                        rngs=rngs)  # fmt: skip
-        self.column_embeddings = nnx.Embed(self.max_size, embedding_dim, embedding_init=init,
-                                           rngs=rngs)  # fmt: skip
+        self.row_embeddings = nnx.Embed(
+            self.max_size, embedding_dim, embedding_init=init, rngs=rngs
+        )
+        self.column_embeddings = nnx.Embed(
+            self.max_size, embedding_dim, embedding_init=init, rngs=rngs
+        )
 
     def __call__(self, mask: jax.Array, dtype) -> jax.Array:
         bs, height, width = mask.shape

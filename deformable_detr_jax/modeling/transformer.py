@@ -35,8 +35,9 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return dense_layer(in_features, out_features,
-                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)  # fmt: skip
+    return dense_layer(
+        in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
+    )
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -47,8 +48,14 @@ def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 class DeformableDetrMLP(nnx.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout."""
 
-    def __init__(self, config: DeformableDetrConfig, hidden_size: int, intermediate_size: int,
-                 *, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        config: DeformableDetrConfig,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.fc1 = linear(hidden_size, intermediate_size, rngs)
         self.fc2 = linear(intermediate_size, hidden_size, rngs)
         self.activation_fn = ACTIVATIONS[config.activation_function]
@@ -82,8 +89,7 @@ class DeformableDetrSelfAttention(nnx.Module):
         value = self.v_proj(hidden_states).reshape(shape)
         # (bs, nheads, len_q, len_q)
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * self.head_dim**-0.5
-        probs = self.attention_dropout(jax.nn.softmax(scores, axis=-1),
-                                       deterministic=deterministic)  # fmt: skip
+        probs = self.attention_dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
         # (bs, len_q, nheads, head_dim) -> (bs, len_q, d_model)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, value).reshape(bs, len_q, d_model)
         return self.o_proj(out)
@@ -99,13 +105,24 @@ class DeformableDetrEncoderLayer(nnx.Module):
         self.mlp = DeformableDetrMLP(config, config.d_model, config.encoder_ffn_dim, rngs=rngs)
         self.final_layer_norm = layer_norm(config.d_model, rngs)
 
-    def __call__(self, hidden_states, attention_mask, position_embeddings, reference_points,
-                 spatial_shapes, deterministic: bool) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask,
+        position_embeddings,
+        reference_points,
+        spatial_shapes,
+        deterministic: bool,
+    ) -> jax.Array:
         residual = hidden_states
         hidden_states = self.self_attn(
-            hidden_states, hidden_states, attention_mask, position_embeddings,
-            reference_points, spatial_shapes,
-        )  # fmt: skip
+            hidden_states,
+            hidden_states,
+            attention_mask,
+            position_embeddings,
+            reference_points,
+            spatial_shapes,
+        )
         hidden_states = self.dropout(hidden_states, deterministic=deterministic)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
         hidden_states = hidden_states + self.mlp(hidden_states, deterministic)
@@ -126,9 +143,16 @@ class DeformableDetrDecoderLayer(nnx.Module):
         self.mlp = DeformableDetrMLP(config, config.d_model, config.decoder_ffn_dim, rngs=rngs)
         self.final_layer_norm = layer_norm(config.d_model, rngs)
 
-    def __call__(self, hidden_states, query_position_embeddings, reference_points,
-                 spatial_shapes, encoder_hidden_states, encoder_attention_mask,
-                 deterministic: bool) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        hidden_states,
+        query_position_embeddings,
+        reference_points,
+        spatial_shapes,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        deterministic: bool,
+    ) -> jax.Array:
         residual = hidden_states
         hidden_states = self.self_attn(hidden_states, query_position_embeddings, deterministic)
         hidden_states = self.dropout(hidden_states, deterministic=deterministic)
@@ -136,9 +160,13 @@ class DeformableDetrDecoderLayer(nnx.Module):
 
         residual = hidden_states
         hidden_states = self.encoder_attn(
-            hidden_states, encoder_hidden_states, encoder_attention_mask,
-            query_position_embeddings, reference_points, spatial_shapes,
-        )  # fmt: skip
+            hidden_states,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            query_position_embeddings,
+            reference_points,
+            spatial_shapes,
+        )
         hidden_states = self.dropout(hidden_states, deterministic=deterministic)
         hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
 
@@ -173,14 +201,27 @@ class DeformableDetrEncoder(nnx.Module):
             [DeformableDetrEncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)]
         )
 
-    def __call__(self, inputs_embeds, attention_mask, position_embeddings, spatial_shapes,
-                 valid_ratios, deterministic: bool) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_embeddings,
+        spatial_shapes,
+        valid_ratios,
+        deterministic: bool,
+    ) -> jax.Array:
         """`(bs, len_v, d_model)` flattened levels -> `(bs, len_v, d_model)`."""
         hidden_states = self.dropout(inputs_embeds, deterministic=deterministic)
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, position_embeddings,
-                                  reference_points, spatial_shapes, deterministic)  # fmt: skip
+            hidden_states = layer(
+                hidden_states,
+                attention_mask,
+                position_embeddings,
+                reference_points,
+                spatial_shapes,
+                deterministic,
+            )
         return hidden_states
 
 
@@ -190,9 +231,18 @@ class DeformableDetrDecoder(nnx.Module):
             [DeformableDetrDecoderLayer(config, rngs=rngs) for _ in range(config.decoder_layers)]
         )
 
-    def __call__(self, inputs_embeds, query_position_embeddings, encoder_hidden_states,
-                 encoder_attention_mask, reference_points, spatial_shapes, valid_ratios,
-                 bbox_embed=None, deterministic: bool = True):  # fmt: skip
+    def __call__(
+        self,
+        inputs_embeds,
+        query_position_embeddings,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        reference_points,
+        spatial_shapes,
+        valid_ratios,
+        bbox_embed=None,
+        deterministic: bool = True,
+    ):
         """Runs the decoder stack, refining `reference_points` when `bbox_embed` is given.
 
         Args:
@@ -216,9 +266,15 @@ class DeformableDetrDecoder(nnx.Module):
             else:
                 scale = valid_ratios[:, None]
             reference_points_input = reference_points[:, :, None] * scale
-            hidden_states = layer(hidden_states, query_position_embeddings,
-                                  reference_points_input, spatial_shapes, encoder_hidden_states,
-                                  encoder_attention_mask, deterministic)  # fmt: skip
+            hidden_states = layer(
+                hidden_states,
+                query_position_embeddings,
+                reference_points_input,
+                spatial_shapes,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                deterministic,
+            )
             if bbox_embed is not None:
                 with jax.named_scope("heads"):  # (a part of benchmarks/train_parts.py)
                     tmp = bbox_embed[idx](hidden_states)

@@ -77,8 +77,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permissions, ...); `step` is the one that
     failed, `intact` the newest one on disk (None: none). Training stops."""
 
-    def __init__(self, step: int | None, directory: str, reason: str, intact: int | None,
-                 details: str = ""):  # fmt: skip
+    def __init__(
+        self, step: int | None, directory: str, reason: str, intact: int | None, details: str = ""
+    ):
         kept = (
             f"checkpoint {intact} is intact; fix that (e.g. free disk space), then rerun the same "
             "command to resume from it"
@@ -134,8 +135,9 @@ class Checkpoints:
       async_saves: write in a background thread (`wait()` blocks until written).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 async_saves: bool = True):  # fmt: skip
+    def __init__(
+        self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_saves: bool = True
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         exits.closed_loop_callbacks.install()  # orbax's noise after a failed save or read
         options = ocp.CheckpointManagerOptions(
@@ -172,8 +174,13 @@ class Checkpoints:
         except Exception:  # noqa: S110 (the listing below is then orbax's last one)
             pass
         intact = [s for s in self.all_steps() if s != failed]
-        return CheckpointWriteError(failed, self.directory, short_reason(err),
-                                    intact[-1] if intact else None, _full_traceback(err))  # fmt: skip
+        return CheckpointWriteError(
+            failed,
+            self.directory,
+            short_reason(err),
+            intact[-1] if intact else None,
+            _full_traceback(err),
+        )
 
     def check(self) -> None:
         """Raises `CheckpointWriteError` if the last background save has failed; never waits for
@@ -272,8 +279,9 @@ class Checkpoints:
         host, data, meta = self.read(step, abstract_state)
         state = jax.tree.map(
             lambda a, s: jax.make_array_from_callback(a.shape, s.sharding, lambda i: a[i]),
-            host, abstract_state,
-        )  # fmt: skip
+            host,
+            abstract_state,
+        )
         positions = data.get("processes") or []
         if positions and len(positions) != jax.process_count():
             raise CheckpointMismatchError(
@@ -321,13 +329,20 @@ class Checkpoints:
             failures.append((step, moved, reason))
             logger.warning(
                 "checkpoint %d in %s does not restore (%s); moved it to %s, nothing deleted; "
-                "trying the previous one", step, self.directory, reason, moved,
-            )  # fmt: skip
+                "trying the previous one",
+                step,
+                self.directory,
+                reason,
+                moved,
+            )
         if not failures and not self.corrupt_folders():
             return None
         lines = [f"  {os.path.basename(moved)}: {reason}" for _, moved, reason in failures]
-        earlier = [n for n in self.corrupt_folders()
-                   if n not in {os.path.basename(m) for _, m, _ in failures}]  # fmt: skip
+        earlier = [
+            n
+            for n in self.corrupt_folders()
+            if n not in {os.path.basename(m) for _, m, _ in failures}
+        ]
         if earlier:
             lines.append(f"  moved aside by earlier runs: {', '.join(earlier)} (see CORRUPT.txt)")
         raise NoCheckpointRestoresError(
@@ -389,8 +404,9 @@ def read_meta(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
         checkpointer.close()
 
 
-def read_step(directory: str | os.PathLike, step: int,
-              abstract_state: Any = None) -> tuple[Any, dict, dict]:  # fmt: skip
+def read_step(
+    directory: str | os.PathLike, step: int, abstract_state: Any = None
+) -> tuple[Any, dict, dict]:
     """`(state as host numpy arrays, data item, meta item)` of `directory/step`, read by this
     process alone (read-only: safe beside a running training job) and checked against the
     checksums written with it.
@@ -446,8 +462,10 @@ def _read(checkpointer, directory: str, step: int, abstract_state: Any):
     if found is None:
         logger.warning(
             "checkpoint %d in %s has no checksums (written by an older version): restored "
-            "without verifying its values", step, directory,
-        )  # fmt: skip
+            "without verifying its values",
+            step,
+            directory,
+        )
     elif found:
         raise corrupt("; ".join(found))
     return state, data, meta
@@ -460,8 +478,11 @@ def _check_structure(directory: str, step: int, saved: dict, wanted: dict) -> No
     extra = sorted(set(saved) - set(wanted))
     shaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
     parts = []
-    for what, names in (("missing", missing), ("not in this run's state", extra),
-                        ("of another shape or dtype", shaped)):  # fmt: skip
+    for what, names in (
+        ("missing", missing),
+        ("not in this run's state", extra),
+        ("of another shape or dtype", shaped),
+    ):
         if names:
             parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:2])})")
     raise CheckpointMismatchError(

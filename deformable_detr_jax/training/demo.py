@@ -20,8 +20,13 @@ import pathlib
 import time
 
 
-def run_demo(workdir: str | os.PathLike = "runs/demo", *, num_images: int = 6,
-             num_steps: int | None = None, threshold: float = 0.35) -> dict:  # fmt: skip
+def run_demo(
+    workdir: str | os.PathLike = "runs/demo",
+    *,
+    num_images: int = 6,
+    num_steps: int | None = None,
+    threshold: float = 0.35,
+) -> dict:
     """Runs the demo; returns `{"metrics", "model_dir", "images"}`."""
     import PIL.Image
 
@@ -47,8 +52,9 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", *, num_images: int = 6,
     paths = []
     for index, (image, found) in enumerate(zip(images, detector(images, threshold=threshold))):
         path = out_dir / f"held_out_{index}.png"
-        detector.draw(image, found).resize((image.shape[1] * 3, image.shape[0] * 3),
-                                           PIL.Image.NEAREST).save(path)  # fmt: skip
+        detector.draw(image, found).resize(
+            (image.shape[1] * 3, image.shape[0] * 3), PIL.Image.NEAREST
+        ).save(path)
         paths.append(str(path))
         names = ", ".join(f"{n} {s:.2f}" for n, s in zip(found.label_names, found.scores))
         print(f"  {path}: {len(found)} detection(s) {names}")

@@ -77,8 +77,9 @@ class TrainResult:
 # ----------------------------------------------------------------------------- batches
 
 
-def stack_micro_batches(batches: Sequence[Mapping[str, np.ndarray]],
-                        shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def stack_micro_batches(
+    batches: Sequence[Mapping[str, np.ndarray]], shape: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
     """`accum` host batches -> one `(accum, bs, ...)` batch of `TRAIN_KEYS`, images zero-padded
     (mask False) to the largest height and width among them, or to `shape`."""
     height = max(b["pixel_values"].shape[1] for b in batches)
@@ -208,9 +209,11 @@ def train(
     # WORKDIR/compile_cache (or a directory JAX was pointed at from outside, kept as it is), or
     # off: by the setting, or for several processes on CPU, where they cannot share it
     cache_dir, cache_off = compile_cache.training_cache(
-        setup._get(train_cfg, "compilation_cache_dir", "auto"), workdir,
-        jax.process_count(), mesh.devices.flat[0].platform,
-    )  # fmt: skip
+        setup._get(train_cfg, "compilation_cache_dir", "auto"),
+        workdir,
+        jax.process_count(),
+        mesh.devices.flat[0].platform,
+    )
     if cache_off:  # on every process: each decides (the same way) for itself
         logger.info("compilation cache off: %s", cache_off)
     layout = setup.batch_layout(config, mesh.size, jax.process_count())
@@ -242,10 +245,19 @@ def train(
         logger.info(
             "model %s, %d labels; %d trained tensors %s, %d frozen; %d steps (%d per epoch), "
             "batch %d = %d x %d micro-batches on %d devices / %d processes",
-            model_cfg.variant, model_cfg.num_labels, len(spec.trainable), groups,
-            len(spec.frozen), total, steps_per_epoch, layout.total, layout.accum, layout.micro,
-            mesh.size, jax.process_count(),
-        )  # fmt: skip
+            model_cfg.variant,
+            model_cfg.num_labels,
+            len(spec.trainable),
+            groups,
+            len(spec.frozen),
+            total,
+            steps_per_epoch,
+            layout.total,
+            layout.accum,
+            layout.micro,
+            mesh.size,
+            jax.process_count(),
+        )
 
     # ---- the workdir's settings, then its newest checkpoint that restores
     checkpoints = Checkpoints(
@@ -273,9 +285,13 @@ def train(
 
         if train_data is None:
             batches = setup.make_batches(
-                config, train_source, train=True, batch_size=layout.per_process,
-                num_labels=model_cfg.num_labels, state=data_position,
-            )  # fmt: skip
+                config,
+                train_source,
+                train=True,
+                batch_size=layout.per_process,
+                num_labels=model_cfg.num_labels,
+                state=data_position,
+            )
         else:
             batches = train_data
             if data_position is not None:
@@ -283,33 +299,54 @@ def train(
         if getattr(batches, "close", None) is not None:
             closers.append(batches.close)
 
-        train_step = make_train_step(spec, loss_cfg, tx, mesh, state, compute_dtype=dtype,
-                                     schedules=schedules)  # fmt: skip
+        train_step = make_train_step(
+            spec, loss_cfg, tx, mesh, state, compute_dtype=dtype, schedules=schedules
+        )
         seed = int(setup._get(train_cfg, "seed", 0))
         base_key = jax.jit(lambda: jax.random.key(seed), out_shardings=mesh_lib.replicated(mesh))()
         evaluate = None
         if eval_source is not None:
             evaluate = _make_evaluator(config, spec, mesh, eval_source, layout, model_cfg, dtype)
 
-        writer = MetricsWriter(workdir, active=primary,
-                               tensorboard=bool(setup._get(train_cfg, "tensorboard", True)))  # fmt: skip
+        writer = MetricsWriter(
+            workdir, active=primary, tensorboard=bool(setup._get(train_cfg, "tensorboard", True))
+        )
         closers.append(writer.close)
-        meta = {"config": settings["config"], "total_steps": total,
-                "num_processes": jax.process_count(), "model_config": model_cfg.to_hf(),
-                "processor": processor_for(config).to_dict() if train_source is not None else None}  # fmt: skip
+        meta = {
+            "config": settings["config"],
+            "total_steps": total,
+            "num_processes": jax.process_count(),
+            "model_config": model_cfg.to_hf(),
+            "processor": processor_for(config).to_dict() if train_source is not None else None,
+        }
         preemption = _Preemption(enabled=bool(setup._get(train_cfg, "handle_sigterm", True)))
         closers.append(preemption.restore)
         # on CPU each step reuses the host memory of the step before (host_memory)
         on_cpu = mesh.devices.flat[0].platform == "cpu"
         with retained_host_memory() if on_cpu else contextlib.nullcontext():
             state, step, stopped, eval_metrics = _loop(
-                state, batches, train_step, base_key, checkpoints, writer, preemption, evaluate,
-                workdir=workdir, settings=settings, meta=meta, layout=layout, mesh=mesh,
-                total=total, log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
+                state,
+                batches,
+                train_step,
+                base_key,
+                checkpoints,
+                writer,
+                preemption,
+                evaluate,
+                workdir=workdir,
+                settings=settings,
+                meta=meta,
+                layout=layout,
+                mesh=mesh,
+                total=total,
+                log_every=max(int(setup._get(train_cfg, "log_every", 50)), 1),
                 checkpoint_every=int(setup._get(train_cfg, "checkpoint_every", 0) or 0),
-                eval_every=eval_every, eval_at_end=eval_at_end, on_step=on_step,
-                cache_dir=cache_dir, cache_off=cache_off,
-            )  # fmt: skip
+                eval_every=eval_every,
+                eval_at_end=eval_at_end,
+                on_step=on_step,
+                cache_dir=cache_dir,
+                cache_off=cache_off,
+            )
     except BaseException:
         failed = True
         raise
@@ -344,8 +381,10 @@ def _settings_from_checkpoints(checkpoints: Checkpoints) -> dict[str, Any] | Non
         meta = checkpoints.read_meta(step)
         if meta and "config" in meta and "model_config" in meta:
             model = DeformableDetrConfig.from_hf(meta["model_config"])
-            return {"config": meta["config"], "model": json.loads(json.dumps(
-                dataclasses.asdict(model)))}  # fmt: skip
+            return {
+                "config": meta["config"],
+                "model": json.loads(json.dumps(dataclasses.asdict(model))),
+            }
     return None
 
 
@@ -358,19 +397,41 @@ def _log_first_step(seconds: float, before: tuple[int, float], cache_dir, cache_
         where = "no compilation cache (train.compilation_cache_dir is off)"
     elif programs:
         plural = "s" if programs != 1 else ""
-        where = (f"{programs} program{plural} read from the compilation cache in {cache_dir}, "
-                 f"{format_duration(saved)} of compiling saved")  # fmt: skip
+        where = (
+            f"{programs} program{plural} read from the compilation cache in {cache_dir}, "
+            f"{format_duration(saved)} of compiling saved"
+        )
     else:
         where = f"the compiled programs go to the compilation cache in {cache_dir}"
-    logger.info("first training step traced and compiled in %s; %s",
-                format_duration(seconds), where)  # fmt: skip
+    logger.info(
+        "first training step traced and compiled in %s; %s", format_duration(seconds), where
+    )
 
 
-def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer: MetricsWriter,
-          preemption: _Preemption, evaluate, *, workdir: str, settings: dict, meta: dict,
-          layout: setup.BatchLayout, mesh, total: int, log_every: int, checkpoint_every: int,
-          eval_every: int, eval_at_end: bool, on_step, cache_dir=None,
-          cache_off=None):  # fmt: skip
+def _loop(
+    state,
+    batches,
+    train_step,
+    base_key,
+    checkpoints: Checkpoints,
+    writer: MetricsWriter,
+    preemption: _Preemption,
+    evaluate,
+    *,
+    workdir: str,
+    settings: dict,
+    meta: dict,
+    layout: setup.BatchLayout,
+    mesh,
+    total: int,
+    log_every: int,
+    checkpoint_every: int,
+    eval_every: int,
+    eval_at_end: bool,
+    on_step,
+    cache_dir=None,
+    cache_off=None,
+):
     """The steps of `train`: returns `(state, step, stopped, eval_metrics)`."""
     primary = jax.process_index() == 0
     step = int(jax.device_get(state.step))
@@ -387,9 +448,11 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
         detail = ""
         if last_metrics is not None:
             values = jax.device_get(last_metrics)
-            detail = " (" + ", ".join(
-                f"{k}={float(v):.4g}" for k, v in values.items() if not np.isfinite(v)
-            ) + ")"  # fmt: skip
+            detail = (
+                " ("
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items() if not np.isfinite(v))
+                + ")"
+            )
         raise NonFiniteLossError(
             f"training stopped: the loss or its gradient was not finite (NaN or inf) at step "
             f"{bad}{detail}; no update was applied from that step on and no checkpoint of it "
@@ -406,8 +469,9 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
             try:
                 resume.write_settings(workdir, settings)
             except OSError as err:
-                raise CheckpointWriteError(step, workdir, f"{resume.SETTINGS_FILE}: {err}",
-                                           checkpoints.latest_step()) from err  # fmt: skip
+                raise CheckpointWriteError(
+                    step, workdir, f"{resume.SETTINGS_FILE}: {err}", checkpoints.latest_step()
+                ) from err
         checkpoints.save(state, position, meta)
 
     def check_writes():
@@ -419,8 +483,12 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
             error = err
         if mesh_lib.any_process(error is not None):
             if error is None:
-                error = CheckpointWriteError(None, checkpoints.directory, "failed on another "
-                                             "process", checkpoints.latest_step())  # fmt: skip
+                error = CheckpointWriteError(
+                    None,
+                    checkpoints.directory,
+                    "failed on another process",
+                    checkpoints.latest_step(),
+                )
             raise error
 
     start_time = time.perf_counter()
@@ -437,8 +505,9 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
         if first_step:
             first_step = False
             if primary:
-                _log_first_step(time.perf_counter() - compile_start, read_before, cache_dir,
-                                cache_off)  # fmt: skip
+                _log_first_step(
+                    time.perf_counter() - compile_start, read_before, cache_dir, cache_off
+                )
         step += 1
         history.append(metrics)
         if on_step is not None:
@@ -471,14 +540,20 @@ def _loop(state, batches, train_step, base_key, checkpoints: Checkpoints, writer
             save(position)
         checkpoints.wait()
         if primary:
-            logger.info("trained %d steps in %s", step,
-                        format_duration(time.perf_counter() - start_time))  # fmt: skip
+            logger.info(
+                "trained %d steps in %s", step, format_duration(time.perf_counter() - start_time)
+            )
         if evaluate is not None and eval_at_end:
             eval_metrics = evaluate(state)
             writer.write(step, eval_metrics or {}, split="eval")
             if primary and eval_metrics:
-                logger.info("evaluation at step %d: AP %.3f AP50 %.3f AP75 %.3f", step,
-                            eval_metrics["AP"], eval_metrics["AP50"], eval_metrics["AP75"])  # fmt: skip
+                logger.info(
+                    "evaluation at step %d: AP %.3f AP50 %.3f AP75 %.3f",
+                    step,
+                    eval_metrics["AP"],
+                    eval_metrics["AP50"],
+                    eval_metrics["AP75"],
+                )
     return state, step, stopped, eval_metrics
 
 
@@ -502,8 +577,12 @@ def initial_weights(config: Any, spec: state_lib.ModelSpec, mesh, dtype=None) ->
         source = state_lib.model_weights(initialization.load_checkpoint_model(init_from))
         weights, kept = initialization.transplant(weights, source)
         if jax.process_index() == 0:
-            logger.info("initialised from %s; %d tensors kept fresh: %s", init_from, len(kept),
-                        ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))  # fmt: skip
+            logger.info(
+                "initialised from %s; %d tensors kept fresh: %s",
+                init_from,
+                len(kept),
+                ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""),
+            )
     if backbone:
         shapes = {name: value.shape for name, value in weights.items()}
         try:
@@ -524,9 +603,13 @@ def _make_evaluator(config, spec, mesh, source, layout, model_cfg, dtype):
 
     def evaluate(state: state_lib.TrainState) -> dict[str, float] | None:
         start = time.perf_counter()
-        batches = setup.make_batches(config, source, train=False,
-                                     batch_size=layout.eval_per_process,
-                                     num_labels=model_cfg.num_labels)  # fmt: skip
+        batches = setup.make_batches(
+            config,
+            source,
+            train=False,
+            batch_size=layout.eval_per_process,
+            num_labels=model_cfg.num_labels,
+        )
         evaluator = CocoEvaluator(
             getattr(source, "category_ids", None),
             label_names=getattr(source, "label_names", None),
@@ -535,10 +618,12 @@ def _make_evaluator(config, spec, mesh, source, layout, model_cfg, dtype):
         try:
             metrics = coco_evaluate_stream(
                 lambda batch: eval_step(state.params, state.frozen, batch),
-                batches, evaluator,
+                batches,
+                evaluator,
                 to_device=lambda local: global_eval_batch(local, mesh),
-                gather=mesh_lib.gather_to_host, is_primary=jax.process_index() == 0,
-            )  # fmt: skip
+                gather=mesh_lib.gather_to_host,
+                is_primary=jax.process_index() == 0,
+            )
         finally:
             batches.close()
         if metrics is not None:
@@ -561,8 +646,9 @@ def processor_for(config: Any):
     )
 
 
-def save_model(config: Any, spec: state_lib.ModelSpec, state: state_lib.TrainState,
-               folder: str) -> str:  # fmt: skip
+def save_model(
+    config: Any, spec: state_lib.ModelSpec, state: state_lib.TrainState, folder: str
+) -> str:
     """`checkpoint.save_pretrained` of the trained model (with its processor) to `folder`."""
     from deformable_detr_jax.checkpoint import save_pretrained
 

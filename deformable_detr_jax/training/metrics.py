@@ -67,8 +67,13 @@ def _field_bytes(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:  # fmt: skip
+def encode_event(
+    wall_time: float,
+    step: int,
+    *,
+    scalars: Mapping[str, float] | None = None,
+    file_version: str | None = None,
+) -> bytes:
     """A serialized `tensorboard.Event` (wall_time=1, step=2, file_version=3, summary=5)."""
     out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
     if file_version is not None:
@@ -191,8 +196,16 @@ class ProgressBar:
     line per update. `active=False` silences it (processes > 0).
     """
 
-    def __init__(self, total_steps: int, images_per_step: int, *, start_step: int = 0,
-                 stream: TextIO | None = None, active: bool = True, width: int = 20):  # fmt: skip
+    def __init__(
+        self,
+        total_steps: int,
+        images_per_step: int,
+        *,
+        start_step: int = 0,
+        stream: TextIO | None = None,
+        active: bool = True,
+        width: int = 20,
+    ):
         self.total, self.images_per_step = int(total_steps), int(images_per_step)
         self.stream = stream or sys.stderr
         self.active, self.width = active, width

@@ -56,23 +56,43 @@ def data_group():
     augment = dataclasses.asdict(AugmentConfig())
     augment["scale"] = 1.0  # AugmentConfig.scaled(scale) applied after the fields
     group.augment = ml_collections.ConfigDict(augment)
-    group.shapes = ml_collections.ConfigDict(dict(
-        num_train=2000, num_eval=200, image_size=(128, 128), seed=0, min_objects=1,
-        max_objects=3, min_object_size=0.15, max_object_size=0.4,
-    ))  # fmt: skip
-    group.coco_json = ml_collections.ConfigDict(dict(
-        train_images=f"{COCO_DIR}/train2017",
-        train_annotations=f"{COCO_DIR}/annotations/instances_train2017.json",
-        eval_images=f"{COCO_DIR}/val2017",
-        eval_annotations=f"{COCO_DIR}/annotations/instances_val2017.json",
-        label_mode="category_id",  # 91 labels as the published checkpoints; or "contiguous"
-    ))  # fmt: skip
-    group.yolo = ml_collections.ConfigDict(dict(
-        folder="", train_split="train2017", eval_split="val2017", names=(),
-    ))  # fmt: skip
-    group.tfds = ml_collections.ConfigDict(dict(
-        data_dir="", train_split="train", eval_split="validation", label_mode="category_id",
-    ))  # fmt: skip
+    group.shapes = ml_collections.ConfigDict(
+        dict(
+            num_train=2000,
+            num_eval=200,
+            image_size=(128, 128),
+            seed=0,
+            min_objects=1,
+            max_objects=3,
+            min_object_size=0.15,
+            max_object_size=0.4,
+        )
+    )
+    group.coco_json = ml_collections.ConfigDict(
+        dict(
+            train_images=f"{COCO_DIR}/train2017",
+            train_annotations=f"{COCO_DIR}/annotations/instances_train2017.json",
+            eval_images=f"{COCO_DIR}/val2017",
+            eval_annotations=f"{COCO_DIR}/annotations/instances_val2017.json",
+            label_mode="category_id",  # 91 labels as the published checkpoints; or "contiguous"
+        )
+    )
+    group.yolo = ml_collections.ConfigDict(
+        dict(
+            folder="",
+            train_split="train2017",
+            eval_split="val2017",
+            names=(),
+        )
+    )
+    group.tfds = ml_collections.ConfigDict(
+        dict(
+            data_dir="",
+            train_split="train",
+            eval_split="validation",
+            label_mode="category_id",
+        )
+    )
     return group
 
 

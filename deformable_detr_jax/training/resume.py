@@ -37,23 +37,50 @@ FORMAT = 1
 # Dotted settings (or group prefixes ending in ".") that a resumed run may change.
 MAY_CHANGE = (
     # how long, how often, what is written
-    "train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.async_checkpoints", "train.eval_every", "train.eval_at_end",
-    "train.eval_top_k", "train.save_model", "train.tensorboard", "train.handle_sigterm",
+    "train.num_steps",
+    "train.num_epochs",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.async_checkpoints",
+    "train.eval_every",
+    "train.eval_at_end",
+    "train.eval_top_k",
+    "train.save_model",
+    "train.tensorboard",
+    "train.handle_sigterm",
     "train.compilation_cache_dir",
     # where the data is and how it is loaded (not what it is)
-    "data.eval_batch_size", "data.num_threads", "data.backend", "data.strict",
-    "data.shapes.num_eval", "data.coco_json.train_images", "data.coco_json.train_annotations",
-    "data.coco_json.eval_images", "data.coco_json.eval_annotations", "data.yolo.folder",
-    "data.yolo.eval_split", "data.tfds.data_dir", "data.tfds.eval_split",
+    "data.eval_batch_size",
+    "data.num_threads",
+    "data.backend",
+    "data.strict",
+    "data.shapes.num_eval",
+    "data.coco_json.train_images",
+    "data.coco_json.train_annotations",
+    "data.coco_json.eval_images",
+    "data.coco_json.eval_annotations",
+    "data.yolo.folder",
+    "data.yolo.eval_split",
+    "data.tfds.data_dir",
+    "data.tfds.eval_split",
     # which kernel computes the attention (the same numbers); where a fresh run started from
-    "model.msda_implementation", "model.init_from", "model.backbone_weights",
+    "model.msda_implementation",
+    "model.init_from",
+    "model.backbone_weights",
     # the optimizer's rates and schedule (its groups and state stay)
-    "optimizer.lr", "optimizer.lr_backbone", "optimizer.lr_linear_proj_mult",
-    "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
-    "optimizer.clip_max_norm", "optimizer.lr_drop_epochs", "optimizer.lr_drop_factor",
+    "optimizer.lr",
+    "optimizer.lr_backbone",
+    "optimizer.lr_linear_proj_mult",
+    "optimizer.weight_decay",
+    "optimizer.b1",
+    "optimizer.b2",
+    "optimizer.eps",
+    "optimizer.clip_max_norm",
+    "optimizer.lr_drop_epochs",
+    "optimizer.lr_drop_factor",
     "optimizer.warmup_steps",
-)  # fmt: skip
+)
 
 
 def config_json(config: Any) -> Any:
@@ -93,9 +120,15 @@ def settings_record(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 def payload(config: Any, model: DeformableDetrConfig) -> dict[str, Any]:
     """What `config.json` holds."""
-    return json.loads(json.dumps({
-        "format": FORMAT, "config": config_json(config), "model": dataclasses.asdict(model),
-    }))  # fmt: skip
+    return json.loads(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "config": config_json(config),
+                "model": dataclasses.asdict(model),
+            }
+        )
+    )
 
 
 def may_change(key: str) -> bool:
@@ -150,8 +183,13 @@ def write_settings(workdir: str, record: Mapping[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def check_settings(workdir: str, current: Mapping[str, Any], *, shown: str | None = None,
-                   fallback: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+def check_settings(
+    workdir: str,
+    current: Mapping[str, Any],
+    *,
+    shown: str | None = None,
+    fallback: Mapping[str, Any] | None = None,
+) -> None:
     """Raises `ConfigError` listing every difference between `current` (a `payload`) and the
     settings the workdir was trained with (`config.json`, else `fallback`: the same payload
     rebuilt from a checkpoint's meta item, for workdirs written before `config.json` existed).

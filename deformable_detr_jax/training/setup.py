@@ -106,9 +106,13 @@ def batch_layout(config: Mapping[str, Any], num_devices: int, num_processes: int
             f"devices; set it to a multiple of {num_devices}"
         )
     return BatchLayout(
-        total=total, accum=accum, micro=micro, per_process=micro // num_processes,
-        per_device=micro // num_devices, eval_per_process=eval_total // num_processes,
-    )  # fmt: skip
+        total=total,
+        accum=accum,
+        micro=micro,
+        per_process=micro // num_processes,
+        per_device=micro // num_devices,
+        eval_per_process=eval_total // num_processes,
+    )
 
 
 def compute_dtype(config: Mapping[str, Any]):
@@ -157,11 +161,14 @@ def make_source(config: Mapping[str, Any], split: str):
             count = int(group["num_train" if split == "train" else "num_eval"])
             seed = int(group["seed"]) + (0 if split == "train" else 1_000_003)
             return data_lib.ShapesSource(
-                count, image_size=tuple(group["image_size"]), seed=seed,
-                min_objects=int(group["min_objects"]), max_objects=int(group["max_objects"]),
+                count,
+                image_size=tuple(group["image_size"]),
+                seed=seed,
+                min_objects=int(group["min_objects"]),
+                max_objects=int(group["max_objects"]),
                 min_object_size=float(group["min_object_size"]),
                 max_object_size=float(group["max_object_size"]),
-            )  # fmt: skip
+            )
         if kind == "coco_json":
             images, annotations = group[f"{split}_images"], group[f"{split}_annotations"]
             if not images or not annotations:
@@ -169,16 +176,20 @@ def make_source(config: Mapping[str, Any], split: str):
                     f"{where}.{split}_images and {where}.{split}_annotations must be set (a "
                     "folder of images and its COCO instances json)"
                 )
-            return data_lib.CocoJsonSource(images, annotations, label_mode=group["label_mode"],
-                                           strict=strict)  # fmt: skip
+            return data_lib.CocoJsonSource(
+                images, annotations, label_mode=group["label_mode"], strict=strict
+            )
         if kind == "yolo":
             if not group["folder"]:
                 raise ConfigError(f"{where}.folder must be set (images/<split>, labels/<split>)")
             names = tuple(group["names"]) if group["names"] else None
-            return data_lib.YoloFolderSource(group["folder"], group[f"{split}_split"], names=names,
-                                             strict=strict)  # fmt: skip
+            return data_lib.YoloFolderSource(
+                group["folder"], group[f"{split}_split"], names=names, strict=strict
+            )
         return data_lib.TfdsCocoSource(
-            group[f"{split}_split"], group["data_dir"] or None, label_mode=group["label_mode"],
+            group[f"{split}_split"],
+            group["data_dir"] or None,
+            label_mode=group["label_mode"],
             strict=strict,
         )
     except ConfigError:
@@ -199,8 +210,15 @@ def augment_config(config: Mapping[str, Any]):
     return augment if scale == 1.0 else augment.scaled(scale)
 
 
-def make_batches(config: Mapping[str, Any], source, *, train: bool, batch_size: int,
-                 num_labels: int, state: Any = None):  # fmt: skip
+def make_batches(
+    config: Mapping[str, Any],
+    source,
+    *,
+    train: bool,
+    batch_size: int,
+    num_labels: int,
+    state: Any = None,
+):
     """`data.make_batches` with the recipe's settings, for this process."""
     from deformable_detr_jax import data as data_lib
 
@@ -209,13 +227,19 @@ def make_batches(config: Mapping[str, Any], source, *, train: bool, batch_size: 
     buckets = _get(data, "buckets")
     try:
         return data_lib.make_batches(
-            source, batch_size=batch_size, train=train, seed=int(data["seed"]),
-            augment=augment_config(config), max_boxes=int(data["max_boxes"]),
+            source,
+            batch_size=batch_size,
+            train=train,
+            seed=int(data["seed"]),
+            augment=augment_config(config),
+            max_boxes=int(data["max_boxes"]),
             buckets=tuple(buckets) if buckets else None,
-            pad_to=tuple(pad_to) if pad_to else None, num_labels=num_labels,
-            num_threads=_get(data, "num_threads"), backend=str(_get(data, "backend", "auto")),
+            pad_to=tuple(pad_to) if pad_to else None,
+            num_labels=num_labels,
+            num_threads=_get(data, "num_threads"),
+            backend=str(_get(data, "backend", "auto")),
             state=state,
-        )  # fmt: skip
+        )
     except ValueError as err:
         raise ConfigError(f"data: {err}") from err
 
@@ -246,9 +270,10 @@ def model_config(config: Mapping[str, Any], source) -> DeformableDetrConfig:
         if _get(group, "init_from"):
             base = checkpoint_config(group["init_from"])
             return base.replace(
-                num_labels=int(num_labels), id2label=id2label,
+                num_labels=int(num_labels),
+                id2label=id2label,
                 msda_implementation=group["msda_implementation"],
-            )  # fmt: skip
+            )
         fields = {k: group[k] for k in MODEL_FIELDS if k in group}
         fields.update(num_labels=int(num_labels), id2label=id2label)
         for key in ("backbone_depths", "backbone_hidden_sizes"):

@@ -77,9 +77,13 @@ def make_train_step(
         outputs = model(pixel_values, micro["pixel_mask"], deterministic=False)
         with jax.named_scope("loss"):
             total, losses = loss_from_outputs(
-                outputs, micro["labels"], micro["boxes"], micro["mask"], loss_config,
+                outputs,
+                micro["labels"],
+                micro["boxes"],
+                micro["mask"],
+                loss_config,
                 num_boxes=num_boxes,
-            )  # fmt: skip
+            )
         losses = {k: v.astype(jnp.float32) for k, v in losses.items() if k != "is_finite"}
         return total.astype(jnp.float32), losses
 
@@ -104,9 +108,13 @@ def make_train_step(
                 return (acc_loss + loss, _sum_losses(acc_losses, losses), acc_grads), None
 
             shapes = jax.eval_shape(
-                grad_fn, state.params, state.frozen, {k: v[0] for k, v in batch.items()},
-                num_boxes, step_key,
-            )  # fmt: skip
+                grad_fn,
+                state.params,
+                state.frozen,
+                {k: v[0] for k, v in batch.items()},
+                num_boxes,
+                step_key,
+            )
             (_, loss_shapes), grad_shapes = shapes
             zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
             init = (jnp.zeros((), jnp.float32), zeros(loss_shapes), zeros(grad_shapes))

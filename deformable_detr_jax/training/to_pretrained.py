@@ -22,8 +22,13 @@ from deformable_detr_jax.training.checkpointing import CheckpointCorruptError, r
 PROG = "python -m deformable_detr_jax.training.to_pretrained"
 
 
-def export_model(workdir: str | os.PathLike, folder: str | os.PathLike, *,
-                 step: int | None = None, overwrite: bool = False) -> pathlib.Path:  # fmt: skip
+def export_model(
+    workdir: str | os.PathLike,
+    folder: str | os.PathLike,
+    *,
+    step: int | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Writes the model of checkpoint `step` (default: the latest) of `workdir` to `folder`."""
     from deformable_detr_jax.checkpoint import save_pretrained
     from deformable_detr_jax.config import DeformableDetrConfig
@@ -68,8 +73,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         path = export_model(args.workdir, args.folder, step=args.step, overwrite=args.overwrite)
     except CheckpointCorruptError as err:
-        return exits.report(PROG, f"{err}; export another --step", exits.NO_CHECKPOINT,
-                            details=err.details)  # fmt: skip
+        return exits.report(
+            PROG, f"{err}; export another --step", exits.NO_CHECKPOINT, details=err.details
+        )
     except OSError as err:
         code = exits.WRITE_FAILED if err.errno in exits.WRITE_ERRNOS else exits.BAD_INPUT
         return exits.report(PROG, str(err), code)

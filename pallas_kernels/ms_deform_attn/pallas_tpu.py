@@ -280,9 +280,12 @@ def _bwd_kernel(
                     )
             start = pl.multiple_of(v_block * block_v, block_v)
             grad_value_acc[:, pl.ds(start, block_v)] += jax.lax.dot_general(
-                grad, s, _NT, preferred_element_type=acc_dtype,
+                grad,
+                s,
+                _NT,
+                preferred_element_type=acc_dtype,
                 precision=jax.lax.Precision.HIGHEST,
-            )  # fmt: skip
+            )
 
     @pl.when(last_v)
     def _chain_rule():
@@ -295,9 +298,11 @@ def _bwd_kernel(
                     grad_coeff_acc[4 * k + c : 4 * k + c + 1, :] for c in range(4)
                 )
                 grad_attn_ref[k : k + 1, :] = (
-                    (1 - fy) * (1 - fx) * g00 + (1 - fy) * fx * g01
-                    + fy * (1 - fx) * g10 + fy * fx * g11
-                ).astype(grad_attn_ref.dtype)  # fmt: skip
+                    (1 - fy) * (1 - fx) * g00
+                    + (1 - fy) * fx * g01
+                    + fy * (1 - fx) * g10
+                    + fy * fx * g11
+                ).astype(grad_attn_ref.dtype)
                 grad_fx = a * ((1 - fy) * (g01 - g00) + fy * (g11 - g10))
                 grad_fy = a * ((1 - fx) * (g10 - g00) + fx * (g11 - g01))
                 grad_loc_ref[2 * k : 2 * k + 1, :] = (grad_fx * width).astype(grad_loc_ref.dtype)
@@ -482,9 +487,13 @@ def _inputs(value, spatial_shapes, sampling_locations, attention_weights, layout
     # (bs, len_q, nheads, nlevels, npoints) -> (bs, nheads, nlevels * npoints, len_q_pad)
     attn_t = _query_major(attention_weights, layout, acc_dtype)
     ranges = _block_ranges(
-        spatial_shapes, sampling_locations, layout.level_blocks, layout.block_q, layout.block_v,
+        spatial_shapes,
+        sampling_locations,
+        layout.level_blocks,
+        layout.block_q,
+        layout.block_v,
         layout.len_q_pad,
-    )  # fmt: skip
+    )
     return acc_dtype, loc_t, attn_t, ranges
 
 
@@ -618,9 +627,14 @@ def _ms_deform_attn_bwd(spatial_shapes, block_sizes, interpret, residuals, grad_
     value, sampling_locations, attention_weights = residuals
     with jax.named_scope("backward"):  # (for profiles)
         return _backward(
-            value, spatial_shapes, sampling_locations, attention_weights, grad_out, block_sizes,
+            value,
+            spatial_shapes,
+            sampling_locations,
+            attention_weights,
+            grad_out,
+            block_sizes,
             interpret,
-        )  # fmt: skip
+        )
 
 
 _ms_deform_attn.defvjp(_ms_deform_attn_fwd, _ms_deform_attn_bwd)

@@ -357,9 +357,11 @@ def _sample(
         if not levels:
             continue
         table, idx, level_coeffs = layout(
-            value, spatial_shapes, levels,
+            value,
+            spatial_shapes,
+            levels,
             *(_select_levels(x, levels, nlevels) for x in (x0, y0, coeffs)),
-        )  # fmt: skip
+        )
         chunk = _row_chunk(rows, level_coeffs.shape[1] * value.shape[-1] * value.dtype.itemsize)
         if chunk is None:
             sampled = _gather_reduce(table, idx, level_coeffs)

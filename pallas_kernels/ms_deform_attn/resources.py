@@ -339,8 +339,10 @@ def main(argv=None) -> int:
         f"{platform.processor() or platform.machine()}; tiles: "
         f"{block_sizes or 'default (pallas_gpu.default_block_sizes)'}"
     )
-    print("| shape | dtype | kernel | target | block_q | warps | registers | stack | local "
-          "| shared (B) | occupancy | LDG.E.128 | MEMBAR |")  # fmt: skip
+    print(
+        "| shape | dtype | kernel | target | block_q | warps | registers | stack | local "
+        "| shared (B) | occupancy | LDG.E.128 | MEMBAR |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for shape_name in args.shapes:
@@ -350,10 +352,12 @@ def main(argv=None) -> int:
             for cc in args.cc:
                 for r in resources(shape_name, dtype_name, cc, block_sizes):
                     block_q = tiles.block_q if r.kernel.endswith("fwd") else tiles.block_q_bwd
-                    print(f"| {shape_name} | {dtype_name} | {r.kernel} | sm_{cc} | {block_q} | "
-                          f"{r.num_warps} | {r.registers} | {r.stack} | {r.local} | {r.shared} | "
-                          f"{r.occupancy:.0%} | {r.wide_loads} | {r.fences} |",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"| {shape_name} | {dtype_name} | {r.kernel} | sm_{cc} | {block_q} | "
+                        f"{r.num_warps} | {r.registers} | {r.stack} | {r.local} | {r.shared} | "
+                        f"{r.occupancy:.0%} | {r.wide_loads} | {r.fences} |",
+                        flush=True,
+                    )
                     rows.append((shape_name, dtype_name, r))
     problems = violations(rows)
     print(
