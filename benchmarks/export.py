@@ -40,7 +40,7 @@ from benchmarks.inference import FIXTURES, _images, _make_folder, _rss_gib, _sig
 
 
 def _inputs(args):
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
 
     processor = ImageProcessor.from_pretrained(args.folder)
     batch = processor.preprocess(_images(args.height, args.width, 1))
@@ -52,7 +52,7 @@ def _inputs(args):
 
 def _child_export(args) -> dict:
     from deformable_detr_jax.export import export
-    from deformable_detr_jax.inference import Detector
+    from deformable_detr_jax.inference.detector import Detector
 
     detector = Detector.from_pretrained(args.folder, compile_cache=None)
     result = {}
@@ -82,7 +82,7 @@ def _child_run(args) -> dict:
 
         start = time.perf_counter()
         if args.child == "jax":
-            from deformable_detr_jax.inference import Detector
+            from deformable_detr_jax.inference.detector import Detector
 
             detector = Detector.from_pretrained(args.folder, buckets=None, compile_cache=None)
             fn = detector.forward

@@ -155,8 +155,8 @@ def _child_jax(args) -> dict:
     import jax
 
     from deformable_detr_jax.convert import load_pytorch_checkpoint
-    from deformable_detr_jax.inference import Detector
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.inference.detector import Detector
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
 
     model = load_pytorch_checkpoint(args.folder)
     processor = ImageProcessor.from_pretrained(args.folder)
@@ -208,7 +208,7 @@ def _child_jax(args) -> dict:
 def _make_folder(folder: pathlib.Path, seed: int) -> None:
     import torch
 
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
     from tests import hf_reference as ref
 
     torch.manual_seed(seed)
@@ -272,8 +272,8 @@ def _bucket_study(args) -> None:
     import jax.numpy as jnp  # noqa: F401
 
     from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
-    from deformable_detr_jax.inference import Detector
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.inference.detector import Detector
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
     from tests import hf_reference as ref
 
     hf_cfg = ref.hf_config()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformable_detr_jax.matcher import hungarian_match, linear_sum_assignment
+from deformable_detr_jax.criterion.matcher import hungarian_match, linear_sum_assignment
 
 
 def _median_ms(fn, *args, repeats: int) -> float:

@@ -87,7 +87,7 @@ def build_jax(config, batch, args):
     """`(step, state, device_batch, key)`: the jitted train step (state donated) and its inputs."""
     import jax
 
-    from deformable_detr_jax.loss import LossConfig
+    from deformable_detr_jax.criterion.loss import LossConfig
     from deformable_detr_jax.training import mesh as mesh_lib
     from deformable_detr_jax.training import optimizer as optimizer_lib
     from deformable_detr_jax.training import recipes
@@ -197,7 +197,7 @@ class JaxSubject:
     def __init__(self, args):
         import jax
 
-        from deformable_detr_jax.host_memory import retained_host_memory
+        from deformable_detr_jax.training.cpu.host_memory import retained_host_memory
 
         self._jax = jax
         config, batch, _ = setup(args)

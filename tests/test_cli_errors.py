@@ -1,4 +1,4 @@
-"""The error exits of the predict and convert command lines (`deformable_detr_jax/exits.py`): one
+"""The error exits of the predict and convert command lines (`deformable_detr_jax/cli/exits.py`): one
 `error:` line on stderr, a documented status, the traceback in a report file for an internal
 error. (train.py's are in `tests/test_training_faults.py`.)"""
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deformable_detr_jax import exits
 from deformable_detr_jax.checkpoint import save_pretrained
+from deformable_detr_jax.cli import exits
+from deformable_detr_jax.cli.predict import main as predict
 from deformable_detr_jax.convert import __main__ as convert_cli
-from deformable_detr_jax.inference import Detector
-from deformable_detr_jax.predict import main as predict
-from deformable_detr_jax.processing import ImageProcessor
+from deformable_detr_jax.inference.detector import Detector
+from deformable_detr_jax.processing.image_processor import ImageProcessor
 from deformable_detr_jax.training.train_state import model_from_weights, model_spec, param_name
 from tests.test_training_workers import tiny_model_config
 
@@ -119,7 +119,7 @@ def test_what_a_failed_command_prints_while_shutting_down_goes_to_its_report(tmp
 
     script = (
         "import os, sys\n"
-        "from deformable_detr_jax import exits\n"
+        "from deformable_detr_jax.cli import exits\n"
         "print('progress before', end='')\n"  # unflushed: must come before the line
         f"exits.report('tool', 'it failed', 5, details='the story', folder={str(tmp_path)!r})\n"
         "exits.mute_teardown()\n"

@@ -1,4 +1,4 @@
-"""The training and evaluation steps' XLA:CPU options (`deformable_detr_jax.cpu_compiler`).
+"""The training and evaluation steps' XLA:CPU options (`deformable_detr_jax.training.cpu.compiler`).
 
 On jaxlib 0.10.x the CPU steps compile their convolutions with XLA's own emitter instead of
 YNNPACK, and keep YNNPACK's dots; the gradients stay those of the default compile to float32
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax import host_memory
-from deformable_detr_jax.cpu_compiler import (
+from deformable_detr_jax.training.cpu import host_memory
+from deformable_detr_jax.training.cpu.compiler import (
     HEAP_BYTES,
     HEAP_FLAG,
     YNN_FUSION_FLAG,
@@ -88,7 +88,7 @@ def test_convolutions_leave_ynnpack_with_the_same_gradients(monkeypatch):
 
 def _tiny_train_step():
     """`(mesh, step, state, batch)`: the package's train step of the tiny test model on one CPU."""
-    from deformable_detr_jax.loss import LossConfig
+    from deformable_detr_jax.criterion.loss import LossConfig
     from deformable_detr_jax.training import mesh as mesh_lib
     from deformable_detr_jax.training import optimizer as optimizer_lib
     from deformable_detr_jax.training import recipes

@@ -16,7 +16,6 @@ import shutil
 import numpy as np
 import pytest
 
-from deformable_detr_jax import resize as resize_lib
 from deformable_detr_jax.data import (
     COCO_CATEGORY_IDS,
     AugmentConfig,
@@ -32,7 +31,12 @@ from deformable_detr_jax.data import (
     resize_shortest_edge,
     train_transform,
 )
-from deformable_detr_jax.processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageError
+from deformable_detr_jax.processing import resize as resize_lib
+from deformable_detr_jax.processing.image_processor import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageError,
+)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 COCO_JSON = FIXTURES / "coco_json" / "instances.json"

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deformable_detr_jax.cpu_compiler import cpu_compiler_options
 from deformable_detr_jax.modeling.backbone import pointwise_conv
 from deformable_detr_jax.modeling.dense import cpu_filter_gradients, dense_dot_general
+from deformable_detr_jax.training.cpu.compiler import cpu_compiler_options
 
 DENSE = (((2,), (0,)), ((), ()))  # (a, b, in) @ (in, out)
 

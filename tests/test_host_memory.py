@@ -1,4 +1,4 @@
-"""A CPU step reusing the host memory of the step before (`deformable_detr_jax.host_memory` and
+"""A CPU step reusing the host memory of the step before (`deformable_detr_jax.training.cpu.host_memory` and
 the temporaries split by `cpu_compiler`).
 
 A program whose temporaries are one buffer larger than glibc's 64 MiB thread heaps gets fresh
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax import host_memory
-from deformable_detr_jax.cpu_compiler import (
+from deformable_detr_jax.training.cpu import host_memory
+from deformable_detr_jax.training.cpu.compiler import (
     HEAP_BYTES,
     HEAP_FLAG,
     cpu_compiler_options,

@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 
 from deformable_detr_jax import ImageError, ImageProcessor
-from deformable_detr_jax.inference import (
+from deformable_detr_jax.inference.detector import (
     _PALETTE,
     Detections,
     Detector,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
-from deformable_detr_jax.inference import Detector
+from deformable_detr_jax.inference.detector import Detector
 from tests import hf_reference as ref
 from tests.random_models import SMALL, TINY_BOTTLENECK
 from tests.test_inference import (

@@ -21,7 +21,7 @@ from deformable_detr_jax import (
     convert_state_dict,
     export_state_dict,
 )
-from deformable_detr_jax.loss import LossConfig, loss_from_outputs
+from deformable_detr_jax.criterion.loss import LossConfig, loss_from_outputs
 from deformable_detr_jax.modeling.dense import cpu_filter_gradients
 from tests.random_models import random_model, small_config
 

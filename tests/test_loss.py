@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from deformable_detr_jax.loss import LossConfig, loss_from_outputs, set_criterion, validate_targets
+from deformable_detr_jax.criterion.loss import (
+    LossConfig,
+    loss_from_outputs,
+    set_criterion,
+    validate_targets,
+)
 
 NUM_LABELS = 6
 NUM_QUERIES = 20

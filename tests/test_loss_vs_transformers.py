@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax.loss import LossConfig
+from deformable_detr_jax.criterion.loss import LossConfig
 from tests.test_loss import COUNTS, DECODER_LAYERS, NUM_LABELS, _inputs, _jax_loss
 
 pytestmark = pytest.mark.torch

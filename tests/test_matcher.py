@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from deformable_detr_jax.matcher import hungarian_match, linear_sum_assignment
+from deformable_detr_jax.criterion.matcher import hungarian_match, linear_sum_assignment
 
 # (num_queries, max_boxes): square, tall, wide (more targets than queries), empty
 SHAPES = [

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax.matcher import hungarian_match
+from deformable_detr_jax.criterion.matcher import hungarian_match
 from tests.test_matcher import _random_outputs
 
 pytestmark = pytest.mark.torch

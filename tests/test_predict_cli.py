@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 
 from deformable_detr_jax.checkpoint import save_pretrained
-from deformable_detr_jax.predict import main
+from deformable_detr_jax.cli.predict import main
 from tests.test_inference import PHOTO_LANDSCAPE, PHOTO_PORTRAIT, small_processor, tiny_model
 
 

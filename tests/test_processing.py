@@ -11,12 +11,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from deformable_detr_jax.postprocessing import post_process_object_detection
-from deformable_detr_jax.processing import (
+from deformable_detr_jax.processing.image_processor import (
     ImageError,
     ImageProcessor,
     bucket_sizes,
 )
+from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 PHOTOS = sorted(FIXTURES.glob("*.jpg"))

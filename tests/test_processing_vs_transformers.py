@@ -20,11 +20,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from deformable_detr_jax.postprocessing import post_process_object_detection
-from deformable_detr_jax.processing import (
+from deformable_detr_jax.processing.image_processor import (
     ImageProcessor,
     convert_coco_detection_annotation,
 )
+from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 from tests.test_processing import (
     GRAYSCALE_PHOTO,
     HUB_CONFIG,
@@ -145,7 +145,7 @@ def test_odd_sizes_match_transformers_torchvision(rng, size):
 def test_resize_matches_aten_interpolate(rng, in_size, out_size, dtype):
     import torch
 
-    from deformable_detr_jax.resize import resize_torchvision
+    from deformable_detr_jax.processing.resize import resize_torchvision
 
     image = random_image(rng, *in_size, dtype=dtype)
     if dtype != np.uint8:

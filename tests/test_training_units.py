@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax.evaluation import CocoEvaluator
+from deformable_detr_jax.inference.evaluation import CocoEvaluator
 from deformable_detr_jax.training import ConfigError, setup, train
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training.metrics import (

@@ -8,7 +8,7 @@
 
 Prints one line, `converted hub checkpoint (variant two-stage, 40.1M parameters) -> DST`.
 On failure prints one `error: <message>` line to stderr and leaves no DST behind; exit status
-(`deformable_detr_jax/exits.py`) 2 for a checkpoint or setting that cannot be converted, 5 when
+(`deformable_detr_jax/cli/exits.py`) 2 for a checkpoint or setting that cannot be converted, 5 when
 DST cannot be written (disk full, permissions), 70 on an internal error (the line names the file
 with the traceback), 130 on Ctrl-C. A `preprocessor_config.json` beside SRC is carried over.
 """
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from deformable_detr_jax import exits
 from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained, save_pretrained
+from deformable_detr_jax.cli import exits
 from deformable_detr_jax.convert.errors import CheckpointError
 from deformable_detr_jax.convert.loading import import_pytorch_checkpoint, save_pytorch_checkpoint
 
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _processor(src: str):
     if not os.path.isfile(os.path.join(src, PREPROCESSOR_NAME)):
         return None
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
 
     return ImageProcessor.from_pretrained(src)
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from deformable_detr_jax.data import transforms
 from deformable_detr_jax.data.box_checks import DataError
-from deformable_detr_jax.processing import (
+from deformable_detr_jax.processing.image_processor import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     ImageError,
@@ -387,7 +387,7 @@ class Batches:
         self.stats["dropped_boxes"] += dropped
         self.stats["batches"] += 1
         if self.num_labels is not None:
-            from deformable_detr_jax.loss import validate_targets
+            from deformable_detr_jax.criterion.loss import validate_targets
 
             validate_targets(batch["labels"], batch["boxes"], batch["mask"], self.num_labels)
         return batch

@@ -34,7 +34,10 @@ import numpy as np
 import PIL.Image
 
 from deformable_detr_jax.data.box_checks import InvalidBoxes, check_xywh, check_xyxy
-from deformable_detr_jax.processing import ImageError, convert_coco_detection_annotation
+from deformable_detr_jax.processing.image_processor import (
+    ImageError,
+    convert_coco_detection_annotation,
+)
 
 # The 80 COCO detection categories: names in the order of the TFDS / YOLO contiguous labels, and
 # their COCO category ids (1..90 with gaps; the Hugging Face checkpoints use these ids, 91 labels).

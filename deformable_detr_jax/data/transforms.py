@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from deformable_detr_jax import resize as resize_lib
+from deformable_detr_jax.processing import resize as resize_lib
 
 DETR_SCALES = tuple(range(480, 801, 32))
 

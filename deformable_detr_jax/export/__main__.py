@@ -4,7 +4,7 @@ Writes MODEL (anything `Detector.from_pretrained` reads) as one ONNX or StableHL
 static input size (`[--batch N]`, default 1; `[--dtype float32|bfloat16]`). An existing OUT is
 refused unless `--overwrite`; nothing is left behind when the export fails.
 
-Exit status (`deformable_detr_jax/exits.py`): 0 written; 2 bad input (option, size the model
+Exit status (`deformable_detr_jax/cli/exits.py`): 0 written; 2 bad input (option, size the model
 cannot take, unknown format, OUT exists, MODEL not a model, a missing dependency); 5 OUT could
 not be written (disk full, permissions); 70 an internal error (the traceback in a report file).
 Each is one `error: ...` line.
@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from deformable_detr_jax import exits
+from deformable_detr_jax.cli import exits
 
 PROG = "python -m deformable_detr_jax.export"
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deformable_detr_jax.inference import MIN_SIDE, Detector
+from deformable_detr_jax.inference.detector import MIN_SIDE, Detector
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 
 FORMATS = ("onnx", "stablehlo")

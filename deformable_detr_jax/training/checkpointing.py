@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from deformable_detr_jax import exits
+from deformable_detr_jax.cli import exits
 from deformable_detr_jax.training import integrity
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training.setup import ConfigError

@@ -37,12 +37,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from deformable_detr_jax import compile_cache
-from deformable_detr_jax.host_memory import retained_host_memory
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training import resume, setup
 from deformable_detr_jax.training import train_state as state_lib
 from deformable_detr_jax.training.checkpointing import Checkpoints, CheckpointWriteError
+from deformable_detr_jax.training.cpu.host_memory import retained_host_memory
 from deformable_detr_jax.training.metrics import MetricsWriter, ProgressBar, format_duration
 from deformable_detr_jax.training.step import TRAIN_KEYS, make_eval_step, make_train_step
 
@@ -595,7 +595,7 @@ def initial_weights(config: Any, spec: state_lib.ModelSpec, mesh, dtype=None) ->
 
 def _make_evaluator(config, spec, mesh, source, layout, model_cfg, dtype):
     """`evaluate(state) -> metrics | None` over the whole evaluation source (COCO mAP)."""
-    from deformable_detr_jax.evaluation import CocoEvaluator, coco_evaluate_stream
+    from deformable_detr_jax.inference.evaluation import CocoEvaluator, coco_evaluate_stream
 
     top_k = int(setup._get(config["train"], "eval_top_k", 100))
     eval_step = make_eval_step(spec, mesh, top_k=top_k, compute_dtype=dtype)
@@ -637,7 +637,7 @@ def _make_evaluator(config, spec, mesh, source, layout, model_cfg, dtype):
 
 def processor_for(config: Any):
     """The `ImageProcessor` matching the recipe's evaluation transform (for `save_pretrained`)."""
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
 
     augment = setup.augment_config(config)
     return ImageProcessor(

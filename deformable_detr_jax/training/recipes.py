@@ -16,8 +16,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.criterion.loss import LossConfig
 from deformable_detr_jax.data import AugmentConfig
-from deformable_detr_jax.loss import LossConfig
 from deformable_detr_jax.training import optimizer as optimizer_lib
 
 COCO_DIR = "data/coco"

@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from deformable_detr_jax.config import DeformableDetrConfig
-from deformable_detr_jax.loss import LossConfig
+from deformable_detr_jax.criterion.loss import LossConfig
 
 logger = logging.getLogger(__name__)
 

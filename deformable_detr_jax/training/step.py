@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from deformable_detr_jax.cpu_compiler import largest_value_bytes, step_compiler_options
-from deformable_detr_jax.loss import LossConfig, loss_from_outputs
+from deformable_detr_jax.criterion.loss import LossConfig, loss_from_outputs
 from deformable_detr_jax.modeling.dense import cpu_filter_gradients
 from deformable_detr_jax.training import mesh as mesh_lib
+from deformable_detr_jax.training.cpu.compiler import largest_value_bytes, step_compiler_options
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
 
 # Batch entries the device sees; the rest (image ids, sizes) stay on the host.

@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from deformable_detr_jax import exits
+from deformable_detr_jax.cli import exits
 from deformable_detr_jax.training.checkpointing import CheckpointCorruptError, read_step
 
 PROG = "python -m deformable_detr_jax.training.to_pretrained"
@@ -32,7 +32,7 @@ def export_model(
     """Writes the model of checkpoint `step` (default: the latest) of `workdir` to `folder`."""
     from deformable_detr_jax.checkpoint import save_pretrained
     from deformable_detr_jax.config import DeformableDetrConfig
-    from deformable_detr_jax.processing import ImageProcessor
+    from deformable_detr_jax.processing.image_processor import ImageProcessor
     from deformable_detr_jax.training.train_state import model_from_weights, model_spec
 
     directory = pathlib.Path(workdir).absolute() / "checkpoints"

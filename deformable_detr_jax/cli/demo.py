@@ -1,6 +1,6 @@
 """The end-to-end demo on the embedded default: train shapes_tiny, evaluate, save, detect, draw.
 
-    python -c "from deformable_detr_jax.training.demo import main; main()"   # what `make demo` runs
+    python -c "from deformable_detr_jax.cli.demo import main; main()"   # what `make demo` runs
 
 1. trains `configs/shapes_tiny.py` on CPU (`training.train`, about 10 minutes on 2 cores),
 2. evaluates COCO AP on its held-out shapes images (never trained on),
@@ -31,7 +31,7 @@ def run_demo(
     import PIL.Image
 
     from deformable_detr_jax.data import ShapesSource
-    from deformable_detr_jax.inference import Detector
+    from deformable_detr_jax.inference.detector import Detector
     from deformable_detr_jax.training import setup, train
     from deformable_detr_jax.training.recipes import shapes_tiny
 

@@ -58,14 +58,14 @@ from flax import nnx
 from deformable_detr_jax.compile_cache import enable_compile_cache
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
-from deformable_detr_jax.postprocessing import post_process_object_detection
-from deformable_detr_jax.processing import (
+from deformable_detr_jax.processing.image_processor import (
     CONFIG_NAME,
     ImageError,
     ImageLike,
     ImageProcessor,
     _as_list,
 )
+from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
 # The backbone needs at least one stride-32 cell: pad smaller images (mask False) up to this.
 MIN_SIDE = 32

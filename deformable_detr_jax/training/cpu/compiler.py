@@ -30,8 +30,8 @@ import os
 import numpy as np
 from jax.sharding import Mesh
 
-from deformable_detr_jax import host_memory
 from deformable_detr_jax._versions import _release
+from deformable_detr_jax.training.cpu import host_memory
 
 # jaxlib 0.10.2's default YNNPACK fusion types are INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
 # REDUCE (read from the compiled HLO of a dot, a convolution and reductions); this is that

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deformable_detr_jax.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from deformable_detr_jax.matcher import hungarian_match
+from deformable_detr_jax.criterion.matcher import hungarian_match
 
 LOSS_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
 

@@ -35,8 +35,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from deformable_detr_jax import resize as resize_lib
-from deformable_detr_jax.postprocessing import post_process_object_detection
+from deformable_detr_jax.processing import resize as resize_lib
+from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

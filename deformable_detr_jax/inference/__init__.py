@@ -1,0 +1,6 @@
+"""Using a trained model: `Detector` (from a folder, jit per shape bucket, draw) and COCO
+evaluation (`evaluation`, pycocotools mAP)."""
+
+from deformable_detr_jax.inference.detector import Detections, Detector, draw_detections
+
+__all__ = ["Detections", "Detector", "draw_detections"]
