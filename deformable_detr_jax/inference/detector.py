@@ -63,7 +63,8 @@ from deformable_detr_jax.processing.image_processor import (
     ImageError,
     ImageLike,
     ImageProcessor,
-    _as_list,
+    as_image_list,
+    describe_image,
 )
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
@@ -198,12 +199,6 @@ def _capture(fn):
             return err
 
     return call
-
-
-def _describe(index: int, image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return f"image {index} ({os.fspath(image)!r})"
-    return f"image {index}"
 
 
 @dataclasses.dataclass
@@ -413,7 +408,7 @@ class Detector:
     # ------------------------------------------------------------------ detection
 
     def _prepare(self, index: int, image: ImageLike) -> _Prepared:
-        name = _describe(index, image)
+        name = describe_image(index, image)
         array = self.processor.load_image(image, index)
         try:
             bucket = self.bucket(array.shape[:2])
@@ -457,7 +452,7 @@ class Detector:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if on_error not in ("raise", "return"):
             raise ValueError(f'on_error must be "raise" or "return", got {on_error!r}')
-        images = _as_list(images)
+        images = as_image_list(images)
         results: list[Detections | ImageError | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[_Prepared]] = {}
         with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
