@@ -35,6 +35,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from deformable_detr_jax.box_format import xyxy_to_cxcywh
 from deformable_detr_jax.processing import resize as resize_lib
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
@@ -295,9 +296,7 @@ def convert_coco_detection_annotation(
         area = area * (ratio_width * ratio_height)
         size = tuple(int(s) for s in resized_size)
     if normalize:
-        x0, y0, x1, y1 = boxes.T
-        # (n, 4) cx, cy, w, h
-        boxes = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+        boxes = xyxy_to_cxcywh(boxes)  # (n, 4) cx, cy, w, h
         boxes /= np.asarray([size[1], size[0], size[1], size[0]], dtype=np.float32)
     return {
         "image_id": np.asarray([annotation["image_id"]], dtype=np.int64),

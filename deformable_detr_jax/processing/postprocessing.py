@@ -6,15 +6,19 @@ queries x classes jointly (so one query may yield several labels), then the scor
 boxes (cx, cy, w, h) in [0, 1] -> (x0, y0, x1, y1) scaled to each image's (height, width).
 
 Ranking is done on the logits, which orders like the sigmoid scores but keeps ties that float32
-sigmoid creates near 0 and 1 in logit order (first query/class first among exact ties).
+sigmoid creates near 0 and 1 in logit order (first query/class first among exact ties). The
+ranking is `top_k_detections`, which the training evaluation step runs on the device too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from deformable_detr_jax.box_format import cxcywh_to_xyxy
 
 
 def _outputs(logits: Any, pred_boxes: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +68,33 @@ def _target_scale(target_sizes: Any, bs: int) -> np.ndarray:
     return np.stack([width, height, width, height], axis=1)
 
 
+def top_k_detections(logits: Any, boxes: Any, k: int, xp: ModuleType = np) -> tuple[Any, Any, Any]:
+    """The top-k (query, class) pairs of each image: the one decoding that
+    `post_process_object_detection` (so `Detector`) runs on the host and the training evaluation
+    step (`training.step.make_eval_step`) runs on the device, so both rank the same pairs.
+
+    Pairs are ranked by logit, highest first; exact ties keep the lower flat index (query-major,
+    then class) first, NaN last, and -0.0 ties with 0.0: a stable sort, which NumPy and jax.numpy
+    order alike (`lax.top_k` does not: it puts NaN first and 0.0 before -0.0).
+
+    Args:
+      logits: `[bs, len_q, num_labels]` class logits.
+      boxes: `[bs, len_q, 4]` (cx, cy, w, h).
+      k: pairs per image; all of them when k >= len_q * num_labels.
+      xp: the array library, `numpy` or `jax.numpy` (inside jitted code).
+
+    Returns:
+      `top_logits [bs, k]`, `labels [bs, k]` (integer class ids) and `boxes [bs, k, 4]` (x0, y0,
+      x1, y1) of each pair's query, in the arrays' units.
+    """
+    bs, len_q, num_labels = logits.shape
+    flat = logits.reshape(bs, len_q * num_labels)  # (bs, len_q * num_labels)
+    top = xp.argsort(-flat, axis=1, stable=True)[:, : min(k, len_q * num_labels)]  # (bs, k)
+    query, labels = top // num_labels, top % num_labels
+    picked = xp.take_along_axis(boxes, query[..., None], axis=1)  # (bs, k, 4)
+    return xp.take_along_axis(flat, top, axis=1), labels, cxcywh_to_xyxy(picked, xp)
+
+
 def post_process_object_detection(
     logits: Any,
     pred_boxes: Any = None,
@@ -92,21 +123,11 @@ def post_process_object_detection(
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     logits, pred_boxes = _outputs(logits, pred_boxes)
-    bs, len_q, num_labels = logits.shape
+    bs = logits.shape[0]
     scale = None if target_sizes is None else _target_scale(target_sizes, bs)
 
-    # (bs, len_q * num_labels)
-    flat = logits.reshape(bs, len_q * num_labels)
-    k = min(int(top_k), flat.shape[1])
-    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    top_logits = np.take_along_axis(flat, top, axis=1)
+    top_logits, labels, boxes = top_k_detections(logits, pred_boxes, int(top_k))
     scores = (1.0 / (1.0 + np.exp(-top_logits.astype(np.float64)))).astype(np.float32)
-    query, labels = np.divmod(top, num_labels)
-
-    cx, cy, w, h = np.moveaxis(pred_boxes, -1, 0)
-    # (bs, len_q, 4) x0, y0, x1, y1
-    corners = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-    boxes = np.take_along_axis(corners, query[..., None], axis=1)
     if scale is not None:
         boxes = boxes * scale[:, None, :]
 
