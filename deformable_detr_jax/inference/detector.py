@@ -60,6 +60,7 @@ from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 from deformable_detr_jax.processing.image_processor import (
     CONFIG_NAME,
+    MIN_SIDE,
     ImageError,
     ImageLike,
     ImageProcessor,
@@ -68,8 +69,6 @@ from deformable_detr_jax.processing.image_processor import (
 )
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
-# The backbone needs at least one stride-32 cell: pad smaller images (mask False) up to this.
-MIN_SIDE = 32
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -42,6 +42,10 @@ from deformable_detr_jax.processing.postprocessing import post_process_object_de
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 CONFIG_NAME = "preprocessor_config.json"
+# The smallest input side the model takes: one cell of the backbone's stride-32 level. Smaller
+# images are padded up to it (mask False) by `Detector` and the training batches; exports refuse
+# smaller sizes.
+MIN_SIDE = 32
 
 ImageLike = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]  # noqa: UP007 (py3.10 alias)
 
