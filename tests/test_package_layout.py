@@ -203,3 +203,41 @@ def test_the_cycle_check_finds_a_loop_through_a_function_level_import(tmp_path):
         },
     )
     assert import_cycles(root) == [[f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c"]]
+
+
+COMMANDS = (
+    "cli/train.py",
+    "cli/predict.py",
+    "cli/demo.py",
+    "convert/__main__.py",
+    "export/__main__.py",
+    "training/to_pretrained.py",
+)
+
+
+def _docstring(relative: str) -> str:
+    return ast.get_docstring(ast.parse((ROOT / relative).read_text())) or ""
+
+
+def test_exit_statuses_are_written_down_once_in_exits():
+    tree = ast.parse((ROOT / "cli/exits.py").read_text())
+    codes = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id.isupper()
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, int)
+    }
+    assert {"OK", "BAD_INPUT", "INTERNAL", "INTERRUPTED"} <= set(codes)
+    rows = {
+        int(line.split()[0])
+        for line in _docstring("cli/exits.py").splitlines()
+        if line[:1] == " " and line.split()[:1] and line.split()[0].isdigit()
+    }
+    assert rows == set(codes.values()), "every status constant has its row in the table, no more"
+    for relative in COMMANDS:
+        text = _docstring(relative)
+        repeated = [code for code in (3, 4, 5, 70, 130) if f" {code} " in f" {text} "]
+        assert not repeated, f"{relative} lists exit statuses {repeated}; point to cli/exits.py"
