@@ -72,8 +72,11 @@ def _fake_spec(logits, boxes):
 
 def test_eval_step_and_detector_rank_the_same_pairs_with_ties():
     rng = np.random.default_rng(4)
-    k = 20
     logits, boxes = _tied_outputs(rng, bs=1, len_q=9, num_labels=6)
+    k = 9 * 6  # every pair: the tie groups, the -0.0/0.0 one included, are all ranked
+    assert np.any(np.signbit(logits) & (logits == 0)) and np.any(
+        ~np.signbit(logits) & (logits == 0)
+    )
     eval_step = make_eval_step(_fake_spec(logits, boxes), make_data_mesh(), top_k=k)
     batch = {
         "pixel_values": rng.normal(size=(1, 32, 32, 3)).astype(np.float32),

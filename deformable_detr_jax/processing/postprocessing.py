@@ -68,14 +68,31 @@ def _target_scale(target_sizes: Any, bs: int) -> np.ndarray:
     return np.stack([width, height, width, height], axis=1)
 
 
+def _ranking_key(flat: Any, xp: ModuleType) -> Any:
+    """`[bs, n]` logits with NaN as -inf and -0.0 as 0.0: keys without the values on which a
+    stable sort (NaN last, -0.0 equal to 0.0) and `lax.top_k` (NaN first, -0.0 below 0.0) differ."""
+    key = xp.where(xp.isnan(flat), -xp.inf, flat)
+    return xp.where(key == 0, xp.zeros_like(key), key)
+
+
+def _top_indices(key: Any, k: int, xp: ModuleType) -> Any:
+    """`[bs, k]` indices of the k largest keys, the lower index first among equal keys."""
+    if xp is np:
+        return np.argsort(-key, axis=1, stable=True)[:, :k]
+    import jax  # xp is jax.numpy, so jax is loaded already
+
+    # documented: "If two elements are equal, the lower-index element appears first". A stable
+    # argsort would order alike, but XLA's CPU sort is ~500x slower than its top-k here.
+    return jax.lax.top_k(key, k)[1]
+
+
 def top_k_detections(logits: Any, boxes: Any, k: int, xp: ModuleType = np) -> tuple[Any, Any, Any]:
     """The top-k (query, class) pairs of each image: the one decoding that
     `post_process_object_detection` (so `Detector`) runs on the host and the training evaluation
     step (`training.step.make_eval_step`) runs on the device, so both rank the same pairs.
 
-    Pairs are ranked by logit, highest first; exact ties keep the lower flat index (query-major,
-    then class) first, NaN last, and -0.0 ties with 0.0: a stable sort, which NumPy and jax.numpy
-    order alike (`lax.top_k` does not: it puts NaN first and 0.0 before -0.0).
+    Pairs are ranked by logit, highest first; among equal logits the lower flat index (query-major,
+    then class) comes first; -0.0 equals 0.0 and NaN ranks as -inf.
 
     Args:
       logits: `[bs, len_q, num_labels]` class logits.
@@ -89,7 +106,7 @@ def top_k_detections(logits: Any, boxes: Any, k: int, xp: ModuleType = np) -> tu
     """
     bs, len_q, num_labels = logits.shape
     flat = logits.reshape(bs, len_q * num_labels)  # (bs, len_q * num_labels)
-    top = xp.argsort(-flat, axis=1, stable=True)[:, : min(k, len_q * num_labels)]  # (bs, k)
+    top = _top_indices(_ranking_key(flat, xp), min(k, len_q * num_labels), xp)  # (bs, k)
     query, labels = top // num_labels, top % num_labels
     picked = xp.take_along_axis(boxes, query[..., None], axis=1)  # (bs, k, 4)
     return xp.take_along_axis(flat, top, axis=1), labels, cxcywh_to_xyxy(picked, xp)
