@@ -21,7 +21,7 @@ class UnsupportedVersionError(ImportError):
     """Python or a core dependency is older than the supported minimum."""
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release_numbers(version: str) -> tuple[int, ...]:
     """`"0.12.0.1"` -> (0, 12, 0, 1); what follows the release numbers (rc1, .dev2, +local)
     is ignored."""
     match = re.match(r"\d+(?:\.\d+)*", version)
@@ -44,7 +44,7 @@ def check(
         except importlib.metadata.PackageNotFoundError:
             problems.append(f"{name} not installed (needs >= {minimum})")
             continue
-        if _release(have) < _release(minimum):
+        if release_numbers(have) < release_numbers(minimum):
             problems.append(f"{name} {have} (needs >= {minimum})")
     if problems:
         upgrade = " ".join(f"'{name}>={minimum}'" for name, minimum in MINIMUM.items())

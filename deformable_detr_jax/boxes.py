@@ -18,25 +18,26 @@ here; `jnp.clip` would pass half). A width is exactly 0 where a zero-area box li
 the other box or two boxes touch.
 
 Boxes are `(..., 4)` arrays, either `(cx, cy, w, h)` ("cxcywh") or `(x0, y0, x1, y1)`
-("xyxy"). Pairwise functions take `(n, 4)` and `(m, 4)` and return `(n, m)`; the
-`elementwise_*` variants take two `(..., 4)` arrays of the same shape.
+("xyxy"); the format conversions are `box_format`'s (one formula for NumPy and jnp). Pairwise
+functions take `(n, 4)` and `(m, 4)` and return `(n, m)`; the `elementwise_*` variants take two
+`(..., 4)` arrays of the same shape.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from deformable_detr_jax.box_format import cxcywh_to_xyxy, xyxy_to_cxcywh
+
 
 def box_cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
-    """`(..., 4)` (cx, cy, w, h) -> `(..., 4)` (x0, y0, x1, y1)."""
-    cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    """`(..., 4)` (cx, cy, w, h) -> `(..., 4)` (x0, y0, x1, y1), `box_format`'s formula in jnp."""
+    return cxcywh_to_xyxy(jnp.asarray(boxes), jnp)
 
 
 def box_xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
-    """`(..., 4)` (x0, y0, x1, y1) -> `(..., 4)` (cx, cy, w, h)."""
-    x0, y0, x1, y1 = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+    """`(..., 4)` (x0, y0, x1, y1) -> `(..., 4)` (cx, cy, w, h), `box_format`'s formula in jnp."""
+    return xyxy_to_cxcywh(jnp.asarray(boxes), jnp)
 
 
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:

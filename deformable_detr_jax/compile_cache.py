@@ -46,7 +46,7 @@ import warnings
 
 import jax
 
-from deformable_detr_jax._versions import _release
+from deformable_detr_jax._versions import release_numbers
 
 ENV_VAR = "DEFORMABLE_DETR_JAX_COMPILE_CACHE"
 _OFF = {"", "0", "off", "false", "no", "none"}
@@ -199,7 +199,7 @@ def shared_cache_problem(
         return None
     jaxlib = jaxlib or importlib.metadata.version("jaxlib")
     where = f"jax {jax.__version__}, jaxlib {jaxlib}, {process_count} processes on CPU"
-    if _release(jaxlib) >= HANGS_FROM_JAXLIB:
+    if release_numbers(jaxlib) >= HANGS_FROM_JAXLIB:
         effect = "and on this jaxlib such a pair hangs in its first collective"
     else:
         effect = "which saves the run little (its first step waits for the others' compiles)"

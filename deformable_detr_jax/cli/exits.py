@@ -1,16 +1,26 @@
-"""Exit statuses and error reports of the command-line tools: `train.py`, `predict`, `convert`.
+"""Exit statuses and error reports of the command-line tools: `train.py` (`deformable-detr-train`),
+`predict`, `python -m deformable_detr_jax.convert`, `python -m deformable_detr_jax.export` and
+`python -m deformable_detr_jax.training.to_pretrained`. The table below is the one place the
+statuses are written down; the commands' docstrings and the README point here.
 
 A failing command prints one `error: ...` line on stderr (a block for a list, such as the
 settings a workdir was trained with) and, where the full story helps, the path of a file that holds
-it (the traceback, orbax's own error logs). Nothing else: no traceback, no teardown noise.
+it (the traceback, orbax's own error logs; `WORKDIR/errors/`, else the temporary folder). Nothing
+else: no traceback, no teardown noise.
 
-    0    success (train.py: finished, or stopped on SIGTERM with a checkpoint saved)
+    0    success (train.py: finished, or stopped on SIGTERM with a checkpoint saved; convert,
+         export, to_pretrained: the output written; predict: every image processed)
     1    predict: some images could not be processed (the others were)
-    2    bad input: a setting, the command line, a model or data path, invalid boxes with
-         data.strict, a workdir trained with other settings or by another version
+    2    bad input: a setting or option, the command line, a model or data path, invalid boxes
+         with data.strict, a workdir trained with other settings or by another version; convert:
+         a checkpoint that cannot be converted; export: a size the model cannot take, an unknown
+         format, OUT exists (without --overwrite), a missing dependency; predict: a threshold
+         outside [0, 1]
     3    train.py: the loss became NaN or inf (the last good checkpoint is kept)
-    4    train.py: the workdir has checkpoints but none restores (each was moved aside)
-    5    a file could not be written (disk full, permissions); what was written before is intact
+    4    train.py, to_pretrained: the workdir has checkpoints but none restores (train.py moves
+         each aside)
+    5    a file could not be written (disk full, permissions); what was written before is intact,
+         and convert and export leave no partial output behind
     70   an internal error (a bug): the line names the file with the traceback
     130  interrupted (Ctrl-C)
 """

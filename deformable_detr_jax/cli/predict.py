@@ -6,10 +6,7 @@ prints them, and with `--out DIR` writes each image with its labelled boxes to
 `DIR/<name>.png`. A bad image (unreadable, empty, ...) is reported on stderr and the others are
 still processed.
 
-Exit status (`deformable_detr_jax/cli/exits.py`): 0 when every image was processed, 1 when at least one
-could not be, 2 for a usage error (bad option, threshold outside [0, 1], a model folder that cannot
-be loaded), 5 when the output folder cannot be created, 70 on an internal error (the `error:` line
-names the file with the traceback), 130 on Ctrl-C.
+Exit statuses: the table in `deformable_detr_jax/cli/exits.py`.
 
     python -m deformable_detr_jax.predict --model deformable-detr photos/*.jpg --out detected
     python -m deformable_detr_jax.predict --model deformable-detr a.jpg --threshold 0.7 --json

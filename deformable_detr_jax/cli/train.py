@@ -10,12 +10,7 @@ A workdir that holds checkpoints is resumed. Several hosts: run the same command
 on a cluster JAX detects (TPU pods, SLURM) add `--distributed`, elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
-Exit status (`deformable_detr_jax/cli/exits.py`): 0 when training finished or stopped on SIGTERM with
-a checkpoint saved; 2 on a bad setting, or a workdir trained with other settings (the message names
-each); 3 when the loss became NaN/inf (the last good checkpoint is kept); 4 when the workdir has
-checkpoints but none restores; 5 when a checkpoint cannot be written (disk full: the previous one
-is intact); 70 on an internal error; 130 on Ctrl-C. Every failure is one `error: ...` line on
-stderr, with the path of a full report where it helps.
+Exit statuses: the table in `deformable_detr_jax/cli/exits.py`.
 """
 
 from __future__ import annotations

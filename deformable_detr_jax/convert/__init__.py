@@ -19,7 +19,6 @@ from deformable_detr_jax.convert.formats import (
     FORMATS,
     detect_format,
     fill_tied_heads,
-    hub_to_original,
     hub_to_transformers,
     original_to_hub,
     to_hub,
@@ -41,6 +40,7 @@ from deformable_detr_jax.convert.readers import (
     read_torch_zip,
     sniff_format,
 )
+from deformable_detr_jax.convert.to_original import hub_to_original
 from deformable_detr_jax.convert.variant import (
     check_config_against_variant,
     config_fields,

@@ -7,10 +7,9 @@
     python -m deformable_detr_jax.convert out/dd out/dd-hf --to pytorch
 
 Prints one line, `converted hub checkpoint (variant two-stage, 40.1M parameters) -> DST`.
-On failure prints one `error: <message>` line to stderr and leaves no DST behind; exit status
-(`deformable_detr_jax/cli/exits.py`) 2 for a checkpoint or setting that cannot be converted, 5 when
-DST cannot be written (disk full, permissions), 70 on an internal error (the line names the file
-with the traceback), 130 on Ctrl-C. A `preprocessor_config.json` beside SRC is carried over.
+On failure prints one `error: <message>` line to stderr and leaves no DST behind (exit statuses:
+the table in `deformable_detr_jax/cli/exits.py`). A `preprocessor_config.json` beside SRC is carried
+over.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def _table(rows: Iterable[tuple[str, str]], prefix_a: str = "", prefix_b: str = 
     return tuple((KeyTemplate(prefix_a + a), KeyTemplate(prefix_b + b)) for a, b in rows)
 
 
-_TIMM = "model.backbone.conv_encoder.model."
+# Where hub files keep the timm / torchvision ResNet body.
+HUB_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
 
 # timm / torchvision ResNet  <->  transformers ResNetBackbone (under the same prefix).
 RESNET_TIMM_TO_HF = _table(
@@ -99,8 +100,8 @@ RESNET_TIMM_TO_HF = _table(
         ("layer{s+1}.{b}.downsample.0.", "encoder.stages.{s}.layers.{b}.shortcut.convolution."),
         ("layer{s+1}.{b}.downsample.1.", "encoder.stages.{s}.layers.{b}.shortcut.normalization."),
     ),
-    _TIMM,
-    _TIMM,
+    HUB_BACKBONE_PREFIX,
+    HUB_BACKBONE_PREFIX,
 )
 
 # transformers 4 / saved-file module names  <->  transformers 5 in-memory module names.
@@ -122,7 +123,7 @@ TRANSFORMERS_V4_TO_V5 = _table(
 # fundamentalvision  <->  hub. Every original key must match one row (or ORIGINAL_FUSED).
 ORIGINAL_TO_HUB = _table(
     (
-        ("backbone.0.body.", _TIMM),
+        ("backbone.0.body.", HUB_BACKBONE_PREFIX),
         ("backbone.1.row_embed.", "model.backbone.position_embedding.row_embeddings."),
         ("backbone.1.col_embed.", "model.backbone.position_embedding.column_embeddings."),
         ("input_proj.", "model.input_proj."),
@@ -198,7 +199,9 @@ def detect_format(keys: Iterable[str]) -> str:
     )
 
 
-def _rename(key: str, table: RenameTable, reverse: bool) -> str | None:
+def rename_key(key: str, table: RenameTable, reverse: bool) -> str | None:
+    """`key` renamed by the first row of `table` that matches it (b -> a if `reverse`); None if
+    no row matches."""
     for a, b in table:
         src, dst = (b, a) if reverse else (a, b)
         hit = src.match(key)
@@ -217,7 +220,7 @@ def _rename_all(
         if DROPPED.search(key):
             continue
         for table, reverse in tables:
-            key = _rename(key, table, reverse) or key
+            key = rename_key(key, table, reverse) or key
         out[key] = value
     return out
 
@@ -264,7 +267,7 @@ def original_to_hub(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             for template, part in zip(fused[1], np.split(array, 3, axis=0), strict=True):
                 out[template.format(fields)] = part
             continue
-        new_key = _rename(key, ORIGINAL_TO_HUB, reverse=False)
+        new_key = rename_key(key, ORIGINAL_TO_HUB, reverse=False)
         if new_key is None:
             unexpected.append(key)
         else:
@@ -275,55 +278,6 @@ def original_to_hub(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             unexpected=unexpected,
             mis_shaped=mis_shaped,
             hint="Only DeformableDETR detection checkpoints are supported (not segmentation).",
-        )
-    return out
-
-
-def hub_to_original(
-    state_dict: Mapping[str, Any], variant: Mapping[str, Any] | None = None
-) -> dict[str, np.ndarray]:
-    """hub (or transformers) naming -> the fundamentalvision state dict, for export.
-
-    Tied head copies missing from the input are filled first (`fill_tied_heads`), since
-    the original model's `load_state_dict` expects every copy. `variant` (from
-    `infer_variant`, or a config's fields) gives decoder_layers / with_box_refine /
-    two_stage; inferred from the weights when omitted.
-
-    Raises:
-      CheckpointKeyError: keys with no original name, incomplete q/k/v triples.
-    """
-    hub = transformers_to_hub(state_dict)
-    if variant is None:
-        from deformable_detr_jax.convert.variant import infer_variant
-
-        variant = infer_variant(hub)
-    hub = fill_tied_heads(hub, variant)
-    out, missing, unexpected = {}, [], []
-    consumed = set()
-    for fused, parts in ORIGINAL_FUSED:
-        for key in hub:
-            hit = parts[0].match(key)
-            if hit is None:
-                continue
-            names = [p.format(hit[0]) for p in parts]
-            absent = [n for n in names if n not in hub]
-            if absent:
-                missing.extend(absent)
-                continue
-            # q, k, v rows -> (3 * d_model, ...)
-            out[fused.format(hit[0])] = np.concatenate([np.asarray(hub[n]) for n in names])
-            consumed.update(names)
-    for key, value in hub.items():
-        if key in consumed:
-            continue
-        new_key = _rename(key, ORIGINAL_TO_HUB, reverse=True)
-        if new_key is None:
-            unexpected.append(key)
-        else:
-            out[new_key] = value
-    if missing or unexpected:
-        raise CheckpointKeyError.from_problems(
-            "state dict for the original naming", missing=missing, unexpected=unexpected
         )
     return out
 

@@ -42,7 +42,7 @@ def nnx_path_to_key(path: tuple) -> str:
     return key
 
 
-def _to_nnx_layout(name: str, array: np.ndarray) -> np.ndarray:
+def to_nnx_layout(name: str, array: np.ndarray) -> np.ndarray:
     """torch layout -> NNX layout, by parameter kind."""
     if name == "kernel" and array.ndim == 2:  # Linear: (out, in) -> (in, out)
         return array.T
@@ -51,7 +51,8 @@ def _to_nnx_layout(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _to_torch_layout(name: str, array: np.ndarray) -> np.ndarray:
+def to_torch_layout(name: str, array: np.ndarray) -> np.ndarray:
+    """NNX layout -> torch layout, by parameter kind (the inverse of `to_nnx_layout`)."""
     if name == "kernel" and array.ndim == 2:
         return array.T
     if name == "kernel" and array.ndim == 4:  # HWIO -> OIHW
@@ -136,11 +137,11 @@ def convert_state_dict(
             missing.append(key)
             continue
         used.add(key)
-        array = _to_nnx_layout(name, np.asarray(weights[key]))
+        array = to_nnx_layout(name, np.asarray(weights[key]))
         if array.shape != expected:
             misshaped.append(
                 f"{key}: checkpoint {tuple(np.shape(weights[key]))}, model expects "
-                f"{_to_torch_layout(name, np.zeros(expected, np.int8)).shape}"
+                f"{to_torch_layout(name, np.zeros(expected, np.int8)).shape}"
             )
         values.append((path, variable, array))
 
@@ -190,7 +191,7 @@ def export_state_dict(
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
         array = np.asarray(jax.device_get(variable[...]))
-        out[nnx_path_to_key(path)] = _to_torch_layout(str(path[-1]), array)
+        out[nnx_path_to_key(path)] = to_torch_layout(str(path[-1]), array)
     if tied_copies_included:
         for copy, source in tied_copies(model.config).items():
             for key in [k for k in out if k.startswith(source)]:

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from deformable_detr_jax.convert.errors import CheckpointKeyError, ConfigMismatchError
+from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX as _BODY
 from deformable_detr_jax.convert.formats import to_hub
 
-_BODY = "model.backbone.conv_encoder.model."
 DEFAULT_NUM_HEADS = 8
 
 

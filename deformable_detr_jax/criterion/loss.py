@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deformable_detr_jax.box_format import cxcywh_to_xyxy
 from deformable_detr_jax.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from deformable_detr_jax.criterion.matcher import hungarian_match
 
@@ -380,9 +381,7 @@ def validate_targets(labels, boxes, mask, num_labels: int, *, atol: float = 1e-5
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integer class ids; got {labels.dtype=}")
 
-    corners = np.concatenate(
-        [boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1
-    )
+    corners = cxcywh_to_xyxy(boxes)
     with np.errstate(invalid="ignore"):
         checks = (
             (~np.isfinite(boxes).all(-1), "is not finite (NaN or inf)"),

@@ -47,6 +47,7 @@ from deformable_detr_jax.data.box_checks import DataError
 from deformable_detr_jax.processing.image_processor import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    MIN_SIDE,
     ImageError,
     bucket_sizes,
 )
@@ -265,7 +266,7 @@ def collate(
     elif filler_shape is not None:
         height, width = filler_shape
     else:
-        height = width = min(buckets) if buckets else 32
+        height = width = min(buckets) if buckets else MIN_SIDE
     batch = {
         "pixel_values": np.zeros((batch_size, height, width, 3), dtype=np.float32),
         "pixel_mask": np.zeros((batch_size, height, width), dtype=bool),

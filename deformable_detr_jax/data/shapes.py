@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from deformable_detr_jax.box_format import xyxy_to_cxcywh
+
 SHAPE_NAMES = ("circle", "square", "triangle")
 BACKGROUNDS = ("stripes", "checks", "blobs")
 
@@ -115,7 +117,7 @@ class ShapesSource:
         boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
         # (n, 4) pixel x0, y0, x1, y1 -> cx, cy, w, h normalised
         scale = np.asarray([width, height, width, height], dtype=np.float32)
-        boxes = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+        boxes = xyxy_to_cxcywh(boxes)
         record = {
             "image": image,
             "boxes": (boxes / scale).astype(np.float32),

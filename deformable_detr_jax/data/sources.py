@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from deformable_detr_jax.box_format import cxcywh_to_xyxy, xyxy_to_cxcywh
 from deformable_detr_jax.data.box_checks import InvalidBoxes, check_xywh, check_xyxy
 from deformable_detr_jax.processing.image_processor import (
     ImageError,
@@ -235,16 +236,11 @@ def decode_image(data: bytes | str | os.PathLike, name: str) -> np.ndarray:
     return array
 
 
-def _xyxy_to_cxcywh(xyxy: np.ndarray) -> np.ndarray:
-    # (n, 4) x0, y0, x1, y1 -> cx, cy, w, h
-    return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
-
-
 def _clip_normalised(boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Clip normalised xyxy boxes to [0, 1]; returns them as cxcywh and the kept (non-empty) mask."""
     xyxy = np.clip(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4), 0.0, 1.0)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-    return _xyxy_to_cxcywh(xyxy[keep]).astype(np.float32), keep
+    return xyxy_to_cxcywh(xyxy[keep]).astype(np.float32), keep
 
 
 def _require_dir(path: str | os.PathLike, setting: str, what: str) -> pathlib.Path:
@@ -520,8 +516,7 @@ class YoloFolderSource:
                     raise ValueError(f"{path}:{number}: not numbers: {line!r}") from err
                 label = values[0]
                 if len(values) == 5:
-                    cx, cy, w, h = values[1:]
-                    xyxy = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+                    xyxy = cxcywh_to_xyxy(np.asarray(values[1:])).tolist()
                 elif len(values) >= 7 and len(values) % 2 == 1:  # polygon
                     xs, ys = values[1::2], values[2::2]
                     xyxy = [min(xs), min(ys), max(xs), max(ys)]

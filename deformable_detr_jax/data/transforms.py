@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from deformable_detr_jax.box_format import cxcywh_to_xyxy, xyxy_to_cxcywh
 from deformable_detr_jax.processing import resize as resize_lib
 
 DETR_SCALES = tuple(range(480, 801, 32))
@@ -169,15 +170,13 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int) -> dict[s
     boxes = np.asarray(sample["boxes"], dtype=np.float32).reshape(-1, 4)
     scale = np.asarray([image_width, image_height] * 2, dtype=np.float32)
     # (n, 4) cxcywh normalised -> x0, y0, x1, y1 pixels of the crop
-    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+    xyxy = cxcywh_to_xyxy(boxes)
     xyxy = xyxy * scale - np.asarray([left, top, left, top], dtype=np.float32)
     xyxy = np.clip(xyxy, 0, np.asarray([width, height, width, height], dtype=np.float32))
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     xyxy = xyxy[keep]
     new_scale = np.asarray([width, height] * 2, dtype=np.float32)
-    out["boxes"] = (
-        np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / new_scale
-    ).astype(np.float32)
+    out["boxes"] = (xyxy_to_cxcywh(xyxy) / new_scale).astype(np.float32)
     out["labels"] = np.asarray(sample["labels"])[keep]
     if "masks" in sample:
         out["masks"] = sample["masks"][keep, top : top + height, left : left + width]

@@ -4,10 +4,8 @@ Writes MODEL (anything `Detector.from_pretrained` reads) as one ONNX or StableHL
 static input size (`[--batch N]`, default 1; `[--dtype float32|bfloat16]`). An existing OUT is
 refused unless `--overwrite`; nothing is left behind when the export fails.
 
-Exit status (`deformable_detr_jax/cli/exits.py`): 0 written; 2 bad input (option, size the model
-cannot take, unknown format, OUT exists, MODEL not a model, a missing dependency); 5 OUT could
-not be written (disk full, permissions); 70 an internal error (the traceback in a report file).
-Each is one `error: ...` line.
+Exit statuses: the table in `deformable_detr_jax/cli/exits.py`; each failure is one `error: ...`
+line.
 
     python -m deformable_detr_jax.export deformable-detr ddetr.onnx --format onnx \
         --height 800 --width 1216

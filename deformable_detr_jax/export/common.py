@@ -23,8 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deformable_detr_jax.inference.detector import MIN_SIDE, Detector
+from deformable_detr_jax.inference.detector import Detector
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
+from deformable_detr_jax.processing.image_processor import MIN_SIDE
 
 FORMATS = ("onnx", "stablehlo")
 DTYPES = ("float32", "bfloat16")
@@ -77,7 +78,7 @@ def _positive_int(name: str, value: Any) -> int:
 def check_input(config, height: Any, width: Any, batch: Any = 1) -> InputSpec:
     """The `InputSpec`, or `UnsupportedSizeError` saying why the model cannot take it.
 
-    Every side must be at least 32 pixels (one cell of the stride-32 backbone level); a
+    Every side must be at least `MIN_SIDE` pixels (one cell of the stride-32 backbone level); a
     two-stage model needs at least `two_stage_num_proposals` feature positions to pick its
     proposals from.
     """

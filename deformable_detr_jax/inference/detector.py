@@ -60,15 +60,15 @@ from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 from deformable_detr_jax.processing.image_processor import (
     CONFIG_NAME,
+    MIN_SIDE,
     ImageError,
     ImageLike,
     ImageProcessor,
-    _as_list,
+    as_image_list,
+    describe_image,
 )
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
-# The backbone needs at least one stride-32 cell: pad smaller images (mask False) up to this.
-MIN_SIDE = 32
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -198,12 +198,6 @@ def _capture(fn):
             return err
 
     return call
-
-
-def _describe(index: int, image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return f"image {index} ({os.fspath(image)!r})"
-    return f"image {index}"
 
 
 @dataclasses.dataclass
@@ -413,7 +407,7 @@ class Detector:
     # ------------------------------------------------------------------ detection
 
     def _prepare(self, index: int, image: ImageLike) -> _Prepared:
-        name = _describe(index, image)
+        name = describe_image(index, image)
         array = self.processor.load_image(image, index)
         try:
             bucket = self.bucket(array.shape[:2])
@@ -457,7 +451,7 @@ class Detector:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if on_error not in ("raise", "return"):
             raise ValueError(f'on_error must be "raise" or "return", got {on_error!r}')
-        images = _as_list(images)
+        images = as_image_list(images)
         results: list[Detections | ImageError | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[_Prepared]] = {}
         with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:

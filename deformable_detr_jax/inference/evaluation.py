@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from deformable_detr_jax.box_format import cxcywh_to_xyxy
+
 STAT_NAMES = (
     "AP",
     "AP50",
@@ -114,14 +116,18 @@ class CocoEvaluator:
                 )
             if self.ground_truth_json is None:
                 mask = np.asarray(batch["mask"][i], dtype=bool)
-                for label, (cx, cy, w, h) in zip(batch["labels"][i][mask], batch["boxes"][i][mask]):
-                    w, h = float(w) * width, float(h) * height
+                # (n, 4) cxcywh in pixels, float64 -> COCO's (x0, y0, w, h)
+                pixels = np.asarray(batch["boxes"][i][mask], dtype=np.float64) * scale
+                corners = cxcywh_to_xyxy(pixels)
+                for label, (x0, y0, _, _), (_, _, w, h) in zip(
+                    batch["labels"][i][mask], corners.tolist(), pixels.tolist(), strict=True
+                ):
                     self.annotations.append(
                         {
                             "id": len(self.annotations) + 1,
                             "image_id": image_id,
                             "category_id": self._category(label),
-                            "bbox": [float(cx) * width - w / 2, float(cy) * height - h / 2, w, h],
+                            "bbox": [x0, y0, w, h],
                             "area": w * h,
                             "iscrowd": 0,
                         }

@@ -35,12 +35,17 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from deformable_detr_jax.box_format import xyxy_to_cxcywh
 from deformable_detr_jax.processing import resize as resize_lib
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 CONFIG_NAME = "preprocessor_config.json"
+# The smallest input side the model takes: one cell of the backbone's stride-32 level. Smaller
+# images are padded up to it (mask False) by `Detector` and the training batches; exports refuse
+# smaller sizes.
+MIN_SIDE = 32
 
 ImageLike = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]  # noqa: UP007 (py3.10 alias)
 
@@ -130,7 +135,8 @@ def _round_up(side: int, buckets: tuple[int, ...] | None) -> int:
 # ----------------------------------------------------------------------------- images in
 
 
-def _describe(index: int, image: Any) -> str:
+def describe_image(index: int, image: Any) -> str:
+    """How errors name an input image: `"image 3"`, or `"image 3 ('cat.jpg')"` for a path."""
     if isinstance(image, (str, os.PathLike)):
         return f"image {index} ({os.fspath(image)!r})"
     return f"image {index}"
@@ -227,7 +233,12 @@ def _to_rgb_array(image: Any, name: str, backend: str) -> np.ndarray:
     return array
 
 
-def _as_list(images: Any) -> list[Any]:
+def as_image_list(images: Any) -> list[Any]:
+    """One image, a list of them or a `[bs, height, width, channels]` batch -> a list of images.
+
+    Raises:
+      ValueError: an empty list.
+    """
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given (empty list)")
@@ -289,9 +300,7 @@ def convert_coco_detection_annotation(
         area = area * (ratio_width * ratio_height)
         size = tuple(int(s) for s in resized_size)
     if normalize:
-        x0, y0, x1, y1 = boxes.T
-        # (n, 4) cx, cy, w, h
-        boxes = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+        boxes = xyxy_to_cxcywh(boxes)  # (n, 4) cx, cy, w, h
         boxes /= np.asarray([size[1], size[0], size[1], size[0]], dtype=np.float32)
     return {
         "image_id": np.asarray([annotation["image_id"]], dtype=np.int64),
@@ -470,7 +479,7 @@ class ImageProcessor:
     def load_image(self, image: ImageLike, index: int = 0) -> np.ndarray:
         """One input image (PIL, array or file path) as the checked `[height, width, 3]` RGB array
         `preprocess` starts from (uint8, or float for float input); `index` names it in errors."""
-        return _to_rgb_array(image, _describe(index, image), self.resize_backend)
+        return _to_rgb_array(image, describe_image(index, image), self.resize_backend)
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         """Rescale and normalise `[height, width, 3]` to float32 with the backend's float32 ops."""
@@ -504,7 +513,7 @@ class ImageProcessor:
         the padded size. Float arrays are taken as they are (rescaled by `rescale_factor` when
         `do_rescale`), as transformers does: pass `do_rescale=False` for floats already in [0, 1].
         """
-        items = _as_list(images)
+        items = as_image_list(images)
         if annotations is not None:
             annotations = [annotations] if isinstance(annotations, Mapping) else list(annotations)
             if len(annotations) != len(items):
@@ -519,7 +528,7 @@ class ImageProcessor:
 
         pixels, labels, sizes = [], [], []
         for index, item in enumerate(items):
-            name = _describe(index, item)
+            name = describe_image(index, item)
             image = self.load_image(item, index)
             image_size = image.shape[:2]
             try:

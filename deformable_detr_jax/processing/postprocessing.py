@@ -6,15 +6,19 @@ queries x classes jointly (so one query may yield several labels), then the scor
 boxes (cx, cy, w, h) in [0, 1] -> (x0, y0, x1, y1) scaled to each image's (height, width).
 
 Ranking is done on the logits, which orders like the sigmoid scores but keeps ties that float32
-sigmoid creates near 0 and 1 in logit order (first query/class first among exact ties).
+sigmoid creates near 0 and 1 in logit order (first query/class first among exact ties). The
+ranking is `top_k_detections`, which the training evaluation step runs on the device too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from deformable_detr_jax.box_format import cxcywh_to_xyxy
 
 
 def _outputs(logits: Any, pred_boxes: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +68,50 @@ def _target_scale(target_sizes: Any, bs: int) -> np.ndarray:
     return np.stack([width, height, width, height], axis=1)
 
 
+def _ranking_key(flat: Any, xp: ModuleType) -> Any:
+    """`[bs, n]` logits with NaN as -inf and -0.0 as 0.0: keys without the values on which a
+    stable sort (NaN last, -0.0 equal to 0.0) and `lax.top_k` (NaN first, -0.0 below 0.0) differ."""
+    key = xp.where(xp.isnan(flat), -xp.inf, flat)
+    return xp.where(key == 0, xp.zeros_like(key), key)
+
+
+def _top_indices(key: Any, k: int, xp: ModuleType) -> Any:
+    """`[bs, k]` indices of the k largest keys, the lower index first among equal keys."""
+    if xp is np:
+        return np.argsort(-key, axis=1, stable=True)[:, :k]
+    import jax  # xp is jax.numpy, so jax is loaded already
+
+    # documented: "If two elements are equal, the lower-index element appears first". A stable
+    # argsort would order alike, but XLA's CPU sort is ~500x slower than its top-k here.
+    return jax.lax.top_k(key, k)[1]
+
+
+def top_k_detections(logits: Any, boxes: Any, k: int, xp: ModuleType = np) -> tuple[Any, Any, Any]:
+    """The top-k (query, class) pairs of each image: the one decoding that
+    `post_process_object_detection` (so `Detector`) runs on the host and the training evaluation
+    step (`training.step.make_eval_step`) runs on the device, so both rank the same pairs.
+
+    Pairs are ranked by logit, highest first; among equal logits the lower flat index (query-major,
+    then class) comes first; -0.0 equals 0.0 and NaN ranks as -inf.
+
+    Args:
+      logits: `[bs, len_q, num_labels]` class logits.
+      boxes: `[bs, len_q, 4]` (cx, cy, w, h).
+      k: pairs per image; all of them when k >= len_q * num_labels.
+      xp: the array library, `numpy` or `jax.numpy` (inside jitted code).
+
+    Returns:
+      `top_logits [bs, k]`, `labels [bs, k]` (integer class ids) and `boxes [bs, k, 4]` (x0, y0,
+      x1, y1) of each pair's query, in the arrays' units.
+    """
+    bs, len_q, num_labels = logits.shape
+    flat = logits.reshape(bs, len_q * num_labels)  # (bs, len_q * num_labels)
+    top = _top_indices(_ranking_key(flat, xp), min(k, len_q * num_labels), xp)  # (bs, k)
+    query, labels = top // num_labels, top % num_labels
+    picked = xp.take_along_axis(boxes, query[..., None], axis=1)  # (bs, k, 4)
+    return xp.take_along_axis(flat, top, axis=1), labels, cxcywh_to_xyxy(picked, xp)
+
+
 def post_process_object_detection(
     logits: Any,
     pred_boxes: Any = None,
@@ -92,21 +140,11 @@ def post_process_object_detection(
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     logits, pred_boxes = _outputs(logits, pred_boxes)
-    bs, len_q, num_labels = logits.shape
+    bs = logits.shape[0]
     scale = None if target_sizes is None else _target_scale(target_sizes, bs)
 
-    # (bs, len_q * num_labels)
-    flat = logits.reshape(bs, len_q * num_labels)
-    k = min(int(top_k), flat.shape[1])
-    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    top_logits = np.take_along_axis(flat, top, axis=1)
+    top_logits, labels, boxes = top_k_detections(logits, pred_boxes, int(top_k))
     scores = (1.0 / (1.0 + np.exp(-top_logits.astype(np.float64)))).astype(np.float32)
-    query, labels = np.divmod(top, num_labels)
-
-    cx, cy, w, h = np.moveaxis(pred_boxes, -1, 0)
-    # (bs, len_q, 4) x0, y0, x1, y1
-    corners = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-    boxes = np.take_along_axis(corners, query[..., None], axis=1)
     if scale is not None:
         boxes = boxes * scale[:, None, :]
 

@@ -83,9 +83,9 @@ def backbone_weights_from_resnet(
       FileNotFoundError: no file at `path`.
       ValueError: a backbone weight is missing from the file or has another shape.
     """
-    from deformable_detr_jax.convert.formats import _TIMM, hub_to_transformers
+    from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, hub_to_transformers
     from deformable_detr_jax.convert.readers import read_state_dict
-    from deformable_detr_jax.convert.state_dict import _to_nnx_layout, nnx_path_to_key
+    from deformable_detr_jax.convert.state_dict import nnx_path_to_key, to_nnx_layout
 
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
@@ -95,7 +95,7 @@ def backbone_weights_from_resnet(
         )
     state = read_state_dict(path)
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
-    renamed = hub_to_transformers({_TIMM + k: v for k, v in state.items()})
+    renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
     out, missing, misshaped = {}, [], []
     for name, shape in names_and_shapes.items():
         if not name.startswith(_BACKBONE):
@@ -104,7 +104,7 @@ def backbone_weights_from_resnet(
         if key not in renamed:
             missing.append(key)
             continue
-        array = _to_nnx_layout(name.rsplit(".", 1)[-1], np.asarray(renamed[key], np.float32))
+        array = to_nnx_layout(name.rsplit(".", 1)[-1], np.asarray(renamed[key], np.float32))
         if array.shape != tuple(shape):
             misshaped.append(f"{key}: file {array.shape}, model {tuple(shape)}")
             continue

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 
 from deformable_detr_jax.criterion.loss import LossConfig, loss_from_outputs
 from deformable_detr_jax.modeling.dense import cpu_filter_gradients
+from deformable_detr_jax.processing.postprocessing import top_k_detections
 from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training.cpu.compiler import largest_value_bytes, step_compiler_options
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
@@ -213,7 +214,9 @@ def make_eval_step(
     spec: ModelSpec, mesh: Mesh, *, top_k: int = 100, compute_dtype: Any = None
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted `(params, frozen, batch) -> {"scores", "labels", "boxes"}`, each `(bs, k, ...)`,
-    split over the data axis like the batch. Boxes are normalised (x0, y0, x1, y1)."""
+    split over the data axis like the batch: `postprocessing.top_k_detections` of the model's
+    outputs, scores the float32 sigmoid of the top logits. Boxes are normalised (x0, y0, x1, y1).
+    """
 
     def eval_step(params, frozen, batch):
         model = spec.merge(params, frozen, dtype=compute_dtype)
@@ -221,16 +224,10 @@ def make_eval_step(
         if compute_dtype is not None:
             pixel_values = pixel_values.astype(compute_dtype)
         outputs = model(pixel_values, batch["pixel_mask"], deterministic=True)
-        logits = outputs.logits.astype(jnp.float32)
-        boxes = outputs.pred_boxes.astype(jnp.float32)
-        bs, len_q, num_labels = logits.shape
-        k = min(top_k, len_q * num_labels)
-        # (bs, len_q * num_labels): rank (query, class) pairs jointly, as the post-processing
-        top_logits, index = jax.lax.top_k(logits.reshape(bs, len_q * num_labels), k)
-        query, labels = index // num_labels, index % num_labels
-        cx, cy, w, h = jnp.moveaxis(jnp.take_along_axis(boxes, query[..., None], axis=1), -1, 0)
-        # (bs, k, 4) x0, y0, x1, y1
-        corners = jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+        # the post-processing's decoding (`Detector` ranks the same pairs), here on the device
+        top_logits, labels, corners = top_k_detections(
+            outputs.logits.astype(jnp.float32), outputs.pred_boxes.astype(jnp.float32), top_k, jnp
+        )
         return {"scores": jax.nn.sigmoid(top_logits), "labels": labels, "boxes": corners}
 
     replicated = mesh_lib.replicated(mesh)

@@ -30,7 +30,7 @@ import os
 import numpy as np
 from jax.sharding import Mesh
 
-from deformable_detr_jax._versions import _release
+from deformable_detr_jax._versions import release_numbers
 from deformable_detr_jax.training.cpu import host_memory
 
 # jaxlib 0.10.2's default YNNPACK fusion types are INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
@@ -59,7 +59,7 @@ def cpu_compiler_options(
         return None
     flags = os.environ.get("XLA_FLAGS", "")
     options: dict[str, str | int] = {}
-    jaxlib = _release(importlib.metadata.version("jaxlib"))[:2]
+    jaxlib = release_numbers(importlib.metadata.version("jaxlib"))[:2]
     if jaxlib == MEASURED_JAXLIB and YNN_FUSION_FLAG not in flags:
         options[YNN_FUSION_FLAG] = YNN_WITHOUT_CONVOLUTIONS
     if (
