@@ -40,12 +40,14 @@ import PIL.Image
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deformable_detr_jax.data import pipeline, sources, transforms  # noqa: E402
+from deformable_detr_jax.data import pipeline, streams, transforms  # noqa: E402
+from deformable_detr_jax.data.coco_json import CocoJsonSource  # noqa: E402
+from deformable_detr_jax.data.yolo import YoloFolderSource  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "coco128"
 
 
-def write_coco_json(yolo: sources.YoloFolderSource, folder: pathlib.Path) -> pathlib.Path:
+def write_coco_json(yolo: YoloFolderSource, folder: pathlib.Path) -> pathlib.Path:
     """An `instances` json for the YOLO folder's images and boxes (pixels, xywh), ids 1..K."""
     images, annotations = [], []
     for index, path in enumerate(yolo._files):
@@ -75,7 +77,7 @@ def write_coco_json(yolo: sources.YoloFolderSource, folder: pathlib.Path) -> pat
 
 def stage_times(source, augment: transforms.AugmentConfig, batch_size: int, seed: int) -> dict:
     """Milliseconds per image of each stage, one thread, every image of `source` once."""
-    loader = pipeline._Loader(source, pipeline._Order(len(source), 0, 1, seed, True), augment)
+    loader = streams.Loader(source, streams.Order(len(source), 0, 1, seed, True), augment)
     totals = dict.fromkeys(("decode", "augment", "normalise", "collate"), 0.0)
     rng = np.random.default_rng(seed)
     examples = []
@@ -85,7 +87,7 @@ def stage_times(source, augment: transforms.AugmentConfig, batch_size: int, seed
         decoded = time.perf_counter()
         sample = transforms.train_transform(record, rng, augment)
         augmented = time.perf_counter()
-        image = (sample["image"].astype(np.float32) - loader._mean) / loader._std
+        image = (sample["image"].astype(np.float32) - loader.mean) / loader.std
         normalised = time.perf_counter()
         totals["decode"] += decoded - start
         totals["augment"] += augmented - decoded
@@ -179,11 +181,11 @@ def main() -> None:
     if "grain" in args.backends and not pipeline.grain_available():
         sys.exit("error: --backends grain needs grain installed (`pip install grain`)")
     augment = transforms.AugmentConfig()  # the paper's COCO recipe
-    yolo = sources.YoloFolderSource(data, args.split)
+    yolo = YoloFolderSource(data, args.split)
     with tempfile.TemporaryDirectory() as tmp:
         named = {}
         if "coco-json" in args.sources:
-            named["coco-json"] = sources.CocoJsonSource(
+            named["coco-json"] = CocoJsonSource(
                 data / "images" / args.split, write_coco_json(yolo, pathlib.Path(tmp))
             )
         if "yolo" in args.sources:

@@ -139,11 +139,12 @@ class DeformableDetrConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def positive(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self._validate_sizes()
+        self._validate_backbone()
+        self._validate_choices()
 
+    def _validate_sizes(self) -> None:
+        """Positive widths and counts; heads and GroupNorm(32) dividing d_model."""
         for name in (
             "d_model",
             "encoder_layers",
@@ -159,7 +160,9 @@ class DeformableDetrConfig:
             "num_labels",
             "backbone_embedding_size",
         ):
-            positive(name)
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.num_feature_levels not in (1, 3, 4, 5):
             raise ValueError(
                 f"num_feature_levels must be 1 (C5 alone) or 3..5 (C3..C5 plus up to two extra "
@@ -174,6 +177,9 @@ class DeformableDetrConfig:
             raise ValueError(
                 f"d_model={self.d_model} must be a multiple of 32 (input_proj uses GroupNorm(32))"
             )
+
+    def _validate_backbone(self) -> None:
+        """The ResNet's block type, four stage depths and four widths."""
         if self.backbone_layer_type not in _HIDDEN_SIZES:
             raise ValueError(
                 f"backbone_layer_type must be 'basic' or 'bottleneck', got "
@@ -189,6 +195,9 @@ class DeformableDetrConfig:
             raise ValueError(
                 f"backbone_hidden_sizes must have 4 entries, got {self.backbone_hidden_sizes}"
             )
+
+    def _validate_choices(self) -> None:
+        """Named options, the two-stage/box-refine pairing and dropout rates."""
         if self.position_embedding_type not in ("sine", "learned"):
             raise ValueError(
                 "position_embedding_type must be 'sine' or 'learned', got "

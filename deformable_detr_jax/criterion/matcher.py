@@ -116,19 +116,39 @@ def _solve_rows(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.ndarra
     phase finds a shortest augmenting path and the final assignment is optimal.
     """
     n_rows, n_cols = cost.shape
-    dtype = cost.dtype
-    inf = jnp.asarray(jnp.inf, dtype)
     # (n_rows + 1, n_cols + 1): dummy row 0 and dummy column 0
     a = jnp.pad(cost, ((1, 0), (1, 0)))
-    col_ok = jnp.concatenate([jnp.zeros((1,), bool), col_valid])
-    row_ok = jnp.concatenate([jnp.zeros((1,), bool), row_valid])
-    rows = jnp.arange(n_rows + 1, dtype=jnp.int32)
-    cols = jnp.arange(n_cols + 1, dtype=jnp.int32)
+    col_ok = jnp.concatenate([jnp.zeros((1,), bool), col_valid])  # (n_cols + 1,)
+    row_ok = jnp.concatenate([jnp.zeros((1,), bool), row_valid])  # (n_rows + 1,)
+    u, owner, greedy = _greedy_start(a, row_ok, col_ok)
+    state = _initial_state(u, owner, row_ok & ~greedy)
+    max_steps = n_rows * (n_cols + n_rows + 2) + 1
 
-    # Greedy start on row-reduced costs: u = row minimum over valid columns, v = 0. A row
-    # keeps its argmin column when no lower-index row claims the same column.
-    masked = jnp.where(col_ok[None, :], a, inf)
-    u = jnp.where(row_ok, masked.min(axis=1), 0).astype(dtype)
+    def cond(s: dict[str, jnp.ndarray]) -> jnp.ndarray:
+        return (s["row"] != 0) & (s["steps"] < max_steps)
+
+    owner = lax.while_loop(cond, functools.partial(_solver_step, a, col_ok, u), state)["owner"]
+    return _column_of_row(owner, row_valid)
+
+
+def _greedy_start(
+    a: jnp.ndarray, row_ok: jnp.ndarray, col_ok: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Greedy start on row-reduced costs: u = row minimum over valid columns, v = 0. A row
+    keeps its argmin column when no lower-index row claims the same column.
+
+    Args:
+      a: `(n_rows + 1, n_cols + 1)` costs with the dummy row and column 0.
+      row_ok, col_ok: `(n_rows + 1,)`, `(n_cols + 1,)` bool, False on the dummies.
+
+    Returns:
+      `u (n_rows + 1,)` row potentials, `owner (n_cols + 1,)` int32 (the greedy rows' columns;
+      0: free) and `greedy (n_rows + 1,)` bool, the rows assigned.
+    """
+    n_rows, n_cols = a.shape[0] - 1, a.shape[1] - 1
+    rows = jnp.arange(n_rows + 1, dtype=jnp.int32)
+    masked = jnp.where(col_ok[None, :], a, jnp.asarray(jnp.inf, a.dtype))
+    u = jnp.where(row_ok, masked.min(axis=1), 0).astype(a.dtype)
     best_col = jnp.argmin(masked, axis=1).astype(jnp.int32)
     claimant = jnp.where(row_ok, rows, n_rows + 1)
     winner = jnp.full((n_cols + 1,), n_rows + 1, jnp.int32).at[best_col].min(claimant)
@@ -139,89 +159,133 @@ def _solve_rows(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.ndarra
         .at[jnp.where(greedy, best_col, n_cols + 1)]
         .set(rows, mode="drop")
     )
-    v = jnp.zeros((n_cols + 1,), dtype)
+    return u, owner, greedy
 
-    def next_row(pending):
-        # first row still to insert; 0 (the dummy, never pending) when none is left
-        row = jnp.argmax(pending).astype(jnp.int32)
-        return row, pending & (rows != row)
 
-    row, pending = next_row(row_ok & ~greedy)
-    # One flat loop for all rows: each step is either a Dijkstra step of the current row's
-    # search or one step of its augmentation, so that under vmap the images of a batch
-    # advance independently instead of meeting at every row.
-    # The potential of a row is kept on the column it owns (`pot[j] = u[owner[j]]`, column
-    # 0 holding the row being inserted): the update of every used row's potential is then
-    # elementwise, and it travels with its row along an augmenting path.
+def _next_row(pending: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`(n_rows + 1,)` bool rows still to insert -> (the first, int32; 0 (the dummy, never
+    pending) when none is left; the rest)."""
+    row = jnp.argmax(pending).astype(jnp.int32)
+    return row, pending & (jnp.arange(pending.shape[0], dtype=jnp.int32) != row)
+
+
+def _initial_state(
+    u: jnp.ndarray, owner: jnp.ndarray, pending: jnp.ndarray
+) -> dict[str, jnp.ndarray]:
+    """The loop state, with the first pending row being inserted.
+
+    One flat loop for all rows: each step is either a Dijkstra step of the current row's
+    search or one step of its augmentation, so that under vmap the images of a batch
+    advance independently instead of meeting at every row.
+    The potential of a row is kept on the column it owns (`pot[j] = u[owner[j]]`, column
+    0 holding the row being inserted): the update of every used row's potential is then
+    elementwise, and it travels with its row along an augmenting path.
+    """
+    n_cols = owner.shape[0] - 1
+    inf = jnp.asarray(jnp.inf, u.dtype)
+    row, pending = _next_row(pending)
     owner = owner.at[0].set(row)
-    state = {
-        "owner": owner,
-        "pot": u[owner],
-        "v": v,
+    return {
+        "owner": owner,  # (n_cols + 1,) int32
+        "pot": u[owner],  # (n_cols + 1,)
+        "v": jnp.zeros((n_cols + 1,), u.dtype),
         "way": jnp.zeros((n_cols + 1,), jnp.int32),
         "minv": jnp.full((n_cols + 1,), inf),
         "used": jnp.zeros((n_cols + 1,), bool),
         "j0": jnp.int32(0),
         "row": row,
-        "pending": pending,
+        "pending": pending,  # (n_rows + 1,) bool
         "augmenting": jnp.bool_(False),
         "steps": jnp.int32(0),
     }
-    max_steps = n_rows * (n_cols + n_rows + 2) + 1
 
-    def cond(s):
-        return (s["row"] != 0) & (s["steps"] < max_steps)
 
-    def body(s):
-        owner, pot, v, way, minv, used, j0 = (
-            s[k] for k in ("owner", "pot", "v", "way", "minv", "used", "j0")
-        )
-        # Dijkstra step from column j0 (owned by row i0) on reduced costs.
-        # (one-hot selects instead of scatters: cheaper once vmapped)
-        at_j0 = cols == j0
-        used_s = used | at_j0
-        i0 = owner[j0]
-        reduced = a[i0] - pot[j0] - v
-        free = ~used_s & col_ok
-        better = free & (reduced < minv)
-        minv_s = jnp.where(better, reduced, minv)
-        way_s = jnp.where(better, j0, way)
-        candidates = jnp.where(free, minv_s, inf)
-        j1 = jnp.argmin(candidates).astype(jnp.int32)
-        delta = candidates[j1]
-        pot_s = jnp.where(used_s, pot + delta, pot)
-        v_s = jnp.where(used_s, v - delta, v)
-        minv_s = jnp.where(free, minv_s - delta, minv_s)
-        # no free valid column left: only in the discarded branch of an infeasible orientation
-        stuck = ~jnp.isfinite(delta)
+def _dijkstra_step(
+    a: jnp.ndarray, col_ok: jnp.ndarray, s: dict[str, jnp.ndarray]
+) -> dict[str, jnp.ndarray]:
+    """One Dijkstra step from column j0 (owned by row i0) on reduced costs: the searched
+    state's `pot`, `v`, `way`, `minv`, `used`, the next column `j1` and whether it is `stuck`
+    (no free valid column left: only in the discarded branch of an infeasible orientation)."""
+    owner, pot, v, way, minv, used, j0 = (
+        s[k] for k in ("owner", "pot", "v", "way", "minv", "used", "j0")
+    )
+    inf = jnp.asarray(jnp.inf, a.dtype)
+    cols = jnp.arange(a.shape[1], dtype=jnp.int32)
+    # (one-hot selects instead of scatters: cheaper once vmapped)
+    at_j0 = cols == j0
+    used_s = used | at_j0
+    i0 = owner[j0]
+    reduced = a[i0] - pot[j0] - v  # (n_cols + 1,)
+    free = ~used_s & col_ok
+    better = free & (reduced < minv)
+    minv_s = jnp.where(better, reduced, minv)
+    way_s = jnp.where(better, j0, way)
+    candidates = jnp.where(free, minv_s, inf)
+    j1 = jnp.argmin(candidates).astype(jnp.int32)
+    delta = candidates[j1]
+    return {
+        "pot": jnp.where(used_s, pot + delta, pot),
+        "v": jnp.where(used_s, v - delta, v),
+        "way": way_s,
+        "minv": jnp.where(free, minv_s - delta, minv_s),
+        "used": used_s,
+        "j1": j1,
+        "stuck": ~jnp.isfinite(delta),
+    }
 
-        # Augmentation step from the free column j0 back towards the dummy column 0.
-        jw = way[j0]
-        owner_a = jnp.where(at_j0, owner[jw], owner)
-        pot_a = jnp.where(at_j0, pot[jw], pot)
-        done = jw == 0
-        new_row, new_pending = next_row(s["pending"])
-        at_0 = done & (cols == 0)
-        owner_a = jnp.where(at_0, new_row, owner_a)
-        pot_a = jnp.where(at_0, u[new_row], pot_a)
 
-        aug = s["augmenting"]
-        finish = aug & done
-        return {
-            "owner": jnp.where(aug, owner_a, owner),
-            "pot": jnp.where(aug, pot_a, pot_s),
-            "v": jnp.where(aug, v, v_s),
-            "way": jnp.where(aug, way, way_s),
-            "minv": jnp.where(aug, jnp.where(done, inf, minv), minv_s),
-            "used": jnp.where(aug, used & ~done, used_s),
-            "j0": jnp.where(aug, jw, j1),
-            "row": jnp.where(finish, new_row, jnp.where(~aug & stuck, 0, s["row"])),
-            "pending": jnp.where(finish, new_pending, s["pending"]),
-            "augmenting": jnp.where(aug, ~done, owner[j1] == 0),
-            "steps": s["steps"] + 1,
-        }
+def _augment_step(u: jnp.ndarray, s: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """One augmentation step from the free column j0 back towards the dummy column 0: the
+    augmented `owner` and `pot`, the previous column `jw`, whether the path is `done`, and the
+    next row to insert (`new_row`, `new_pending`), already placed on column 0 when done."""
+    owner, pot, way, j0 = (s[k] for k in ("owner", "pot", "way", "j0"))
+    cols = jnp.arange(owner.shape[0], dtype=jnp.int32)
+    at_j0 = cols == j0
+    jw = way[j0]
+    owner_a = jnp.where(at_j0, owner[jw], owner)
+    pot_a = jnp.where(at_j0, pot[jw], pot)
+    done = jw == 0
+    new_row, new_pending = _next_row(s["pending"])
+    at_0 = done & (cols == 0)
+    return {
+        "owner": jnp.where(at_0, new_row, owner_a),
+        "pot": jnp.where(at_0, u[new_row], pot_a),
+        "jw": jw,
+        "done": done,
+        "new_row": new_row,
+        "new_pending": new_pending,
+    }
 
-    owner = lax.while_loop(cond, body, state)["owner"]
+
+def _solver_step(
+    a: jnp.ndarray, col_ok: jnp.ndarray, u: jnp.ndarray, s: dict[str, jnp.ndarray]
+) -> dict[str, jnp.ndarray]:
+    """The loop body: both steps are computed, the state's `augmenting` flag picks one."""
+    search = _dijkstra_step(a, col_ok, s)
+    back = _augment_step(u, s)
+    aug, done = s["augmenting"], back["done"]
+    finish = aug & done
+    inf = jnp.asarray(jnp.inf, a.dtype)
+    row = jnp.where(finish, back["new_row"], jnp.where(~aug & search["stuck"], 0, s["row"]))
+    return {
+        "owner": jnp.where(aug, back["owner"], s["owner"]),
+        "pot": jnp.where(aug, back["pot"], search["pot"]),
+        "v": jnp.where(aug, s["v"], search["v"]),
+        "way": jnp.where(aug, s["way"], search["way"]),
+        "minv": jnp.where(aug, jnp.where(done, inf, s["minv"]), search["minv"]),
+        "used": jnp.where(aug, s["used"] & ~done, search["used"]),
+        "j0": jnp.where(aug, back["jw"], search["j1"]),
+        "row": row,
+        "pending": jnp.where(finish, back["new_pending"], s["pending"]),
+        "augmenting": jnp.where(aug, ~done, s["owner"][search["j1"]] == 0),
+        "steps": s["steps"] + 1,
+    }
+
+
+def _column_of_row(owner: jnp.ndarray, row_valid: jnp.ndarray) -> jnp.ndarray:
+    """`(n_cols + 1,)` final owners -> `(n_rows,)` int32 column of each row, -1 for invalid."""
+    n_rows, n_cols = row_valid.shape[0], owner.shape[0] - 1
+    cols = jnp.arange(n_cols + 1, dtype=jnp.int32)
     # (the dummy column 0 still names the last row added; skip it)
     assigned = (owner > 0) & (cols > 0)
     col_of_row = jnp.full((n_rows + 1,), -1, jnp.int32)

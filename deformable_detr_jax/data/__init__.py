@@ -9,16 +9,11 @@ Example::
 """
 
 from deformable_detr_jax.data.box_checks import DataError, InvalidBoxError
+from deformable_detr_jax.data.coco_json import CocoJsonSource
 from deformable_detr_jax.data.pipeline import Batches, collate, grain_available, make_batches
 from deformable_detr_jax.data.shapes import BACKGROUNDS, SHAPE_NAMES, ShapesSource
-from deformable_detr_jax.data.sources import (
-    COCO_CATEGORY_IDS,
-    COCO_NAMES,
-    CocoJsonSource,
-    TfdsCocoSource,
-    YoloFolderSource,
-    decode_image,
-)
+from deformable_detr_jax.data.source_common import COCO_CATEGORY_IDS, COCO_NAMES, decode_image
+from deformable_detr_jax.data.tfds_coco import TfdsCocoSource
 from deformable_detr_jax.data.transforms import (
     DETR_SCALES,
     AugmentConfig,
@@ -31,6 +26,7 @@ from deformable_detr_jax.data.transforms import (
     resize_shortest_edge,
     train_transform,
 )
+from deformable_detr_jax.data.yolo import YoloFolderSource
 
 __all__ = [
     "BACKGROUNDS",

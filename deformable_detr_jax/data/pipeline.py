@@ -30,10 +30,6 @@ order, and the same number of batches on every process (the last ones filled wit
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import dataclasses
-import functools
 import logging
 import math
 import os
@@ -44,13 +40,15 @@ import numpy as np
 
 from deformable_detr_jax.data import transforms
 from deformable_detr_jax.data.box_checks import DataError
-from deformable_detr_jax.processing.image_processor import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    MIN_SIDE,
-    ImageError,
-    bucket_sizes,
+from deformable_detr_jax.data.collation import collate
+from deformable_detr_jax.data.streams import (
+    GrainStream,
+    Loader,
+    Order,
+    ThreadStream,
+    grain_available,
 )
+from deformable_detr_jax.processing.image_processor import bucket_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -60,251 +58,6 @@ class NoReadableImagesError(DataError, RuntimeError):
 
 
 BACKENDS = ("auto", "grain", "python")
-_PAD_BOX = (0.5, 0.5, 1.0, 1.0)  # a finite, valid box under mask False
-
-
-def grain_available() -> bool:
-    try:
-        import grain  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# ----------------------------------------------------------------------------- order
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_indices(order: _Order, epoch: int) -> np.ndarray:
-    shard = np.arange(order.process_index, order.num_used, order.process_count, dtype=np.int64)
-    if order.shuffle:
-        shard = shard[np.random.default_rng([order.seed, epoch]).permutation(shard.size)]
-    return shard
-
-
-@dataclasses.dataclass(frozen=True)
-class _Order:
-    """Which record sits at each position of this process's stream."""
-
-    num_records: int
-    process_index: int
-    process_count: int
-    seed: int
-    train: bool
-
-    @property
-    def shuffle(self) -> bool:
-        return self.train
-
-    @property
-    def num_used(self) -> int:
-        """Records that take part: training cuts the rest so that every shard has equal length."""
-        if self.train:
-            return self.num_records - self.num_records % self.process_count
-        return self.num_records
-
-    @property
-    def shard_len(self) -> int:
-        return len(range(self.process_index, self.num_used, self.process_count))
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(epoch, record index) at `position`."""
-        epoch, offset = divmod(int(position), self.shard_len)
-        return epoch, int(_epoch_indices(self, epoch)[offset])
-
-
-# ----------------------------------------------------------------------------- one example
-
-
-class _Loader:
-    """position -> one decoded, augmented, normalised example (or a skip / filler marker).
-
-    Picklable, so grain worker processes can run it."""
-
-    def __init__(self, source, order: _Order, augment: transforms.AugmentConfig):
-        self.source, self.order, self.augment = source, order, augment
-        self._mean = np.float32(255) * np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
-        self._std = np.float32(255) * np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32)
-
-    def __call__(self, position: int) -> dict[str, Any]:
-        if not self.order.train and position >= self.order.shard_len:
-            return {"kind": "filler"}
-        epoch, index = self.order.locate(position)
-        try:
-            record = self.source[index]
-            if self.order.train:
-                rng = np.random.default_rng([self.order.seed, epoch, index])
-                sample = transforms.train_transform(record, rng, self.augment)
-            else:
-                sample = transforms.eval_transform(record, self.augment)
-        except ImageError as err:
-            return {"kind": "skipped", "what": self.source.describe(index), "reason": str(err)}
-        image = sample["image"]
-        return {
-            "kind": "example",
-            "image": (image.astype(np.float32) - self._mean) / self._std,
-            "boxes": np.asarray(sample["boxes"], dtype=np.float32).reshape(-1, 4),
-            "labels": np.asarray(sample["labels"], dtype=np.int32).reshape(-1),
-            "image_id": int(record["image_id"]),
-            "size": image.shape[:2],
-            "orig_size": record["image"].shape[:2],
-        }
-
-
-# ----------------------------------------------------------------------------- element streams
-
-
-class _ThreadStream:
-    """Elements in position order; a thread pool computes up to `lookahead` of them ahead."""
-
-    def __init__(self, loader: _Loader, length: int, num_threads: int, lookahead: int):
-        self._loader, self._length = loader, length
-        self._pool = (
-            concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="data")
-            if num_threads > 0
-            else None
-        )
-        self._lookahead = max(lookahead, 1)
-        self._position = 0  # next position handed out
-        self._pending: collections.deque = collections.deque()
-
-    def __next__(self) -> dict[str, Any]:
-        if self._position >= self._length:
-            raise StopIteration
-        if self._pool is None:
-            element = self._loader(self._position)
-        else:
-            submitted = self._position + len(self._pending)
-            while len(self._pending) < self._lookahead and submitted < self._length:
-                self._pending.append(self._pool.submit(self._loader, submitted))
-                submitted += 1
-            element = self._pending.popleft().result()
-        self._position += 1
-        return element
-
-    def get_state(self) -> dict[str, Any]:
-        return {"position": self._position}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._position = int(state["position"])
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _GrainStream:
-    """The same elements through grain: `MapDataset.range(length).map(loader)`, read by threads,
-    optionally in `num_workers` processes; state is grain's iterator state."""
-
-    def __init__(self, loader, length: int, num_threads: int, lookahead: int, num_workers: int):
-        import grain
-
-        dataset = grain.MapDataset.range(length).map(loader)
-        dataset = dataset.to_iter_dataset(
-            grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=lookahead)
-        )
-        if num_workers > 0:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults here)
-                flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-        self._iterator = iter(dataset)
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._iterator.set_state(state)
-
-    def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def _round_up(side: int, buckets: Sequence[int]) -> int:
-    for bucket in buckets:
-        if bucket >= side:
-            return bucket
-    return side
-
-
-def collate(
-    examples: Sequence[dict[str, Any]],
-    batch_size: int,
-    max_boxes: int,
-    *,
-    buckets: Sequence[int] | None = None,
-    pad_to: tuple[int, int] | None = None,
-    filler_shape: tuple[int, int] | None = None,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Pad `examples` (the `_Loader`'s dicts, at most `batch_size`) into one batch.
-
-    Images go to `pad_to`, else to the batch's largest height and width each rounded up to
-    `buckets`; missing entries are fillers (`valid` False, all masks False). Boxes past `max_boxes`
-    are dropped. Returns the batch and how many boxes were dropped.
-    """
-    sizes = [ex["size"] for ex in examples]
-    if pad_to is not None:
-        height, width = pad_to
-    elif sizes:
-        height = max(h for h, _ in sizes)
-        width = max(w for _, w in sizes)
-        if buckets:
-            height, width = _round_up(height, buckets), _round_up(width, buckets)
-    elif filler_shape is not None:
-        height, width = filler_shape
-    else:
-        height = width = min(buckets) if buckets else MIN_SIDE
-    batch = {
-        "pixel_values": np.zeros((batch_size, height, width, 3), dtype=np.float32),
-        "pixel_mask": np.zeros((batch_size, height, width), dtype=bool),
-        "labels": np.zeros((batch_size, max_boxes), dtype=np.int32),
-        "boxes": np.tile(np.asarray(_PAD_BOX, dtype=np.float32), (batch_size, max_boxes, 1)),
-        "mask": np.zeros((batch_size, max_boxes), dtype=bool),
-        "image_id": np.full((batch_size,), -1, dtype=np.int64),
-        "size": np.zeros((batch_size, 2), dtype=np.int32),
-        "orig_size": np.zeros((batch_size, 2), dtype=np.int32),
-        "valid": np.zeros((batch_size,), dtype=bool),
-    }
-    dropped = 0
-    for i, ex in enumerate(examples):
-        h, w = ex["size"]
-        if h > height or w > width:
-            raise ValueError(
-                f"image {ex['image_id']} is {h} x {w} after transforms, larger than the padded "
-                f"size {height} x {width}; raise pad_to or lower the augmentation sizes"
-            )
-        batch["pixel_values"][i, :h, :w] = ex["image"]
-        batch["pixel_mask"][i, :h, :w] = True
-        n = min(len(ex["labels"]), max_boxes)
-        if len(ex["labels"]) > max_boxes:
-            dropped += len(ex["labels"]) - max_boxes
-            logger.warning(
-                "image %d has %d boxes; keeping the first max_boxes=%d",
-                ex["image_id"],
-                len(ex["labels"]),
-                max_boxes,
-            )
-        batch["labels"][i, :n] = ex["labels"][:n]
-        batch["boxes"][i, :n] = ex["boxes"][:n]
-        batch["mask"][i, :n] = True
-        batch["image_id"][i] = ex["image_id"]
-        batch["size"][i] = ex["size"]
-        batch["orig_size"][i] = ex["orig_size"]
-        batch["valid"][i] = True
-    return batch, dropped
 
 
 class Batches:
@@ -314,7 +67,7 @@ class Batches:
     def __init__(
         self,
         stream,
-        loader: _Loader,
+        loader: Loader,
         settings: dict[str, Any],
         *,
         batch_size: int,
@@ -448,7 +201,7 @@ def make_batches(
     """Batches of `source` for this process (see the module docstring).
 
     Args:
-      source: a random-access source (`sources.py`, `shapes.py`).
+      source: a random-access source (`coco_json.py`, `yolo.py`, `tfds_coco.py`, `shapes.py`).
       batch_size: images per batch on this process.
       train: augmented, shuffled, endless stream (or `num_epochs` epochs); else the evaluation
         transform over every record once.
@@ -466,19 +219,8 @@ def make_batches(
       state: a `Batches.state()` to resume from.
     """
     augment = transforms.AugmentConfig() if augment is None else augment
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(max_boxes, (int, np.integer)) or max_boxes < 1:
-        raise ValueError(f"max_boxes must be a positive int, got {max_boxes!r}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
-        )
+    _check_positive(batch_size=batch_size, max_boxes=max_boxes)
+    process_index, process_count = _process_layout(process_index, process_count)
     num_records = len(source)
     if num_records < process_count:
         raise ValueError(
@@ -490,54 +232,25 @@ def make_batches(
             f"the data has {source_labels} classes (label ids up to {source_labels - 1}) but the "
             f"model has num_labels={num_labels}; set the model's num_labels to {source_labels} or more"
         )
-    largest = augment.max_size if train else augment.eval_max_size
-    if pad_to is not None:
-        pad_to = (int(pad_to[0]), int(pad_to[1]))
-        if min(pad_to) < largest:
-            raise ValueError(
-                f"pad_to={pad_to} is smaller than the largest image side the transforms output "
-                f"({largest}, augment.{'max_size' if train else 'eval_max_size'}); raise pad_to "
-                "or lower the augmentation sizes"
-            )
-    buckets = (
-        bucket_sizes(largest, 128) if buckets is None else tuple(sorted(int(b) for b in buckets))
-    )
-    if not buckets or min(buckets) < 1 or max(buckets) < largest:
-        raise ValueError(
-            f"buckets={buckets} must be positive and reach the largest image side the transforms "
-            f"output ({largest}); add a bucket >= {largest}"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "grain" if grain_available() else "python"
-    if backend == "grain" and not grain_available():
-        raise ImportError("backend='grain' needs grain: `pip install grain`")
-    if num_workers and backend != "grain":
-        raise ValueError("num_workers > 0 runs grain worker processes; use backend='grain'")
+    pad_to, buckets = _padding(augment, train, pad_to, buckets)
+    backend = _resolve_backend(backend, num_workers)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be positive or None (endless), got {num_epochs}")
 
-    order = _Order(num_records, int(process_index), int(process_count), int(seed), bool(train))
-    num_batches = None
-    if train:
-        epochs = num_epochs if num_epochs is not None else (2**62) // max(order.shard_len, 1)
-        length = order.shard_len * epochs
-    else:  # every process runs the same number of batches, the longest shard's
-        num_batches = math.ceil(math.ceil(num_records / process_count) / batch_size)
-        length = num_batches * batch_size
+    order = Order(num_records, process_index, process_count, int(seed), bool(train))
+    length, num_batches = _stream_length(order, batch_size, num_epochs)
     num_threads = min(4, os.cpu_count() or 1) if num_threads is None else int(num_threads)
     lookahead = 2 * batch_size if lookahead is None else int(lookahead)
-    loader = _Loader(source, order, augment)
+    loader = Loader(source, order, augment)
     if backend == "grain":
-        stream = _GrainStream(loader, length, num_threads, lookahead, int(num_workers))
+        stream = GrainStream(loader, length, num_threads, lookahead, int(num_workers))
     else:
-        stream = _ThreadStream(loader, length, num_threads, lookahead)
+        stream = ThreadStream(loader, length, num_threads, lookahead)
     settings = {
         "backend": backend,
         "num_records": num_records,
-        "process_index": int(process_index),
-        "process_count": int(process_count),
+        "process_index": process_index,
+        "process_count": process_count,
         "seed": int(seed),
         "train": bool(train),
         "batch_size": int(batch_size),
@@ -557,3 +270,73 @@ def make_batches(
     if state is not None:
         batches.restore(state)
     return batches
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """This host's (process_index, process_count): jax's where not given, checked."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
+    return int(process_index), int(process_count)
+
+
+def _padding(
+    augment: transforms.AugmentConfig,
+    train: bool,
+    pad_to: tuple[int, int] | None,
+    buckets: Sequence[int] | None,
+) -> tuple[tuple[int, int] | None, tuple[int, ...]]:
+    """(pad_to, buckets) checked against the largest image side the transforms output."""
+    largest = augment.max_size if train else augment.eval_max_size
+    if pad_to is not None:
+        pad_to = (int(pad_to[0]), int(pad_to[1]))
+        if min(pad_to) < largest:
+            raise ValueError(
+                f"pad_to={pad_to} is smaller than the largest image side the transforms output "
+                f"({largest}, augment.{'max_size' if train else 'eval_max_size'}); raise pad_to "
+                "or lower the augmentation sizes"
+            )
+    buckets = (
+        bucket_sizes(largest, 128) if buckets is None else tuple(sorted(int(b) for b in buckets))
+    )
+    if not buckets or min(buckets) < 1 or max(buckets) < largest:
+        raise ValueError(
+            f"buckets={buckets} must be positive and reach the largest image side the transforms "
+            f"output ({largest}); add a bucket >= {largest}"
+        )
+    return pad_to, buckets
+
+
+def _resolve_backend(backend: str, num_workers: int) -> str:
+    """ "grain" or "python" for `backend` ("auto": grain when installed), checked."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "grain" if grain_available() else "python"
+    if backend == "grain" and not grain_available():
+        raise ImportError("backend='grain' needs grain: `pip install grain`")
+    if num_workers and backend != "grain":
+        raise ValueError("num_workers > 0 runs grain worker processes; use backend='grain'")
+    return backend
+
+
+def _stream_length(order: Order, batch_size: int, num_epochs: int | None) -> tuple[int, int | None]:
+    """(positions in the stream, batches per process: None for training)."""
+    if order.train:
+        epochs = num_epochs if num_epochs is not None else (2**62) // max(order.shard_len, 1)
+        return order.shard_len * epochs, None
+    # evaluation: every process runs the same number of batches, the longest shard's
+    num_batches = math.ceil(math.ceil(order.num_records / order.process_count) / batch_size)
+    return num_batches * batch_size, num_batches

@@ -197,44 +197,10 @@ class DeformableDetrModel(nnx.Module):
         config = self.config
         dtype = pixel_values.dtype
         # (named scopes: the parts of a profile, benchmarks/train_parts.py)
-        with jax.named_scope("backbone"):
-            features = self.backbone(pixel_values, pixel_mask, padding_invariant)
-
-        sources, masks = [], []
-        with jax.named_scope("input_proj"):
-            for level, (source, mask) in enumerate(features):
-                sources.append(self.input_proj[level](source, mask if padding_invariant else None))
-                masks.append(mask)
-            for level in range(len(sources), config.num_feature_levels):
-                src = features[-1][0] if level == len(features) else sources[-1]
-                if padding_invariant:
-                    # zero the padding the 3x3 stride-2 conv would read; its real outputs are
-                    # the strided real inputs (see backbone.mask_pyramid)
-                    src = mask_padding(src, {tuple(masks[-1].shape[1:3]): masks[-1]})
-                    mask = masks[-1][:, ::2, ::2]
-                source = self.input_proj[level](src, mask if padding_invariant else None)
-                sources.append(source)
-                if not padding_invariant:
-                    mask = downsample_mask(pixel_mask, source.shape[1], source.shape[2])
-                masks.append(mask)
-
-        # Flatten the levels: (bs, h, w, d_model) -> (bs, h * w, d_model), concatenated.
-        spatial_shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
-        bs = pixel_values.shape[0]
-        level_embed = self.level_embed[...].astype(dtype)
-        source_flatten = jnp.concatenate([s.reshape(bs, -1, s.shape[-1]) for s in sources], 1)
-        mask_flatten = jnp.concatenate([m.reshape(bs, -1) for m in masks], 1)
-        pos_flatten = jnp.concatenate(
-            [
-                self._position_embedding(m, dtype).reshape(bs, -1, config.d_model)
-                + level_embed[level][None, None]
-                for level, m in enumerate(masks)
-            ],
-            1,
+        sources, masks = self._project_features(pixel_values, pixel_mask, padding_invariant)
+        source_flatten, mask_flatten, pos_flatten, spatial_shapes, valid_ratios = (
+            self._flatten_levels(sources, masks, dtype)
         )
-        # (bs, nlevels, 2)
-        valid_ratios = jnp.stack([valid_ratio(m, dtype) for m in masks], 1)
-
         with jax.named_scope("encoder"):
             memory = self.encoder(
                 source_flatten,
@@ -246,38 +212,14 @@ class DeformableDetrModel(nnx.Module):
             )
 
         enc_outputs_class = enc_outputs_coord_logits = None
-        d_model = config.d_model
         if config.two_stage:
-            object_query, output_proposals = encoder_output_proposals(
-                memory, ~mask_flatten, spatial_shapes
+            query_embed, target, reference_points, enc_outputs_class, enc_outputs_coord_logits = (
+                self._two_stage_queries(
+                    memory, mask_flatten, spatial_shapes, class_embed, bbox_embed, padding_invariant
+                )
             )
-            object_query = self.enc_output_norm(self.enc_output(object_query))
-            enc_outputs_class = class_embed[-1](object_query)
-            enc_outputs_coord_logits = bbox_embed[-1](object_query) + output_proposals
-            # (bs, num_proposals) indices of the highest-scoring proposals
-            scores = enc_outputs_class[..., 0]
-            if padding_invariant:  # padded positions are not proposals of the unpadded image
-                scores = jnp.where(mask_flatten, scores, -jnp.inf)
-            _, topk = jax.lax.top_k(scores, config.two_stage_num_proposals)
-            topk_coords_logits = jnp.take_along_axis(
-                enc_outputs_coord_logits, topk[..., None], axis=1
-            )
-            topk_coords_logits = jax.lax.stop_gradient(topk_coords_logits)
-            reference_points = jax.nn.sigmoid(topk_coords_logits)
-            pos_trans_out = self.pos_trans_norm(
-                self.pos_trans(proposal_pos_embed(topk_coords_logits, d_model))
-            )
-            query_embed, target = pos_trans_out[..., :d_model], pos_trans_out[..., d_model:]
         else:
-            # (num_queries, 2 * d_model) -> query position and content, broadcast over bs
-            query_embeds = self.query_position_embeddings.embedding[...].astype(dtype)
-            query_embed = jnp.broadcast_to(
-                query_embeds[None, :, :d_model], (bs, config.num_queries, d_model)
-            )
-            target = jnp.broadcast_to(
-                query_embeds[None, :, d_model:], (bs, config.num_queries, d_model)
-            )
-            reference_points = jax.nn.sigmoid(self.reference_points(query_embed))
+            query_embed, target, reference_points = self._learned_queries(memory.shape[0], dtype)
 
         with jax.named_scope("decoder"):
             hidden, references = self.decoder(
@@ -300,6 +242,114 @@ class DeformableDetrModel(nnx.Module):
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
         )
+
+    def _project_features(
+        self, pixel_values: jax.Array, pixel_mask: jax.Array, padding_invariant: bool
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Backbone + `input_proj`: per level `(bs, h, w, d_model)` features and `(bs, h, w)`
+        bool masks, the extra stride-2 levels computed from the last backbone level."""
+        with jax.named_scope("backbone"):
+            features = self.backbone(pixel_values, pixel_mask, padding_invariant)
+
+        sources, masks = [], []
+        with jax.named_scope("input_proj"):
+            for level, (source, mask) in enumerate(features):
+                sources.append(self.input_proj[level](source, mask if padding_invariant else None))
+                masks.append(mask)
+            for level in range(len(sources), self.config.num_feature_levels):
+                src = features[-1][0] if level == len(features) else sources[-1]
+                if padding_invariant:
+                    # zero the padding the 3x3 stride-2 conv would read; its real outputs are
+                    # the strided real inputs (see backbone.mask_pyramid)
+                    src = mask_padding(src, {tuple(masks[-1].shape[1:3]): masks[-1]})
+                    mask = masks[-1][:, ::2, ::2]
+                source = self.input_proj[level](src, mask if padding_invariant else None)
+                sources.append(source)
+                if not padding_invariant:
+                    mask = downsample_mask(pixel_mask, source.shape[1], source.shape[2])
+                masks.append(mask)
+        return sources, masks
+
+    def _flatten_levels(
+        self, sources: list[jax.Array], masks: list[jax.Array], dtype
+    ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[tuple[int, int], ...], jax.Array]:
+        """Flatten the levels: (bs, h, w, d_model) -> (bs, h * w, d_model), concatenated.
+
+        Returns `source_flatten (bs, len_v, d_model)`, `mask_flatten (bs, len_v)`, `pos_flatten
+        (bs, len_v, d_model)` (position + level embedding), the levels' `spatial_shapes` and
+        `valid_ratios (bs, nlevels, 2)`.
+        """
+        spatial_shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
+        bs = sources[0].shape[0]
+        level_embed = self.level_embed[...].astype(dtype)
+        source_flatten = jnp.concatenate([s.reshape(bs, -1, s.shape[-1]) for s in sources], 1)
+        mask_flatten = jnp.concatenate([m.reshape(bs, -1) for m in masks], 1)
+        pos_flatten = jnp.concatenate(
+            [
+                self._position_embedding(m, dtype).reshape(bs, -1, self.config.d_model)
+                + level_embed[level][None, None]
+                for level, m in enumerate(masks)
+            ],
+            1,
+        )
+        # (bs, nlevels, 2)
+        valid_ratios = jnp.stack([valid_ratio(m, dtype) for m in masks], 1)
+        return source_flatten, mask_flatten, pos_flatten, spatial_shapes, valid_ratios
+
+    def _two_stage_queries(
+        self,
+        memory: jax.Array,
+        mask_flatten: jax.Array,
+        spatial_shapes: tuple[tuple[int, int], ...],
+        class_embed,
+        bbox_embed,
+        padding_invariant: bool,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Two-stage queries from the top-k encoder proposals, scored by the last head pair.
+
+        Args:
+          memory: `(bs, len_v, d_model)` encoder output; `mask_flatten (bs, len_v)` bool.
+
+        Returns:
+          `query_embed, target (bs, num_proposals, d_model)`, `reference_points (bs,
+          num_proposals, 4)`, `enc_outputs_class (bs, len_v, num_labels)` and
+          `enc_outputs_coord_logits (bs, len_v, 4)`.
+        """
+        config, d_model = self.config, self.config.d_model
+        object_query, output_proposals = encoder_output_proposals(
+            memory, ~mask_flatten, spatial_shapes
+        )
+        object_query = self.enc_output_norm(self.enc_output(object_query))
+        enc_outputs_class = class_embed[-1](object_query)
+        enc_outputs_coord_logits = bbox_embed[-1](object_query) + output_proposals
+        # (bs, num_proposals) indices of the highest-scoring proposals
+        scores = enc_outputs_class[..., 0]
+        if padding_invariant:  # padded positions are not proposals of the unpadded image
+            scores = jnp.where(mask_flatten, scores, -jnp.inf)
+        _, topk = jax.lax.top_k(scores, config.two_stage_num_proposals)
+        topk_coords_logits = jnp.take_along_axis(enc_outputs_coord_logits, topk[..., None], axis=1)
+        topk_coords_logits = jax.lax.stop_gradient(topk_coords_logits)
+        reference_points = jax.nn.sigmoid(topk_coords_logits)
+        pos_trans_out = self.pos_trans_norm(
+            self.pos_trans(proposal_pos_embed(topk_coords_logits, d_model))
+        )
+        query_embed, target = pos_trans_out[..., :d_model], pos_trans_out[..., d_model:]
+        return query_embed, target, reference_points, enc_outputs_class, enc_outputs_coord_logits
+
+    def _learned_queries(self, bs: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Learned queries: `query_embed, target (bs, num_queries, d_model)` and
+        `reference_points (bs, num_queries, 2)` from `query_position_embeddings`."""
+        config, d_model = self.config, self.config.d_model
+        # (num_queries, 2 * d_model) -> query position and content, broadcast over bs
+        query_embeds = self.query_position_embeddings.embedding[...].astype(dtype)
+        query_embed = jnp.broadcast_to(
+            query_embeds[None, :, :d_model], (bs, config.num_queries, d_model)
+        )
+        target = jnp.broadcast_to(
+            query_embeds[None, :, d_model:], (bs, config.num_queries, d_model)
+        )
+        reference_points = jax.nn.sigmoid(self.reference_points(query_embed))
+        return query_embed, target, reference_points
 
 
 class DeformableDetrForObjectDetection(nnx.Module):
