@@ -29,14 +29,19 @@ import os
 import pathlib
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 
-from deformable_detr_jax.box_format import xyxy_to_cxcywh
 from deformable_detr_jax.processing import resize as resize_lib
+from deformable_detr_jax.processing.annotations import convert_coco_detection_annotation
+from deformable_detr_jax.processing.images import (
+    ImageError,
+    ImageLike,
+    as_image_list,
+    describe_image,
+    to_rgb_array,
+)
 from deformable_detr_jax.processing.postprocessing import post_process_object_detection
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -47,7 +52,6 @@ CONFIG_NAME = "preprocessor_config.json"
 # smaller sizes.
 MIN_SIDE = 32
 
-ImageLike = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]  # noqa: UP007 (py3.10 alias)
 
 # Keys a hub preprocessor_config.json may carry that mean nothing here (or are always on here).
 _IGNORED_CONFIG_KEYS = frozenset(
@@ -73,10 +77,6 @@ _SIZE_KEY_SETS = (
     frozenset({"height", "width"}),
     frozenset({"max_height", "max_width"}),
 )
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used: unreadable or empty file, bad shape, dtype, channels."""
 
 
 # ----------------------------------------------------------------------------- settings helpers
@@ -133,187 +133,6 @@ def _round_up(side: int, buckets: tuple[int, ...] | None) -> int:
 
 
 # ----------------------------------------------------------------------------- images in
-
-
-def describe_image(index: int, image: Any) -> str:
-    """How errors name an input image: `"image 3"`, or `"image 3 ('cat.jpg')"` for a path."""
-    if isinstance(image, (str, os.PathLike)):
-        return f"image {index} ({os.fspath(image)!r})"
-    return f"image {index}"
-
-
-def _open(path: str | os.PathLike, name: str) -> PIL.Image.Image:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ImageError(f"{name}: no such file")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{name}: the file is empty (0 bytes)")
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image)  # as transformers.image_utils.load_image
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-        # UnidentifiedImageError and truncated files are OSErrors
-        raise ImageError(
-            f"{name}: cannot be read as an image ({type(err).__name__}: {err})"
-        ) from err
-
-
-def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """`transformers.image_transforms.convert_to_rgb`: transparency composited onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-    return np.array(image.convert("RGB"))
-
-
-def _rgba_to_rgb(image: np.ndarray, backend: str) -> np.ndarray:
-    """Composite an RGBA array onto white as the chosen transformers backend does."""
-    is_float = np.issubdtype(image.dtype, np.floating)
-    if backend == "torchvision":  # TorchvisionBackend.convert_to_rgb: float32, x 255.999 truncated
-        pixels = image.astype(np.float32)
-        if not is_float:
-            pixels = pixels * np.float32(1 / 255)
-        alpha = pixels[..., 3:]
-        rgb = pixels[..., :3] * alpha + (np.float32(1) - alpha)
-        if is_float:
-            return rgb.astype(image.dtype)
-        return (rgb * np.float32(255 + 1.0 - 1e-3)).astype(np.uint8)
-    white = 1.0 if is_float else 255  # image_transforms.convert_to_rgb: float64 blend, rounded
-    alpha = image[..., 3:4] / white
-    rgb = alpha * image[..., :3] + (1 - alpha) * white
-    return rgb.astype(image.dtype) if is_float else np.round(rgb).astype(image.dtype)
-
-
-def _to_rgb_array(image: Any, name: str, backend: str) -> np.ndarray:
-    """One input image as a `[height, width, 3]` uint8 or float array, checked."""
-    if isinstance(image, (str, os.PathLike)):
-        image = _open(image, name)
-    if isinstance(image, PIL.Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ImageError(f"{name} is empty: PIL size (width, height) = {image.size}")
-        return _pil_to_rgb(image)
-    if not (isinstance(image, np.ndarray) or hasattr(image, "__array__")):
-        raise TypeError(
-            f"{name} has type {type(image).__name__}; expected a PIL image, a numpy array "
-            "[height, width(, channels)] or a file path"
-        )
-    array = np.asarray(image)
-    if array.ndim not in (2, 3):
-        raise ImageError(
-            f"{name} has shape {array.shape}; expected [height, width] or [height, width, channels]"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(f"{name} has shape {array.shape}: zero height or width")
-    if array.dtype not in (np.uint8, np.float16, np.float32, np.float64):
-        raise ImageError(
-            f"{name} has dtype {array.dtype}; expected uint8 (0..255) or float16/32/64"
-        )
-    if array.ndim == 2:
-        array = array[..., None]
-    channels = array.shape[-1]
-    if channels not in (1, 3, 4):
-        raise ImageError(
-            f"{name} has {channels} channels (shape {array.shape}); expected 1 (grayscale), "
-            "3 (RGB) or 4 (RGBA) on the last axis: arrays are [height, width, channels]"
-        )
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)):
-            raise ImageError(f"{name} contains NaN or infinite values")
-        if channels == 4 and (array.min() < 0.0 or array.max() > 1.0):
-            raise ImageError(
-                f"{name} is a float RGBA image with values in [{array.min()}, {array.max()}]; "
-                "its alpha compositing needs values in [0, 1]"
-            )
-    if channels == 1:
-        return np.repeat(array, 3, axis=-1)
-    if channels == 4:
-        return _rgba_to_rgb(array, backend)
-    return array
-
-
-def as_image_list(images: Any) -> list[Any]:
-    """One image, a list of them or a `[bs, height, width, channels]` batch -> a list of images.
-
-    Raises:
-      ValueError: an empty list.
-    """
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("no images given (empty list)")
-        return list(images)
-    if getattr(images, "ndim", None) == 4 and hasattr(images, "__array__"):
-        return list(np.asarray(images))  # a [bs, height, width, channels] batch
-    return [images]
-
-
-# ----------------------------------------------------------------------------- annotations
-
-
-def convert_coco_detection_annotation(
-    annotation: Mapping[str, Any],
-    image_size: tuple[int, int],
-    *,
-    resized_size: tuple[int, int] | None = None,
-    normalize: bool = True,
-) -> dict[str, np.ndarray]:
-    """COCO detection target of one image -> the model's target.
-
-    `annotation` is `{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": int,
-    "area": float, "iscrowd": 0/1}, ...]}` for an image of `image_size` (height, width). Crowd boxes
-    are dropped, boxes are clipped to the image, empty boxes dropped; boxes and areas are scaled to
-    `resized_size` when given; with `normalize` the boxes become (cx, cy, w, h) in [0, 1] of the
-    (resized) image, else (x0, y0, x1, y1) pixels. Float32 arithmetic in the order transformers'
-    `prepare_coco_detection_annotation`, `resize_annotation` and `normalize_annotation` use.
-
-    Returns `image_id [1]`, `class_labels [n]` int64, `boxes [n, 4]` float32, `area [n]` float32,
-    `iscrowd [n]` int64, `orig_size [2]` and `size [2]` (height, width) int64.
-    """
-    if (
-        not isinstance(annotation, Mapping)
-        or "image_id" not in annotation
-        or not isinstance(annotation.get("annotations"), (list, tuple))
-    ):
-        raise ValueError(
-            "a COCO detection annotation is a dict with 'image_id' and 'annotations' (a list of "
-            f"dicts with 'bbox', 'category_id', 'area'), got {annotation!r:.200}"
-        )
-    height, width = (int(s) for s in image_size)
-    objects = [obj for obj in annotation["annotations"] if obj.get("iscrowd", 0) == 0]
-    classes = np.asarray([obj["category_id"] for obj in objects], dtype=np.int64)
-    area = np.asarray([obj["area"] for obj in objects], dtype=np.float32)
-    # (n, 4) x, y, w, h -> x0, y0, x1, y1 clipped to the image
-    boxes = np.asarray([obj["bbox"] for obj in objects], dtype=np.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[:, 0::2] = boxes[:, 0::2].clip(min=0, max=width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(min=0, max=height)
-    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-    boxes, classes, area = boxes[keep], classes[keep], area[keep]
-
-    size = (height, width)
-    if resized_size is not None:
-        ratio_height, ratio_width = (
-            float(r) / float(o) for r, o in zip(resized_size, size, strict=True)
-        )
-        boxes = boxes * np.asarray([ratio_width, ratio_height] * 2, dtype=np.float32)
-        area = area * (ratio_width * ratio_height)
-        size = tuple(int(s) for s in resized_size)
-    if normalize:
-        boxes = xyxy_to_cxcywh(boxes)  # (n, 4) cx, cy, w, h
-        boxes /= np.asarray([size[1], size[0], size[1], size[0]], dtype=np.float32)
-    return {
-        "image_id": np.asarray([annotation["image_id"]], dtype=np.int64),
-        "class_labels": classes,
-        "boxes": boxes.astype(np.float32, copy=False),
-        "area": area.astype(np.float32, copy=False),
-        "iscrowd": np.zeros_like(classes),
-        "orig_size": np.asarray([height, width], dtype=np.int64),
-        "size": np.asarray(size, dtype=np.int64),
-    }
-
-
-# ----------------------------------------------------------------------------- the processor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +298,7 @@ class ImageProcessor:
     def load_image(self, image: ImageLike, index: int = 0) -> np.ndarray:
         """One input image (PIL, array or file path) as the checked `[height, width, 3]` RGB array
         `preprocess` starts from (uint8, or float for float input); `index` names it in errors."""
-        return _to_rgb_array(image, describe_image(index, image), self.resize_backend)
+        return to_rgb_array(image, describe_image(index, image), self.resize_backend)
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         """Rescale and normalise `[height, width, 3]` to float32 with the backend's float32 ops."""
