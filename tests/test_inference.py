@@ -18,13 +18,8 @@ import PIL.Image
 import pytest
 
 from deformable_detr_jax import ImageError, ImageProcessor
-from deformable_detr_jax.inference.detector import (
-    _PALETTE,
-    Detections,
-    Detector,
-    _chunk_sizes,
-    draw_detections,
-)
+from deformable_detr_jax.inference.detections import PALETTE, Detections, draw_detections
+from deformable_detr_jax.inference.detector import Detector, _chunk_sizes
 from tests.random_models import TINY_BOTTLENECK, random_model, small_config
 
 FIXTURES = sorted(pathlib.Path(__file__).parent.glob("fixtures/*.jpg"))
@@ -304,7 +299,7 @@ def test_draw():
     )
     x0, _, x1, y1 = (int(v) for v in found.boxes[i])
     edge = np.asarray(draw_detections(image, one))[y1 - 1, x0 + 3 : x1 - 2]  # width-2 outline
-    assert len(edge) > 10 and (edge == _PALETTE[found.labels[i] % len(_PALETTE)]).all()
+    assert len(edge) > 10 and (edge == PALETTE[found.labels[i] % len(PALETTE)]).all()
     empty = Detections(
         np.zeros((0, 4), np.float32),
         np.zeros(0, np.float32),

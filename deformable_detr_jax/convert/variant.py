@@ -67,62 +67,10 @@ def infer_variant(
     class_heads = [
         k for k in keys if re.fullmatch(r"(model\.decoder\.)?class_embed\.\d+\.weight", k)
     ]
-    required = [
-        "model.level_embed",
-        "model.encoder.layers.0.fc1.weight",
-        "model.decoder.layers.0.fc1.weight",
-        "model.encoder.layers.0.self_attn.attention_weights.weight",
-        "model.decoder.layers.0.encoder_attn.attention_weights.weight",
-        "model.encoder.layers.0.self_attn.sampling_offsets.weight",
-        "model.decoder.layers.0.encoder_attn.sampling_offsets.weight",
-        _BODY + "conv1.weight",
-        *[f"{_BODY}layer{s}.0.conv1.weight" for s in range(1, 5)],
-        *([] if two_stage else ["model.query_position_embeddings.weight"]),
-        *([] if class_heads else ["class_embed.0.weight"]),
-    ]
-    missing = [k for k in required if k not in shapes]
-    if missing:
-        raise CheckpointKeyError.from_problems(
-            "state dict (reading the architecture)",
-            missing=missing,
-            hint="Is this a Deformable DETR detection checkpoint?",
-        )
-
+    _require_keys(shapes, two_stage=two_stage, class_heads=class_heads)
     num_levels, d_model = shapes["model.level_embed"]
-    mis_shaped, heads_points = [], {}
-    for side, attn in (("encoder", "self_attn"), ("decoder", "encoder_attn")):
-        prefix = f"model.{side}.layers.0.{attn}."
-        rows = shapes[prefix + "attention_weights.weight"][0]
-        offsets = shapes[prefix + "sampling_offsets.weight"][0]
-        if rows % num_levels or offsets != 2 * rows:
-            mis_shaped.append(
-                f"{prefix}attention_weights/sampling_offsets: {rows}/{offsets} outputs, need "
-                f"heads*levels*points / twice that with levels={num_levels}"
-            )
-        heads_points[side] = rows // num_levels
-    labels = sorted({shapes[k][0] for k in class_heads})
-    if len(labels) > 1:
-        mis_shaped.append(f"class heads disagree on num_labels: {labels}")
-    stages = [_indices(keys, rf"{re.escape(_BODY)}layer{s}\.(\d+)\.") for s in range(1, 5)]
-    layer_counts = {
-        side: _indices(keys, rf"model\.{side}\.layers\.(\d+)\.") for side in ("encoder", "decoder")
-    }
-    for name, found in [
-        *zip(("layer1", "layer2", "layer3", "layer4"), stages, strict=True),
-        *layer_counts.items(),
-    ]:
-        if found != list(range(len(found))):
-            mis_shaped.append(f"{name} blocks are numbered {found}, expected 0..{len(found) - 1}")
-    if mis_shaped:
-        raise CheckpointKeyError.from_problems("state dict", mis_shaped=mis_shaped)
-
-    for side, product in heads_points.items():
-        if product % num_heads or d_model % num_heads:
-            raise ConfigMismatchError(
-                f"{side} attention has heads*points={product} and d_model={d_model}, which "
-                f"{num_heads} heads do not divide; give the checkpoint's number of heads "
-                "(a config with encoder/decoder_attention_heads)"
-            )
+    heads_points, labels, stages, layer_counts = _read_shapes(shapes, class_heads, num_levels)
+    _check_heads(heads_points, d_model, num_heads)
     bottleneck = f"{_BODY}layer1.0.conv3.weight" in shapes
     last_conv = "conv3" if bottleneck else "conv2"
     variant = {
@@ -153,6 +101,74 @@ def infer_variant(
     if not two_stage:
         variant["num_queries"] = shapes["model.query_position_embeddings.weight"][0]
     return variant
+
+
+def _require_keys(shapes: Mapping[str, tuple], *, two_stage: bool, class_heads: list[str]):
+    """The keys every variant has; one CheckpointKeyError listing the missing ones."""
+    required = [
+        "model.level_embed",
+        "model.encoder.layers.0.fc1.weight",
+        "model.decoder.layers.0.fc1.weight",
+        "model.encoder.layers.0.self_attn.attention_weights.weight",
+        "model.decoder.layers.0.encoder_attn.attention_weights.weight",
+        "model.encoder.layers.0.self_attn.sampling_offsets.weight",
+        "model.decoder.layers.0.encoder_attn.sampling_offsets.weight",
+        _BODY + "conv1.weight",
+        *[f"{_BODY}layer{s}.0.conv1.weight" for s in range(1, 5)],
+        *([] if two_stage else ["model.query_position_embeddings.weight"]),
+        *([] if class_heads else ["class_embed.0.weight"]),
+    ]
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointKeyError.from_problems(
+            "state dict (reading the architecture)",
+            missing=missing,
+            hint="Is this a Deformable DETR detection checkpoint?",
+        )
+
+
+def _read_shapes(shapes: Mapping[str, tuple], class_heads: list[str], num_levels: int):
+    """heads*points per attention side, the class heads' label counts, the backbone's block
+    indices per stage and the layer indices per side; one CheckpointKeyError listing every
+    shape or numbering that disagrees."""
+    keys = list(shapes)
+    mis_shaped, heads_points = [], {}
+    for side, attn in (("encoder", "self_attn"), ("decoder", "encoder_attn")):
+        prefix = f"model.{side}.layers.0.{attn}."
+        rows = shapes[prefix + "attention_weights.weight"][0]
+        offsets = shapes[prefix + "sampling_offsets.weight"][0]
+        if rows % num_levels or offsets != 2 * rows:
+            mis_shaped.append(
+                f"{prefix}attention_weights/sampling_offsets: {rows}/{offsets} outputs, need "
+                f"heads*levels*points / twice that with levels={num_levels}"
+            )
+        heads_points[side] = rows // num_levels
+    labels = sorted({shapes[k][0] for k in class_heads})
+    if len(labels) > 1:
+        mis_shaped.append(f"class heads disagree on num_labels: {labels}")
+    stages = [_indices(keys, rf"{re.escape(_BODY)}layer{s}\.(\d+)\.") for s in range(1, 5)]
+    layer_counts = {
+        side: _indices(keys, rf"model\.{side}\.layers\.(\d+)\.") for side in ("encoder", "decoder")
+    }
+    for name, found in [
+        *zip(("layer1", "layer2", "layer3", "layer4"), stages, strict=True),
+        *layer_counts.items(),
+    ]:
+        if found != list(range(len(found))):
+            mis_shaped.append(f"{name} blocks are numbered {found}, expected 0..{len(found) - 1}")
+    if mis_shaped:
+        raise CheckpointKeyError.from_problems("state dict", mis_shaped=mis_shaped)
+    return heads_points, labels, stages, layer_counts
+
+
+def _check_heads(heads_points: Mapping[str, int], d_model: int, num_heads: int) -> None:
+    for side, product in heads_points.items():
+        if product % num_heads or d_model % num_heads:
+            raise ConfigMismatchError(
+                f"{side} attention has heads*points={product} and d_model={d_model}, which "
+                f"{num_heads} heads do not divide; give the checkpoint's number of heads "
+                "(a config with encoder/decoder_attention_heads)"
+            )
 
 
 # transformers config.json nesting -> flat config field names.

@@ -62,7 +62,7 @@ class Detections:
 
 
 # Distinct colours (Tableau 10 + a few), picked by label id.
-_PALETTE = (
+PALETTE = (
     (31, 119, 180),
     (255, 127, 14),
     (44, 160, 44),
@@ -124,7 +124,7 @@ def draw_detections(
     for box, score, label, name in zip(
         detections.boxes, detections.scores, detections.labels, detections.label_names
     ):
-        color = _PALETTE[int(label) % len(_PALETTE)]
+        color = PALETTE[int(label) % len(PALETTE)]
         x0, y0, x1, y1 = (float(v) for v in box)
         x0, x1 = sorted((min(max(x0, 0), canvas.width - 1), min(max(x1, 0), canvas.width - 1)))
         y0, y1 = sorted((min(max(y0, 0), canvas.height - 1), min(max(y1, 0), canvas.height - 1)))
