@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -39,6 +38,7 @@ from deformable_detr_jax.convert import (
 from deformable_detr_jax.convert.__main__ import main
 from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
 from tests import hf_reference as ref
+from tests import subprocess_utils
 from tests.test_convert_bad_files import _cli_fails
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_every_variant_and_format_without_torch(checkpoints, hf_models, images, 
     spec["fields"] = OUTPUTS
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     np.savez(tmp_path / "images.npz", pixels=pixels, mask=mask)
-    subprocess.run(
+    subprocess_utils.run(
         [
             sys.executable,
             "-c",
@@ -553,7 +553,7 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
 
     _, src, _, _, _ = checkpoints["two_stage_original"]
     run = dict(env=_subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    done = subprocess.run(
+    done = subprocess_utils.run(
         [sys.executable, "-m", "deformable_detr_jax.convert", str(src), str(tmp_path / "jax")],
         **run,
     )
@@ -570,7 +570,7 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
     for key, value in ref.state_dict_numpy(hf_models["two_stage"]).items():
         np.testing.assert_array_equal(ref.state_dict_numpy(theirs)[key], value, err_msg=key)
 
-    failed = subprocess.run(
+    failed = subprocess_utils.run(
         [
             sys.executable,
             "-m",

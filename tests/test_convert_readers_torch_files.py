@@ -13,7 +13,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
 import sys
 import tarfile
 import types
@@ -31,6 +30,7 @@ from deformable_detr_jax.convert import (
     read_torch_zip,
     sniff_format,
 )
+from tests import subprocess_utils
 from tests.test_convert_readers import _assert_same, _write
 
 pytestmark = pytest.mark.torch
@@ -163,7 +163,7 @@ def test_real_files_read_exactly_without_importing_torch(saved_files, tmp_path):
     folder, files = saved_files
     out = tmp_path / "results.pkl"
     paths = [str(folder / name) for name in files]
-    subprocess.run(
+    subprocess_utils.run(
         [sys.executable, "-c", _READ_WITHOUT_TORCH, str(out), *paths],
         check=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},

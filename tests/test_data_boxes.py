@@ -175,7 +175,7 @@ def test_tfds_invalid_boxes_are_logged_when_read(monkeypatch, caplog):
 
 def test_data_strict_stops_train_before_compiling(tmp_path, monkeypatch):
     from deformable_detr_jax.training import ConfigError, train
-    from tests.test_training_workers import get_config
+    from tests.training_workers import get_config
 
     _yolo_folder(tmp_path / "yolo", ["0 0.5 0.5 0.2 0.3", "1 0.5 0.5 -0.2 0.3"])
     config = get_config()

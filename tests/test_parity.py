@@ -15,6 +15,8 @@ from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
 from tests import hf_reference as ref
 
 RTOL = ATOL = 1e-4
+# one fixed seed per variant: the same random weights in every process and every run
+SEEDS = {"plain": 101, "box_refine": 102, "single_scale": 103, "two_stage": 104}
 
 pytestmark = pytest.mark.torch
 
@@ -94,7 +96,7 @@ def _max_diff(jax_out, torch_out) -> float:
 @pytest.mark.parametrize("variant", ["plain", "box_refine", "single_scale", "two_stage"])
 def test_float32_parity(variant, record_property):
     hf_cfg = ref.hf_config(auxiliary_loss=True, **ref.VARIANTS[variant])
-    model = ref.random_hf_model(hf_cfg, seed=hash(variant) % 1000)
+    model = ref.random_hf_model(hf_cfg, seed=SEEDS[variant])
     pixels, mask = ref.two_images(seed=1)
     torch_out = _torch_outputs(model, pixels, mask)
 

@@ -26,7 +26,7 @@ import pytest
 
 from deformable_detr_jax.training.checkpointing import read_step
 from tests.fault_config import EVERY, STEPS
-from tests.subprocess_utils import finish
+from tests.subprocess_utils import finish, start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
@@ -80,7 +80,7 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
         str(workdir),
         *extra,
     ]
-    process = subprocess.Popen(
+    process = start(
         command,
         cwd=ROOT,
         env=environment,
