@@ -12,7 +12,7 @@ import pytest
 
 from deformable_detr_jax.data import CocoJsonSource, InvalidBoxError, YoloFolderSource
 from deformable_detr_jax.data.box_checks import check_xywh, check_xyxy
-from tests.test_data import COCO_JSON, FIXTURES, _coco_folder
+from tests.test_data import COCO_JSON, FIXTURES, coco_folder
 
 LOGGER = "deformable_detr_jax.data"
 
@@ -47,7 +47,7 @@ BAD_COCO = [  # (image id, bbox, what the log says); image 86 is 512 wide, 640 t
 
 
 def _coco_with_bad_boxes(tmp_path):
-    images, path, data = _coco_folder(tmp_path)
+    images, path, data = coco_folder(tmp_path)
     for number, (image_id, bbox, _) in enumerate(BAD_COCO):
         data["annotations"].append(
             {

@@ -165,7 +165,7 @@ def test_float64_parity(variant, monkeypatch):
     monkeypatch.setattr(
         hf_modeling.DeformableDetrModel,
         "get_proposal_pos_embed",
-        lambda self, proposals: _torch_proposal_pos_embed(proposals, self.config.d_model),
+        lambda self, proposals: torch_proposal_pos_embed(proposals, self.config.d_model),
     )
     pixels, mask = ref.two_images(seed=2)
     torch_out = _torch_outputs(model, pixels.astype(np.float64), mask)
@@ -179,7 +179,7 @@ def test_float64_parity(variant, monkeypatch):
     del proposal_pos_embed
 
 
-def _torch_proposal_pos_embed(proposals, d_model):
+def torch_proposal_pos_embed(proposals, d_model):
     """transformers' `get_proposal_pos_embed` without its float32 cast."""
     import math
 
