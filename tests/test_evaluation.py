@@ -20,8 +20,6 @@ import pytest
 
 from deformable_detr_jax.inference.evaluation import CocoEvaluator
 
-pytest.importorskip("pycocotools")  # a test dependency, in both lanes
-
 HEIGHT, WIDTH = 100, 120  # not square: a swapped height and width shows
 GROUND_TRUTH_XYWH = [(10, 10, 20, 20), (40, 40, 50, 50)]  # small, medium (pixels)
 FALSE_POSITIVE_XYWH = (5, 55, 40, 30)  # 40 x 30 = 1200: medium; overlaps neither box

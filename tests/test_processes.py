@@ -136,7 +136,6 @@ WORKER_TEST = textwrap.dedent(
 
 def test_xdist_worker_and_its_children_die_with_pytest(tmp_path):
     """The CI case: pytest's main process is killed while a worker waits on its child."""
-    pytest.importorskip("xdist")  # a test dependency: present in both lanes
     out = tmp_path / "pids"
     (tmp_path / "test_sleeps.py").write_text(WORKER_TEST.format(sleeper=SLEEPER, out=str(out)))
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
