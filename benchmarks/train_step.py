@@ -46,7 +46,7 @@ def model_config(name: str):
         return preset("deformable-detr-with-box-refine-two-stage", dropout=0.0)
     if name == "tiny":
         sys.path.insert(0, ".")
-        from tests.test_training_workers import tiny_model_config
+        from tests.training_workers import tiny_model_config
 
         return tiny_model_config(dropout=0.0)
     sys.path.insert(0, "configs")

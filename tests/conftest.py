@@ -14,6 +14,11 @@ pytest's header names the versions in use (.ci/versions.py: Python, jax, jaxlib,
 orbax-checkpoint, grain, numpy, torch and transformers where installed), so that a failure in
 CI's second lane, which installs the newest releases, shows which releases it ran with.
 
+Processes: every command a test runs goes through `tests/subprocess_utils.py` (`start`, `run`),
+so that it dies with the process that started it; what is still running when a test ends is
+killed here (`_end_started_processes`), and an xdist worker dies with pytest's main process
+(`pytest_configure`), taking its children with it.
+
 The suite runs without the persistent compilation cache that `Detector` turns on by default
 (it writes nothing to the user's cache directory); tests/test_compile_cache.py turns it on in
 subprocesses.
@@ -29,8 +34,22 @@ import zlib
 import numpy as np
 import pytest
 
+from tests import subprocess_utils
+
 _TORCH_MODULES = ("torch", "transformers")
 os.environ.setdefault("DEFORMABLE_DETR_JAX_COMPILE_CACHE", "off")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker is SIGKILLed when pytest's main process dies (Linux), whatever kills it:
+    otherwise it runs its current test to the end (up to a 600 s wait on a training worker)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the main process died before the prctl
+            os._exit(1)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -70,6 +89,13 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _end_started_processes():
+    """The processes a test started (`subprocess_utils.start`) end with it, whatever its outcome."""
+    yield
+    subprocess_utils.kill_started()
 
 
 @pytest.fixture

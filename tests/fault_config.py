@@ -25,7 +25,7 @@ import signal
 
 import numpy as np
 
-from tests.test_training_workers import get_config as tiny
+from tests.training_workers import get_config as tiny
 
 STEPS = 28
 EVERY = 4

@@ -9,7 +9,7 @@ import pytest
 from deformable_detr_jax import boxes as B
 
 
-def _random_cxcywh(rng, n):
+def random_cxcywh(rng, n):
     centers = rng.uniform(0.1, 0.9, size=(n, 2))
     sizes = rng.uniform(0.02, 0.6, size=(n, 2))
     return np.concatenate([centers, sizes], -1)
@@ -43,7 +43,7 @@ def _numpy_giou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_conversions_round_trip_and_values():
     rng = np.random.default_rng(0)
-    cxcywh = _random_cxcywh(rng, 17)
+    cxcywh = random_cxcywh(rng, 17)
     xyxy = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(cxcywh)))
     expected = np.concatenate(
         [cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], -1
@@ -84,7 +84,7 @@ _DEGENERATE = np.array(
 def test_zero_area_and_padded_boxes_have_no_nan(name):
     fn = _PAIRWISE[name]
     rng = np.random.default_rng(2)
-    normal = np.array(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 3))), np.float64)
+    normal = np.array(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 3))), np.float64)
     degenerate = np.concatenate([_DEGENERATE[:3], _DEGENERATE[1:2]])  # the point twice
     boxes = jnp.asarray(np.concatenate([normal, degenerate]), jnp.float32)
     values = fn(boxes, boxes)
@@ -116,7 +116,7 @@ def test_gradients_match_finite_differences(name):
     rng = np.random.default_rng(5)
     targets = np.concatenate(
         [
-            np.array(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 4))), np.float64),
+            np.array(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 4))), np.float64),
             _DEGENERATE,
         ]
     )

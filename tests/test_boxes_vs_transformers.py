@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax import boxes as B
-from tests.test_boxes import _random_cxcywh
+from tests.test_boxes import random_cxcywh
 
 pytestmark = pytest.mark.torch
 
@@ -15,7 +15,7 @@ def test_conversion_matches_transformers():
     import torch
     from transformers.image_transforms import center_to_corners_format
 
-    cxcywh = _random_cxcywh(np.random.default_rng(0), 17)
+    cxcywh = random_cxcywh(np.random.default_rng(0), 17)
     xyxy = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(cxcywh)))
     torch_xyxy = center_to_corners_format(torch.from_numpy(cxcywh)).numpy()
     np.testing.assert_allclose(xyxy, torch_xyxy, rtol=1e-6, atol=1e-7)
@@ -27,8 +27,8 @@ def test_pairwise_iou_and_giou_match_transformers():
     from transformers.loss.loss_for_object_detection import generalized_box_iou as torch_giou
 
     rng = np.random.default_rng(1)
-    a = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 13))), np.float64)
-    b = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 9))), np.float64)
+    a = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 13))), np.float64)
+    b = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 9))), np.float64)
     iou, union = B.box_iou(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     ref_iou, ref_union = torch_box_iou(torch.from_numpy(a), torch.from_numpy(b))
     np.testing.assert_allclose(iou, ref_iou.numpy(), rtol=1e-5, atol=1e-6)
@@ -54,8 +54,8 @@ def test_elementwise_giou_gradient_matches_torch():
     from transformers.loss.loss_for_object_detection import generalized_box_iou as torch_giou
 
     rng = np.random.default_rng(3)
-    a = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 6))), np.float64)
-    b = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(_random_cxcywh(rng, 6))), np.float64)
+    a = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 6))), np.float64)
+    b = np.asarray(B.box_cxcywh_to_xyxy(jnp.asarray(random_cxcywh(rng, 6))), np.float64)
     weights = rng.normal(size=6)
     with jax.enable_x64(True):
         grad = jax.grad(

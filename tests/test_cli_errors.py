@@ -18,7 +18,7 @@ from deformable_detr_jax.convert import __main__ as convert_cli
 from deformable_detr_jax.inference.detector import Detector
 from deformable_detr_jax.processing.image_processor import ImageProcessor
 from deformable_detr_jax.training.train_state import model_from_weights, model_spec, param_name
-from tests.test_training_workers import tiny_model_config
+from tests.training_workers import tiny_model_config
 
 PHOTO = os.path.join(os.path.dirname(__file__), "fixtures", "000000000086.jpg")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -28,6 +27,7 @@ from deformable_detr_jax.compile_cache import (
     training_cache,
     training_directory,
 )
+from tests import subprocess_utils
 from tests.random_models import random_model, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def _child(folder, env: dict, detect: bool = True) -> dict:
         **env,
     }
     env = {k: v for k, v in env.items() if v is not None}
-    done = subprocess.run(
+    done = subprocess_utils.run(
         [sys.executable, "-c", _CHILD, os.fspath(folder), "detect" if detect else "construct"],
         env=env,
         capture_output=True,

@@ -13,7 +13,7 @@ from deformable_detr_jax.convert import CheckpointFormatError, load_pytorch_chec
 from deformable_detr_jax.convert.__main__ import main
 
 
-def _cli_fails(src, dst, capsys, *extra):
+def cli_fails(src, dst, capsys, *extra):
     capsys.readouterr()
     assert main([str(src), str(dst), *extra]) == 2
     err = capsys.readouterr().err
@@ -38,7 +38,7 @@ def test_wrong_file_type(content, pattern, tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(content)
     with pytest.raises(CheckpointFormatError, match=pattern):
         load_pytorch_checkpoint(tmp_path / "model.safetensors")
-    assert pattern in _cli_fails(tmp_path / "model.safetensors", tmp_path / "dst", capsys)
+    assert pattern in cli_fails(tmp_path / "model.safetensors", tmp_path / "dst", capsys)
 
 
 def test_folder_without_weights(tmp_path, capsys):
@@ -48,4 +48,4 @@ def test_folder_without_weights(tmp_path, capsys):
         load_pytorch_checkpoint(tmp_path / "src")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_pytorch_checkpoint(tmp_path / "nothing.pth")
-    assert "no checkpoint" in _cli_fails(tmp_path / "nothing.pth", tmp_path / "dst", capsys)
+    assert "no checkpoint" in cli_fails(tmp_path / "nothing.pth", tmp_path / "dst", capsys)

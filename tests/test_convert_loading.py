@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -39,7 +38,8 @@ from deformable_detr_jax.convert import (
 from deformable_detr_jax.convert.__main__ import main
 from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
 from tests import hf_reference as ref
-from tests.test_convert_bad_files import _cli_fails
+from tests import subprocess_utils
+from tests.test_convert_bad_files import cli_fails
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-4
@@ -273,7 +273,7 @@ def test_every_variant_and_format_without_torch(checkpoints, hf_models, images, 
     spec["fields"] = OUTPUTS
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     np.savez(tmp_path / "images.npz", pixels=pixels, mask=mask)
-    subprocess.run(
+    subprocess_utils.run(
         [
             sys.executable,
             "-c",
@@ -392,7 +392,7 @@ def test_truncated_file(hf_models, tmp_path, capsys):
     (tmp_path / "folder" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointFormatError, match="truncated"):
         load_pytorch_checkpoint(tmp_path / "folder")
-    assert "truncated" in _cli_fails(tmp_path / "folder", tmp_path / "dst", capsys)
+    assert "truncated" in cli_fails(tmp_path / "folder", tmp_path / "dst", capsys)
 
     torch.save(_torch_tensors(ref.state_dict_numpy(hf_models["plain"])), tmp_path / "sd.bin")
     data = (tmp_path / "sd.bin").read_bytes()
@@ -412,7 +412,7 @@ def test_pickle_with_foreign_global(plain_state_dict, tmp_path, capsys):
     torch.save(checkpoint, tmp_path / "evil.pth")
     with pytest.raises(UnsafeCheckpointError, match="system"):
         load_pytorch_checkpoint(tmp_path / "evil.pth")
-    assert "system" in _cli_fails(tmp_path / "evil.pth", tmp_path / "dst", capsys)
+    assert "system" in cli_fails(tmp_path / "evil.pth", tmp_path / "dst", capsys)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -436,7 +436,7 @@ def test_key_problems(kind, plain_state_dict, hf_models, tmp_path, capsys):
         with pytest.raises(CheckpointKeyError) as info:
             load_pytorch_checkpoint(tmp_path / "bad.safetensors", config)
         assert "self_attn" in str(info.value) and words in str(info.value)
-    err = _cli_fails(tmp_path / "bad.safetensors", tmp_path / "out" / "dst", capsys)
+    err = cli_fails(tmp_path / "bad.safetensors", tmp_path / "out" / "dst", capsys)
     assert words in err
     assert not (tmp_path / "out").exists()  # parent folders it made are removed too
 
@@ -450,7 +450,7 @@ def test_num_labels_mismatch(hf_models, tmp_path, capsys):
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "id2label": labels}))
     with pytest.raises(ConfigMismatchError, match="num_labels: config says 7"):
         load_pytorch_checkpoint(tmp_path / "src")
-    assert "num_labels" in _cli_fails(tmp_path / "src", tmp_path / "dst", capsys)
+    assert "num_labels" in cli_fails(tmp_path / "src", tmp_path / "dst", capsys)
 
 
 def test_config_contradicting_the_architecture(plain_state_dict, hf_models, tmp_path):
@@ -553,7 +553,7 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
 
     _, src, _, _, _ = checkpoints["two_stage_original"]
     run = dict(env=_subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    done = subprocess.run(
+    done = subprocess_utils.run(
         [sys.executable, "-m", "deformable_detr_jax.convert", str(src), str(tmp_path / "jax")],
         **run,
     )
@@ -570,7 +570,7 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
     for key, value in ref.state_dict_numpy(hf_models["two_stage"]).items():
         np.testing.assert_array_equal(ref.state_dict_numpy(theirs)[key], value, err_msg=key)
 
-    failed = subprocess.run(
+    failed = subprocess_utils.run(
         [
             sys.executable,
             "-m",
@@ -593,11 +593,11 @@ def test_cli_options(checkpoints, tmp_path, capsys):
     # a config that contradicts the weights, from the command line
     preset_file = tmp_path / "coco.json"
     preset_file.write_text(json.dumps(preset("deformable-detr").to_hf()))
-    err = _cli_fails(folder, tmp_path / "b", capsys, "--config", str(preset_file))
+    err = cli_fails(folder, tmp_path / "b", capsys, "--config", str(preset_file))
     assert "num_labels" in err
     # a JAX folder takes no config
     assert main([str(folder), str(tmp_path / "jax")]) == 0
     capsys.readouterr()
-    assert "PyTorch checkpoints only" in _cli_fails(
+    assert "PyTorch checkpoints only" in cli_fails(
         tmp_path / "jax", tmp_path / "c", capsys, "--config", str(preset_file)
     )

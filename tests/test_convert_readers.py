@@ -27,7 +27,7 @@ from deformable_detr_jax.convert import (
 )
 
 
-def _assert_same(got: dict, want: dict) -> None:
+def assert_same_state_dict(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for key, value in want.items():
         assert got[key].dtype == value.dtype, key
@@ -170,7 +170,7 @@ def test_in_bounds_crafted_tensor_reads(tmp_path):
 # Bad files: typed errors that name the path and the problem.
 
 
-def _write(path, data: bytes):
+def write_file(path, data: bytes):
     path.write_bytes(data)
     return path
 
@@ -189,7 +189,7 @@ def _write(path, data: bytes):
     ],
 )
 def test_wrong_file_types(tmp_path, content, pattern):
-    path = _write(tmp_path / "weights.pth", content)
+    path = write_file(tmp_path / "weights.pth", content)
     with pytest.raises(CheckpointFormatError, match=pattern) as info:
         read_state_dict(path)
     assert str(path) in str(info.value)

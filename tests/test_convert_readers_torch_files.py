@@ -13,7 +13,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
 import sys
 import tarfile
 import types
@@ -31,7 +30,8 @@ from deformable_detr_jax.convert import (
     read_torch_zip,
     sniff_format,
 )
-from tests.test_convert_readers import _assert_same, _write
+from tests import subprocess_utils
+from tests.test_convert_readers import assert_same_state_dict, write_file
 
 pytestmark = pytest.mark.torch
 
@@ -163,7 +163,7 @@ def test_real_files_read_exactly_without_importing_torch(saved_files, tmp_path):
     folder, files = saved_files
     out = tmp_path / "results.pkl"
     paths = [str(folder / name) for name in files]
-    subprocess.run(
+    subprocess_utils.run(
         [sys.executable, "-c", _READ_WITHOUT_TORCH, str(out), *paths],
         check=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -173,7 +173,7 @@ def test_real_files_read_exactly_without_importing_torch(saved_files, tmp_path):
         results = pickle.load(f)
     for name, (want, want_meta) in files.items():
         state_dict, metadata = results[str(folder / name)]
-        _assert_same(state_dict, want)
+        assert_same_state_dict(state_dict, want)
         assert metadata == want_meta, name
 
 
@@ -196,9 +196,11 @@ def test_sniff_and_specific_readers(saved_files):
     }
     for name, kind in kinds.items():
         assert sniff_format(folder / name) == kind
-    _assert_same(read_torch_legacy(folder / "legacy.pth"), files["legacy.pth"][0])
-    _assert_same(read_safetensors(folder / "numpy.safetensors"), files["numpy.safetensors"][0])
-    _assert_same(read_state_dict(folder / "original.pth"), files["original.pth"][0])
+    assert_same_state_dict(read_torch_legacy(folder / "legacy.pth"), files["legacy.pth"][0])
+    assert_same_state_dict(
+        read_safetensors(folder / "numpy.safetensors"), files["numpy.safetensors"][0]
+    )
+    assert_same_state_dict(read_state_dict(folder / "original.pth"), files["original.pth"][0])
 
 
 def _rewrite_zip(src, dst, change):
@@ -228,7 +230,9 @@ def test_big_endian_byteorder_record(tmp_path):
         return data
 
     _rewrite_zip(tmp_path / "le.pth", tmp_path / "be.pth", to_big_endian)
-    _assert_same(read_torch_zip(tmp_path / "be.pth"), {k: _reference(v) for k, v in sd.items()})
+    assert_same_state_dict(
+        read_torch_zip(tmp_path / "be.pth"), {k: _reference(v) for k, v in sd.items()}
+    )
 
 
 def test_whole_pickled_module_refused(tmp_path):
@@ -248,7 +252,7 @@ def test_truncated_files(saved_files, tmp_path):
         ("torch.safetensors", "truncated"),
     ):
         data = (folder / name).read_bytes()
-        cut = _write(tmp_path / name, data[: len(data) * 2 // 3])
+        cut = write_file(tmp_path / name, data[: len(data) * 2 // 3])
         with pytest.raises(CheckpointFormatError, match=pattern) as info:
             read_state_dict(cut)
         assert str(cut) in str(info.value)
@@ -267,7 +271,7 @@ def test_corrupt_storage_bytes(saved_files, tmp_path):
     start = info.header_offset + 30 + name_len + extra_len
     data[start] ^= 0xFF  # one flipped bit pattern inside a stored storage: bad CRC-32
     with pytest.raises(CheckpointFormatError, match="corrupt"):
-        read_state_dict(_write(tmp_path / "flipped.pth", bytes(data)))
+        read_state_dict(write_file(tmp_path / "flipped.pth", bytes(data)))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script / save

@@ -98,7 +98,7 @@ def _tiny_train_step():
         init_weights,
         model_spec,
     )
-    from tests.test_training_workers import tiny_model_config
+    from tests.training_workers import tiny_model_config
 
     mesh = mesh_lib.make_data_mesh(jax.local_devices()[:1])
     config = tiny_model_config(dropout=0.0)

@@ -447,7 +447,7 @@ def test_grain_worker_processes_agree_and_resume():
 # ----------------------------------------------------------------------------- real photos
 
 
-def _coco_folder(tmp_path, *, corrupt=(), missing=()):
+def coco_folder(tmp_path, *, corrupt=(), missing=()):
     """A COCO-json folder in tmp_path: the fixture photos, some corrupt (truncated) or missing."""
     images = tmp_path / "images"
     images.mkdir()
@@ -487,7 +487,7 @@ def test_coco_json_source_on_real_photos():
 
 
 def test_coco_json_drops_crowd_and_checks_image_size(tmp_path):
-    images, path, data = _coco_folder(tmp_path)
+    images, path, data = coco_folder(tmp_path)
     data["annotations"][0]["iscrowd"] = 1
     data["images"][1]["height"] += 1  # 000000000472.jpg: the json disagrees with the file
     path.write_text(json.dumps(data))
@@ -498,7 +498,7 @@ def test_coco_json_drops_crowd_and_checks_image_size(tmp_path):
 
 
 def test_coco_json_bad_input_fails_at_construction(tmp_path):
-    images, path, data = _coco_folder(tmp_path)
+    images, path, data = coco_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="images_dir"):
         CocoJsonSource(tmp_path / "nope", path)
     with pytest.raises(FileNotFoundError, match="annotations_json"):
@@ -523,7 +523,7 @@ def test_coco_json_bad_input_fails_at_construction(tmp_path):
 
 
 def test_corrupt_and_missing_images_are_skipped_counted_and_logged(tmp_path, caplog):
-    images, path, _ = _coco_folder(
+    images, path, _ = coco_folder(
         tmp_path, corrupt={"000000000536.jpg"}, missing={"000000000086.jpg"}
     )
     source = CocoJsonSource(images, path)
@@ -544,7 +544,7 @@ def test_corrupt_and_missing_images_are_skipped_counted_and_logged(tmp_path, cap
 
 def test_all_images_unreadable_is_an_error_not_a_hang(tmp_path):
     names = {e["file_name"] for e in json.loads(COCO_JSON.read_text())["images"]}
-    images, path, _ = _coco_folder(tmp_path, corrupt=names)
+    images, path, _ = coco_folder(tmp_path, corrupt=names)
     batches = make_batches(CocoJsonSource(images, path), batch_size=2, augment=SMALL, **ONE)
     with pytest.raises(RuntimeError, match="no image of this process's shard"):
         next(batches)

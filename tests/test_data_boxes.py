@@ -12,7 +12,7 @@ import pytest
 
 from deformable_detr_jax.data import CocoJsonSource, InvalidBoxError, YoloFolderSource
 from deformable_detr_jax.data.box_checks import check_xywh, check_xyxy
-from tests.test_data import COCO_JSON, FIXTURES, _coco_folder
+from tests.test_data import COCO_JSON, FIXTURES, coco_folder
 
 LOGGER = "deformable_detr_jax.data"
 
@@ -47,7 +47,7 @@ BAD_COCO = [  # (image id, bbox, what the log says); image 86 is 512 wide, 640 t
 
 
 def _coco_with_bad_boxes(tmp_path):
-    images, path, data = _coco_folder(tmp_path)
+    images, path, data = coco_folder(tmp_path)
     for number, (image_id, bbox, _) in enumerate(BAD_COCO):
         data["annotations"].append(
             {
@@ -175,7 +175,7 @@ def test_tfds_invalid_boxes_are_logged_when_read(monkeypatch, caplog):
 
 def test_data_strict_stops_train_before_compiling(tmp_path, monkeypatch):
     from deformable_detr_jax.training import ConfigError, train
-    from tests.test_training_workers import get_config
+    from tests.training_workers import get_config
 
     _yolo_folder(tmp_path / "yolo", ["0 0.5 0.5 0.2 0.3", "1 0.5 0.5 -0.2 0.3"])
     config = get_config()

@@ -167,7 +167,7 @@ def test_the_tiny_models_gradients_inside_the_context():
     Linear), jitted, with and without the CPU backward."""
     from deformable_detr_jax.training import mesh as mesh_lib
     from deformable_detr_jax.training.train_state import init_weights, model_spec
-    from tests.test_training_workers import tiny_model_config
+    from tests.training_workers import tiny_model_config
 
     config = tiny_model_config(dropout=0.0)
     spec = model_spec(config, ())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -32,6 +31,7 @@ from deformable_detr_jax import (
     export_state_dict,
 )
 from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
+from tests import subprocess_utils
 from tests.random_models import random_model, small_config
 
 VARIANTS = {
@@ -121,7 +121,7 @@ def _eager_float64(model, pixel_values, pixel_mask):
 
 def _check_stablehlo(path, folder, expected, truth):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(
+    done = subprocess_utils.run(
         [sys.executable, "-c", _RELOAD, str(folder / "inputs.npz"), str(path)],
         cwd=folder,
         env=env,

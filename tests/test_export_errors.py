@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
 
 import jax
@@ -28,6 +27,7 @@ from deformable_detr_jax.export import (
 from deformable_detr_jax.export import __main__ as cli
 from deformable_detr_jax.export.common import atomic_output, check_input, feature_sizes
 from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from tests import subprocess_utils
 from tests.random_models import random_model, small_config
 
 # jax2onnx reads flax Variables through `.value`, which flax deprecates (its warning, not ours)
@@ -285,7 +285,7 @@ def test_cli_disk_full_is_status_5_and_leaves_nothing(model_folder, tmp_path, ca
 
 
 def test_cli_in_a_real_process_prints_one_line(tmp_path):
-    done = subprocess.run(
+    done = subprocess_utils.run(
         [
             sys.executable,
             "-m",

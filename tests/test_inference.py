@@ -18,6 +18,7 @@ import PIL.Image
 import pytest
 
 from deformable_detr_jax import ImageError, ImageProcessor
+from deformable_detr_jax.convert.errors import CheckpointFormatError
 from deformable_detr_jax.inference.detections import PALETTE, Detections, draw_detections
 from deformable_detr_jax.inference.detector import Detector, _chunk_sizes
 from tests.random_models import TINY_BOTTLENECK, random_model, small_config
@@ -263,8 +264,11 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         Detector.from_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match="empty|config|weights|checkpoint"):
+    with pytest.raises(CheckpointFormatError) as error:
         Detector.from_pretrained(tmp_path / "empty")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'empty'} holds no weights: expected model.safetensors")
+    assert "found nothing" in message and "Pass the weights file itself" in message
 
 
 # ----------------------------------------------------------------------------- drawing

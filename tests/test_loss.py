@@ -25,7 +25,7 @@ COUNTS = [3, 0, 7, 1]  # targets per image, one image with none
 MAX_BOXES = 8
 
 
-def _inputs(seed, len_v=30):
+def loss_inputs(seed, len_v=30):
     rng = np.random.default_rng(seed)
     bs = len(COUNTS)
 
@@ -71,7 +71,7 @@ def _jitted_loss(config):
     return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-def _jax_loss(x, config, dtype):
+def jax_loss(x, config, dtype):
     args = [
         jnp.asarray(x["intermediate_logits"][:, -1], dtype),
         jnp.asarray(x["intermediate_boxes"][:, -1], dtype),
@@ -86,10 +86,10 @@ def _jax_loss(x, config, dtype):
 
 
 def test_scipy_backend_gives_the_same_loss():
-    x = _inputs(seed=21)
+    x = loss_inputs(seed=21)
     config = LossConfig.preset("original", NUM_LABELS, encoder_loss=False)
-    loss_jax, dict_jax, grads_jax = _jax_loss(x, config, jnp.float32)
-    loss_sp, dict_sp, grads_sp = _jax_loss(
+    loss_jax, dict_jax, grads_jax = jax_loss(x, config, jnp.float32)
+    loss_sp, dict_sp, grads_sp = jax_loss(
         x, dataclasses.replace(config, matcher_backend="scipy"), jnp.float32
     )
     np.testing.assert_allclose(loss_jax, loss_sp, rtol=1e-6)
@@ -172,7 +172,7 @@ class _Outputs:
 
 
 def test_encoder_loss_equals_numpy_original_formula():
-    x = _inputs(seed=8, len_v=45)
+    x = loss_inputs(seed=8, len_v=45)
     # an invalid proposal, as the original marks them: coord logits +inf -> box (1, 1, 1, 1)
     x["enc_outputs_coord_logits"][0, 4] = np.inf
     config = LossConfig.preset("original", NUM_LABELS)
@@ -222,18 +222,18 @@ def test_presets():
 
 
 def test_non_finite_loss_is_flagged():
-    x = _inputs(seed=4)
+    x = loss_inputs(seed=4)
     x["intermediate_logits"][2, -1, 5, 1] = np.nan
     config = LossConfig.preset("transformers", NUM_LABELS)
-    loss, loss_dict, _ = _jax_loss(x, config, jnp.float32)
+    loss, loss_dict, _ = jax_loss(x, config, jnp.float32)
     assert not bool(loss_dict["is_finite"]) and not np.isfinite(float(loss))
-    x = _inputs(seed=4)
-    loss, loss_dict, _ = _jax_loss(x, config, jnp.float32)
+    x = loss_inputs(seed=4)
+    loss, loss_dict, _ = jax_loss(x, config, jnp.float32)
     assert bool(loss_dict["is_finite"]) and float(loss) > 0
 
 
 def test_auxiliary_loss_needs_intermediate_outputs():
-    x = _inputs(seed=1)
+    x = loss_inputs(seed=1)
     with pytest.raises(ValueError, match="intermediate"):
         set_criterion(
             jnp.asarray(x["intermediate_logits"][:, -1]),
@@ -257,7 +257,7 @@ def test_auxiliary_loss_needs_intermediate_outputs():
     ],
 )
 def test_validate_targets_names_the_bad_box(image, box, value, label, message):
-    x = _inputs(seed=2)
+    x = loss_inputs(seed=2)
     validate_targets(x["labels"], x["boxes"], x["mask"], NUM_LABELS)  # valid boxes pass
     # garbage in padded slots is ignored
     x["boxes"][1, 0] = np.nan

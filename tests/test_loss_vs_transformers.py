@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax.criterion.loss import LossConfig
-from tests.test_loss import COUNTS, DECODER_LAYERS, NUM_LABELS, _inputs, _jax_loss
+from tests.test_loss import COUNTS, DECODER_LAYERS, NUM_LABELS, jax_loss, loss_inputs
 
 pytestmark = pytest.mark.torch
 
@@ -58,12 +58,12 @@ def _transformers_loss(x, auxiliary_loss, dtype):
 def test_transformers_preset_equals_transformers_loss(auxiliary_loss, x64):
     import torch
 
-    x = _inputs(seed=3 + 10 * auxiliary_loss + x64)
+    x = loss_inputs(seed=3 + 10 * auxiliary_loss + x64)
     torch_dtype = torch.float64 if x64 else torch.float32
     ref_loss, ref_dict, ref_grads = _transformers_loss(x, auxiliary_loss, torch_dtype)
     config = LossConfig.preset("transformers", NUM_LABELS, auxiliary_loss=auxiliary_loss)
     with jax.enable_x64(x64):
-        loss, loss_dict, grads = _jax_loss(x, config, jnp.float64 if x64 else jnp.float32)
+        loss, loss_dict, grads = jax_loss(x, config, jnp.float64 if x64 else jnp.float32)
         loss_dict = jax.tree.map(np.asarray, loss_dict)
         grads = jax.tree.map(np.asarray, grads)
     assert bool(loss_dict.pop("is_finite"))

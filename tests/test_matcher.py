@@ -104,7 +104,7 @@ def test_scipy_backend_equals_jax_backend_under_vmap():
     assert int(np.asarray(mj).sum()) > 0
 
 
-def _random_outputs(rng, bs, num_queries, num_labels, counts, max_boxes):
+def random_outputs(rng, bs, num_queries, num_labels, counts, max_boxes):
     logits = rng.normal(scale=2.0, size=(bs, num_queries, num_labels))
     pred = np.concatenate(
         [rng.uniform(0.1, 0.9, (bs, num_queries, 2)), rng.uniform(0.05, 0.5, (bs, num_queries, 2))],
@@ -120,7 +120,7 @@ def _random_outputs(rng, bs, num_queries, num_labels, counts, max_boxes):
 
 def test_zero_targets_and_nan_predictions():
     rng = np.random.default_rng(9)
-    logits, pred, labels, boxes, mask = _random_outputs(rng, 3, 10, 4, [0, 4, 2], 6)
+    logits, pred, labels, boxes, mask = random_outputs(rng, 3, 10, 4, [0, 4, 2], 6)
     logits[2, :3] = np.nan  # three broken queries in image 2
     pred[2, 5] = np.nan
     query_index, matched = hungarian_match(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax.criterion.matcher import hungarian_match
-from tests.test_matcher import _random_outputs
+from tests.test_matcher import random_outputs
 
 pytestmark = pytest.mark.torch
 
@@ -17,7 +17,7 @@ def test_matching_equals_transformers_matcher(backend):
 
     rng = np.random.default_rng(5)
     counts = [3, 0, 11, 6]
-    logits, pred, labels, boxes, mask = _random_outputs(rng, 4, 25, 5, counts, 12)
+    logits, pred, labels, boxes, mask = random_outputs(rng, 4, 25, 5, counts, 12)
     query_index, matched = hungarian_match(
         jnp.asarray(logits, jnp.float32),
         jnp.asarray(pred, jnp.float32),

@@ -76,14 +76,14 @@ def test_jitted_model_as_transformers_initialises_it(variant, monkeypatch):
     from transformers import DeformableDetrForObjectDetection as HFModel
     from transformers.models.deformable_detr import modeling_deformable_detr as hf_modeling
 
-    from tests.test_parity import _torch_proposal_pos_embed
+    from tests.test_parity import torch_proposal_pos_embed
 
     # transformers' proposal position embedding is float32 even in a float64 model (see
     # tests/test_parity.py::test_float64_parity): the float64 formula, as ours
     monkeypatch.setattr(
         hf_modeling.DeformableDetrModel,
         "get_proposal_pos_embed",
-        lambda self, proposals: _torch_proposal_pos_embed(proposals, self.config.d_model),
+        lambda self, proposals: torch_proposal_pos_embed(proposals, self.config.d_model),
     )
     # the issue's case: five levels, basic blocks, a padded batch
     hf_cfg = _small(BASIC_18, num_feature_levels=5, **ref.VARIANTS[variant])

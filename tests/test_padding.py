@@ -24,7 +24,7 @@ SAME_MODEL_TOL = 2e-5  # float32 rounding: reductions over different extents
 LEAK_MIN = 1e-3  # what padding_invariant=False is at least off by on these canvases
 
 
-def _images(seed: int):
+def padding_images(seed: int):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in SIZES]
 
@@ -39,7 +39,7 @@ def _padded(images, canvas):
     return jnp.asarray(pixels), jnp.asarray(mask)
 
 
-def _outputs(out, index=None):
+def scored_outputs(out, index=None):
     values = {name: np.asarray(getattr(out, name)) for name in OUTPUTS}
     values["logits"] = 1 / (1 + np.exp(-values["logits"]))  # compare scores, bounded
     values["intermediate_logits"] = 1 / (1 + np.exp(-values["intermediate_logits"]))
@@ -53,8 +53,8 @@ def _max_diff(a, b):
 def _check_invariance(model, images, canvas, alone):
     """`alone[i]`: the expected outputs of image i, from the unpadded image."""
     pixels, mask = _padded(images, canvas)
-    invariant = _outputs(model(pixels, mask, padding_invariant=True))
-    leaky = _outputs(model(pixels, mask))
+    invariant = scored_outputs(model(pixels, mask, padding_invariant=True))
+    leaky = scored_outputs(model(pixels, mask))
     for i, expected in enumerate(alone):
         got = {k: v[i] for k, v in invariant.items()}
         for name in OUTPUTS:
@@ -85,8 +85,8 @@ def test_padded_batch_equals_each_image_alone(depth_layout, kwargs):
     extra convs), one level; tests/test_padding_vs_transformers.py shows that the unpadded
     runs are transformers' on the same weights."""
     model = random_model(small_config(depth_layout, **kwargs), seed=21)
-    images = _images(seed=5)
-    alone = [_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
+    images = padding_images(seed=5)
+    alone = [scored_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
     for canvas in CANVASES:
         _check_invariance(model, images, canvas, alone)
 
@@ -95,17 +95,17 @@ def test_dilated_backbone():
     """DC5 (stride-1 dilated last stage; transformers' HF ResNet has no such option, so the
     expected outputs are this model's on the unpadded images), with perturbed weights."""
     model = random_model(small_config(num_feature_levels=1, dilation=True), seed=1)
-    images = _images(seed=6)
-    alone = [_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
+    images = padding_images(seed=6)
+    alone = [scored_outputs(model(jnp.asarray(image[None]), None), 0) for image in images]
     for canvas in CANVASES:
         _check_invariance(model, images, canvas, alone)
 
 
 def test_nothing_padded_is_the_default_computation():
     model = random_model(small_config(two_stage=True, with_box_refine=True), seed=3)
-    pixels, _ = _padded(_images(seed=7)[:1], SIZES[0])
-    default = _outputs(model(pixels, None))
-    invariant = _outputs(model(pixels, None, padding_invariant=True))
+    pixels, _ = _padded(padding_images(seed=7)[:1], SIZES[0])
+    default = scored_outputs(model(pixels, None))
+    invariant = scored_outputs(model(pixels, None, padding_invariant=True))
     for name in OUTPUTS:
         np.testing.assert_allclose(invariant[name], default[name], rtol=0, atol=1e-6)
 

@@ -10,7 +10,7 @@ import pytest
 from deformable_detr_jax import DeformableDetrConfig, convert_state_dict
 from tests import hf_reference as ref
 from tests.random_models import SMALL
-from tests.test_padding import CONFIGS, _images, _outputs
+from tests.test_padding import CONFIGS, padding_images, scored_outputs
 
 pytestmark = pytest.mark.torch
 
@@ -25,8 +25,8 @@ def test_unpadded_image_equals_transformers(depth_layout, kwargs):
     hf_model = ref.random_hf_model(hf_cfg, seed=21)
     config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
     model = convert_state_dict(ref.state_dict_numpy(hf_model), config)
-    for image in _images(seed=5):
-        ours = _outputs(model(jnp.asarray(image[None]), None), 0)
+    for image in padding_images(seed=5):
+        ours = scored_outputs(model(jnp.asarray(image[None]), None), 0)
         with torch.no_grad():
             out = hf_model(pixel_values=torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))
         theirs = {

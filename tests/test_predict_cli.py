@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from deformable_detr_jax.checkpoint import save_pretrained
 from deformable_detr_jax.cli.predict import main
+from tests import subprocess_utils
 from tests.test_inference import PHOTO_LANDSCAPE, PHOTO_PORTRAIT, small_processor, tiny_model
 
 
@@ -80,7 +80,7 @@ def test_cli_missing_model(tmp_path, capsys):
 
 
 def test_cli_runs_as_module():
-    result = subprocess.run(
+    result = subprocess_utils.run(
         [sys.executable, "-m", "deformable_detr_jax.predict", "--help"],
         capture_output=True,
         text=True,

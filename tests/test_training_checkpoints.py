@@ -206,7 +206,7 @@ def test_a_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog
 
 
 def _payload(**changes):
-    from tests.test_training_workers import get_config, tiny_model_config
+    from tests.training_workers import get_config, tiny_model_config
 
     config = get_config()
     for key, value in changes.items():
@@ -269,7 +269,7 @@ def test_settings_differences_name_each_and_skip_what_may_change(tmp_path):
 
 def test_a_workdir_without_config_json_is_compared_with_its_newest_checkpoint(tmp_path):
     from deformable_detr_jax.training.loop import _settings_from_checkpoints
-    from tests.test_training_workers import tiny_model_config
+    from tests.training_workers import tiny_model_config
 
     saved = _payload()
     checkpoints = Checkpoints(tmp_path / "checkpoints")

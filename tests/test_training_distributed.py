@@ -6,12 +6,12 @@ not see a shift common to all keys), so in float32 it is pure rounding noise, an
 normalisation `m / (sqrt(v) + eps)` turns noise of 1e-9 into a step of up to `lr`, differently
 for each reduction order. In float64 the noise is 1e-18 and every parameter must agree to 1e-5.
 
-Each run is a subprocess (`tests/test_training_workers.py`): 8 fake CPU devices need XLA_FLAGS
+Each run is a subprocess (`tests/training_workers.py`): 8 fake CPU devices need XLA_FLAGS
 before JAX starts, and two processes need `jax.distributed` (CPU collectives over gloo). All
 subprocesses share one persistent compilation cache so that identical programs compile once;
 training turns it off in two-process runs (`compile_cache.shared_cache_problem`), which the
-last test checks on a cache that such a run filled. A worker dies with the test process
-(`PARENT_ENV`), and every wait is bounded.
+last test checks on a cache that such a run filled. A worker dies with the test process and
+ends with its test (`tests/subprocess_utils.start`), and every wait is bounded.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.subprocess_utils import finish, finish_all
-from tests.test_training_workers import PARENT_ENV
+from tests.subprocess_utils import finish, finish_all, start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -49,7 +48,6 @@ def _env(cache: str, devices: int) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -57,7 +55,7 @@ def _worker(out, workdir, cache, *, devices=1, host_devices=None, extra=()):
     command = [
         sys.executable,
         "-m",
-        "tests.test_training_workers",
+        "tests.training_workers",
         "train",
         "--out",
         str(out),
@@ -70,7 +68,7 @@ def _worker(out, workdir, cache, *, devices=1, host_devices=None, extra=()):
         "0",
         *extra,
     ]
-    return subprocess.Popen(
+    return start(
         command,
         cwd=ROOT,
         env=_env(cache, host_devices or devices),
@@ -150,7 +148,7 @@ def test_two_processes_train_in_lockstep(tmp_path, compilation_cache, single_dev
         )
         for i in range(2)
     ]
-    outputs = [_finish(p) for p in processes]
+    outputs = finish_all(processes, "worker", TIMEOUT)
     assert all("2 processes" in out for out in outputs), outputs[0][-2000:]
     first, second = _load(tmp_path / "p0.npz"), _load(tmp_path / "p1.npz")
     diff, name = _max_difference(first, second)
@@ -187,7 +185,7 @@ def test_two_processes_agree_on_the_checkpoint_they_fall_back_to(tmp_path, compi
             )
             for i in range(2)
         ]
-        return [_finish(p) for p in processes]
+        return finish_all(processes, "worker", TIMEOUT)
 
     run(4)
     folder = tmp_path / "work" / "checkpoints"
@@ -214,36 +212,31 @@ def test_two_processes_finish_on_a_filled_compilation_cache(tmp_path):
 
     def run(tag, *extra):
         address = f"127.0.0.1:{_free_port()}"
-        processes, start = [], time.monotonic()
-        try:
-            for i in range(2):
-                flags = (
-                    "--coordinator",
-                    address,
-                    "--num-processes",
-                    "2",
-                    "--process-id",
-                    str(i),
-                    "--steps",
-                    "2",
-                    *extra,
+        processes, began = [], time.monotonic()
+        for i in range(2):  # one started alone is killed at teardown, not left waiting
+            flags = (
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--steps",
+                "2",
+                *extra,
+            )
+            processes.append(
+                _worker(
+                    tmp_path / f"{tag}{i}.npz",
+                    tmp_path / f"work-{tag}",
+                    cache,
+                    devices=0,
+                    host_devices=1,
+                    extra=flags,
                 )
-                processes.append(
-                    _worker(
-                        tmp_path / f"{tag}{i}.npz",
-                        tmp_path / f"work-{tag}",
-                        cache,
-                        devices=0,
-                        host_devices=1,
-                        extra=flags,
-                    )
-                )
-        except BaseException:  # the one started is killed, not left waiting for its peer
-            for process in processes:
-                process.kill()
-            raise
+            )
         outputs = finish_all(processes, f"{tag} run: worker", CACHE_RUN_TIMEOUT)
-        print(f"{tag} run: {time.monotonic() - start:.0f} s")
+        print(f"{tag} run: {time.monotonic() - began:.0f} s")
         return outputs
 
     run("fill", "--keep-compile-cache")

@@ -26,7 +26,8 @@ import pytest
 
 from deformable_detr_jax.training.checkpointing import read_step
 from tests.fault_config import EVERY, STEPS
-from tests.subprocess_utils import finish
+from tests.helpers import checkpoint_steps, error_lines, one_error_line
+from tests.subprocess_utils import finish, start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
@@ -80,7 +81,7 @@ def _run(shared, workdir, fault: str = "", extra=(), env=None) -> tuple[int, str
         str(workdir),
         *extra,
     ]
-    process = subprocess.Popen(
+    process = start(
         command,
         cwd=ROOT,
         env=environment,
@@ -103,15 +104,8 @@ def baseline(shared):
             code, output = _run(shared, workdir)
             assert code == 0, output[-5000:]
             (shared / "baseline.done").touch()
-    assert _steps(workdir) == list(range(EVERY, STEPS + 1, EVERY))
+    assert checkpoint_steps(workdir) == list(range(EVERY, STEPS + 1, EVERY))
     return workdir
-
-
-def _steps(workdir) -> list[int]:
-    folder = workdir / "checkpoints"
-    return (
-        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-    )
 
 
 def _params(workdir, step: int) -> dict[str, np.ndarray]:
@@ -129,23 +123,9 @@ def _assert_same(got: dict, expected: dict) -> None:
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
-def _error_lines(output: str) -> list[str]:
-    """The `error:` block at the end of the output; fails on a traceback anywhere."""
-    assert "Traceback" not in output, output[-5000:]
-    assert output.count("error:") == 1, output[-5000:]
-    return output[output.index("error:") :].strip().splitlines()
-
-
-def _one_error_line(output: str) -> str:
-    """The `error:` line, when nothing may follow it."""
-    lines = _error_lines(output)
-    assert len(lines) == 1, output[-5000:]
-    return lines[0]
-
-
 def _copy(baseline, target, steps=None):
     shutil.copytree(baseline, target, ignore=shutil.ignore_patterns("errors"))
-    for step in set(_steps(target)) - set(steps or _steps(target)):
+    for step in set(checkpoint_steps(target)) - set(steps or checkpoint_steps(target)):
         shutil.rmtree(target / "checkpoints" / str(step))
     return target
 
@@ -162,7 +142,7 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(
     for fault in faults:
         code, output = _run(shared, workdir, fault)
         assert code == -signal.SIGKILL, f"FAULT={fault} was not killed ({code}):\n{output[-3000:]}"
-        steps = _steps(workdir)
+        steps = checkpoint_steps(workdir)
         history.append((fault, steps[-1] if steps else None))
         folder = workdir / "checkpoints"
         leftovers = (
@@ -177,7 +157,7 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(
     code, output = _run(shared, workdir)
     assert code == 0, output[-5000:]
     assert "resumed from checkpoint" in output or history[-1][1] is None, output[-3000:]
-    assert _steps(workdir)[-1] == STEPS, history
+    assert checkpoint_steps(workdir)[-1] == STEPS, history
     print("kills (fault, newest checkpoint after it):", history)
     assert not [p for p in (workdir / "checkpoints").iterdir() if TMP_MARK in p.name]
     _assert_same(_params(workdir, STEPS), _params(baseline, STEPS))
@@ -230,7 +210,9 @@ def test_corrupt_checkpoints_are_moved_aside_and_training_continues(shared, base
         assert f"checkpoint {step} in {folder} does not restore" in output, output[-5000:]
         assert (folder / f"corrupt-{step}" / "CORRUPT.txt").is_file()
     assert f"resumed from checkpoint {STEPS - 3 * EVERY}" in output
-    assert _steps(workdir) == list(range(EVERY, STEPS + 1, EVERY))  # retrained beside them
+    assert checkpoint_steps(workdir) == list(
+        range(EVERY, STEPS + 1, EVERY)
+    )  # retrained beside them
     _assert_same(_params(workdir, STEPS), _params(baseline, STEPS))
 
 
@@ -239,7 +221,7 @@ def test_no_checkpoint_restores_is_one_error_and_exit_4(shared, baseline, tmp_pa
     (workdir / "checkpoints" / "20" / "meta" / "metadata").write_text("{not json")
     code, output = _run(shared, workdir)
     assert code == 4, output[-5000:]
-    lines = _error_lines(output)
+    lines = error_lines(output)
     assert (
         lines[0] == f"error: no checkpoint in {workdir / 'checkpoints'} restores; each was moved "
         "aside (nothing deleted):"
@@ -256,13 +238,13 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_and_says_so(shared, ba
     workdir = tmp_path / "full"
     code, output = _run(shared, workdir, "enospc:2")
     assert code == 5, output[-5000:]
-    line = _one_error_line(output)
+    line = one_error_line(output)
     assert line.startswith(
         f"error: writing checkpoint 8 to {workdir / 'checkpoints'} failed: "
         "OSError: [Errno 28] No space left on device"
     )
     assert "checkpoint 4 is intact; fix that (e.g. free disk space), then rerun" in line
-    assert _steps(workdir) == [4]
+    assert checkpoint_steps(workdir) == [4]
     _assert_same(_params(workdir, 4), _params(baseline, 4))
 
 
@@ -284,7 +266,7 @@ def test_resume_with_other_settings_stops_before_compiling(shared, baseline, tmp
     )
     assert code == 2, output[-5000:]
     assert "Compiling" not in output and "Finished XLA compilation" not in output, output[-3000:]
-    assert _error_lines(output) == [
+    assert error_lines(output) == [
         f"error: configuration: workdir {workdir} was trained with other settings than this run "
         "(2 differences):",
         "  model.d_model=64; this run has 96",
@@ -292,18 +274,18 @@ def test_resume_with_other_settings_stops_before_compiling(shared, baseline, tmp
         r"^model\.backbone\.model\.encoder\.stages\.0\.); this run has ()",
         "use another --workdir or the same settings",
     ]
-    assert (workdir / "config.json").read_bytes() == before and _steps(workdir) == [20]
+    assert (workdir / "config.json").read_bytes() == before and checkpoint_steps(workdir) == [20]
 
 
 def test_nan_loss_exits_3_with_the_last_good_checkpoint_intact(shared, baseline, tmp_path):
     workdir = tmp_path / "nan"
     code, output = _run(shared, workdir, "nan:6")
     assert code == 3, output[-5000:]
-    line = _one_error_line(output)
+    line = one_error_line(output)
     assert (
         "not finite (NaN or inf) at step 5" in line and "The last good checkpoint is step 4" in line
     )
-    assert _steps(workdir) == [4]
+    assert checkpoint_steps(workdir) == [4]
     _assert_same(_params(workdir, 4), _params(baseline, 4))
 
 
@@ -313,7 +295,7 @@ def test_an_internal_error_or_ctrl_c_is_one_line_and_keeps_the_checkpoints(
     workdir = tmp_path / "bug"
     code, output = _run(shared, workdir, "bug:6")
     assert code == 70, output[-5000:]
-    line = _one_error_line(output)
+    line = one_error_line(output)
     assert line.startswith(
         "error: RuntimeError: an injected bug (an internal error; please "
         "report it with the file below) (full report: "
@@ -322,10 +304,10 @@ def test_an_internal_error_or_ctrl_c_is_one_line_and_keeps_the_checkpoints(
     assert os.path.dirname(report) == str(workdir / "errors")
     text = open(report).read()
     assert "Traceback (most recent call last)" in text and "_faulty_batch" in text
-    assert _steps(workdir) == [4]
+    assert checkpoint_steps(workdir) == [4]
 
     code, output = _run(shared, workdir, "sigint:3")  # resumes from 4, Ctrl-C at step 7
     assert code == 130, output[-5000:]
-    assert _error_lines(output) == ["error: train.py interrupted"]
-    assert _steps(workdir) == [4]
+    assert error_lines(output) == ["error: train.py interrupted"]
+    assert checkpoint_steps(workdir) == [4]
     _assert_same(_params(workdir, 4), _params(baseline, 4))

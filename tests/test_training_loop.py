@@ -15,7 +15,7 @@ from deformable_detr_jax.training.train_state import (
     init_weights,
     model_spec,
 )
-from tests.test_training_workers import SyntheticBatches, get_config, tiny_model_config
+from tests.training_workers import SyntheticBatches, get_config, tiny_model_config
 
 STEPS = 100
 

@@ -29,7 +29,7 @@ CONFIG = textwrap.dedent(
     """
     import time
     from deformable_detr_jax.data import ShapesSource
-    from tests.test_training_workers import get_config as tiny
+    from tests.training_workers import get_config as tiny
 
     _getitem = ShapesSource.__getitem__
 

@@ -25,7 +25,7 @@ from deformable_detr_jax.training.metrics import (
     read_tfrecords,
 )
 from deformable_detr_jax.training.train_state import model_spec
-from tests.test_training_workers import get_config, tiny_model_config
+from tests.training_workers import get_config, tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = (

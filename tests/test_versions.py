@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import sys
 import tomllib
 
 import pytest
 
 from deformable_detr_jax import _versions
+from tests import subprocess_utils
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_import_with_an_old_jax_fails_with_one_line(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: jax\nVersion: 0.4.30\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    result = subprocess.run(
+    result = subprocess_utils.run(
         [sys.executable, "-c", "import deformable_detr_jax"],
         capture_output=True,
         text=True,

@@ -1,22 +1,22 @@
 """Support for the training tests: a tiny recipe, synthetic batches, and subprocess workers.
 
-No tests here. The workers run in subprocesses because they need JAX configured before it
-starts (8 fake CPU devices via XLA_FLAGS, or `jax.distributed` across two processes):
+A helper module (no tests). The workers run in subprocesses because they need JAX configured
+before it starts (8 fake CPU devices via XLA_FLAGS, or `jax.distributed` across two processes);
+tests start them with `tests.subprocess_utils.start`, so that they die with the test:
 
-    python -m tests.test_training_workers train --out OUT.npz --steps 3 [--accum 2]
+    python -m tests.training_workers train --out OUT.npz --steps 3 [--accum 2]
         [--devices N] [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
         [--checkpoint-every K] [--fail-restore STEP] [--keep-compile-cache]
 
 trains the tiny model on `SyntheticBatches` with `training.train` and saves the final trained
-parameters. `python -m tests.test_training_workers tiny_config` prints nothing; the tiny recipe
-for `train.py` is `get_config` below (a config file can import it).
+parameters. The tiny recipe for `train.py` is `get_config` below (a config file can import
+it).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import numpy as np
@@ -42,7 +42,6 @@ TINY_MODEL = dict(
 )
 IMAGE = 64
 MAX_BOXES = 4
-PARENT_ENV = "DEFORMABLE_DETR_JAX_TEST_PARENT"  # the pid whose death kills a worker
 
 
 def tiny_model_config(**overrides):
@@ -176,21 +175,6 @@ def _fail_restore_here(step: int) -> None:
     checkpointing.read_step = failing_read
 
 
-def _die_with_parent() -> None:
-    """SIGKILL when the test process that started this worker dies (`$PARENT_ENV`, Linux): a
-    worker waiting on its peer in a collective outlives a killed pytest otherwise, and JAX's
-    preemption handler swallows SIGTERM."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):  # it died before the prctl
-        os._exit(1)
-
-
 def _keep_compile_cache() -> None:
     """Several processes on CPU keep the persistent cache on (training turns it off): fills a
     cache the way a version of this package without that check did."""
@@ -286,7 +270,6 @@ def main(argv=None) -> int:
         help="several processes on CPU keep the persistent cache on",
     )
     args = parser.parse_args(argv)
-    _die_with_parent()
     if args.command == "train":
         _train_worker(args)
     return 0
