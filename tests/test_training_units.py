@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax.inference.evaluation import CocoEvaluator
-from deformable_detr_jax.training import ConfigError, setup, train
+from deformable_detr_jax.training import ConfigError, settings, setup, train
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training.metrics import (
     MetricsWriter,
@@ -72,10 +72,11 @@ def test_param_groups_of_the_paper():
 
 def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
     """First AdamW step without decay/clipping moves each weight by lr * g / (|g| + eps)."""
-    config = get_config().optimizer
-    config.lr, config.lr_backbone, config.lr_linear_proj_mult = 1e-2, 1e-3, 0.1
-    config.weight_decay, config.clip_max_norm = 0.0, 0.0
-    config.lr_drop_epochs = (1,)
+    recipe = get_config().optimizer
+    recipe.lr, recipe.lr_backbone, recipe.lr_linear_proj_mult = 1e-2, 1e-3, 0.1
+    recipe.weight_decay, recipe.clip_max_norm = 0.0, 0.0
+    recipe.lr_drop_epochs = (1,)
+    config = settings.parse_group(settings.OptimizerSettings, recipe, "optimizer")
     spec = model_spec(tiny_model_config(), tuple(config.frozen))
     labels = {n: optimizer_lib.param_group(n, config) for n in spec.trainable}
     assert set(labels.values()) == set(optimizer_lib.GROUPS)
@@ -96,7 +97,7 @@ def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
         for n, v in params.items()
     }
     steps_per_epoch = 3
-    tx, schedules = optimizer_lib.make_optimizer(config, labels, steps_per_epoch)
+    tx, schedules = optimizer_lib.build_optimizer(config, labels, steps_per_epoch)
     state = tx.init(params)
     expected = {"default": 1e-2, "backbone": 1e-3, "linear_proj": 1e-3}
     for step in range(steps_per_epoch + 1):
@@ -118,10 +119,9 @@ def test_clipping_applies_to_the_global_norm():
     """Gradients of global norm 5 reach AdamW scaled to norm 0.1 (its first moment shows it)."""
     import optax
 
-    config = get_config().optimizer
-    config.clip_max_norm, config.weight_decay = 0.1, 0.0
+    config = settings.OptimizerSettings(clip_max_norm=0.1, weight_decay=0.0)
     labels = {"a": "default", "b": "backbone"}
-    tx, _ = optimizer_lib.make_optimizer(config, labels, 10)
+    tx, _ = optimizer_lib.build_optimizer(config, labels, 10)
     params = {"a": jnp.ones((3,)), "b": jnp.ones((2,))}
     grads = {"a": jnp.asarray([3.0, 0.0, 0.0]), "b": jnp.asarray([0.0, 4.0])}
     _, state = tx.update(grads, tx.init(params), params)
@@ -140,16 +140,16 @@ def test_clipping_applies_to_the_global_norm():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipes_build(name):
     config = _recipe(name)
-    setup.check_groups(config)
-    assert set(config) >= set(setup.GROUPS)
+    run = settings.parse(config)
+    assert set(config) == {"model", "data", "optimizer", "train"}
     assert config.optimizer.frozen is not None
     if name == "finetune_coco_json":
         assert config.model.init_from and config.data.source == "coco_json"
         return  # its model config comes from the checkpoint it names
     labels = 3 if name == "shapes_tiny" else 91
     source = type("Source", (), {"num_labels": labels, "label_names": None})()
-    model = setup.model_config(config, source)
-    loss = setup.loss_config(config, model)
+    model = setup.model_config(run.model, source)
+    loss = setup.loss_config(run.model, model)
     assert model.num_labels == labels and loss.num_labels == labels
     if name.endswith("_coco"):
         opt = config.optimizer
@@ -178,8 +178,9 @@ def _no_compile(monkeypatch):
 def test_batch_not_divisible_by_devices_fails_at_start(monkeypatch, tmp_path):
     config = get_config()
     config.data.batch_size = 6
+    run = settings.parse(config)
     with pytest.raises(ConfigError, match=r"data\.batch_size=6 .* 4 devices"):
-        setup.batch_layout(config, 4, 1)
+        setup.batch_layout(run.data, run.train, 4, 1)
     config = get_config()
     config.data.batch_size = 3
     config.train.grad_accum_steps = 2
@@ -247,8 +248,10 @@ def test_unknown_model_field_is_named():
     config = get_config()
     config.model.unlock()
     config.model.dmodel = 3
-    with pytest.raises(ConfigError, match=r"model\.dmodel"):
-        setup.check_groups(config)
+    with pytest.raises(
+        ConfigError, match=r"model\.dmodel is not a setting; did you mean model\.d_model\?"
+    ):
+        settings.parse(config)
 
 
 # ----------------------------------------------------------------------------- evaluation
