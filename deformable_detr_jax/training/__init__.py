@@ -8,26 +8,24 @@ ineffective setting is a `ConfigError` naming it) and runs the loop (`loop.py`).
 make a loop of your own: the paper's optimizer for a model, its train step, its batches.
 
     import jax
-    from deformable_detr_jax.training import (
-        init_state, make_batch, make_batches, make_data_mesh, make_optimizer, make_train_step,
-        model_spec, settings,
-    )
+    from deformable_detr_jax import training
     from deformable_detr_jax.training.recipes import shapes_tiny
 
-    run = settings.parse(shapes_tiny())                 # or settings.Settings(...)
-    data = settings.parse_group(settings.DataSettings, {"source": "shapes"}, "data")
-    model = ...                                         # a DeformableDetrConfig (num_labels=3)
-    loss = ...                                          # a criterion.loss.LossConfig
-    mesh = make_data_mesh()
-    spec = model_spec(model, run.optimizer.frozen)
-    optimizer = make_optimizer(spec, run.optimizer, steps_per_epoch=500, loss=loss)
-    state = init_state(spec, optimizer, mesh, seed=run.train.seed)
-    step = make_train_step(spec, loss, optimizer, mesh, state)
-    batches = make_batches(run.data, batch_size=8, num_labels=model.num_labels)
+    run = training.settings.parse(shapes_tiny())  # a recipe's typed settings
+    model = training.make_model_config(run)  # num_labels from the data
+    loss = training.make_loss_config(run, model)
+    mesh = training.make_data_mesh()
+    spec = training.model_spec(model, run.optimizer.frozen)
+    # AdamW over the paper's groups; unreached parameters not decayed; torch's clipping
+    optimizer = training.make_optimizer(spec, run.optimizer, steps_per_epoch=500, loss=loss)
+    state = training.init_state(spec, optimizer, mesh, seed=run.train.seed)
+    step = training.make_train_step(spec, loss, optimizer, mesh, state)
+    batches = training.make_batches(run.data, batch_size=8, num_labels=model.num_labels)
     key = jax.random.key(run.train.seed)
-    for _ in range(10):
-        state, metrics = step(state, make_batch([next(batches)], mesh), key)
-        print(float(metrics["loss"]))
+    for _ in range(3):
+        state, metrics = step(state, training.make_batch([next(batches)], mesh), key)
+        print(float(metrics["loss"]))  # 12.5299 first, as train.py's first step
+    batches.close()
 
 (`tests/test_training_api.py` runs this loop and checks it against `train()`.)
 
@@ -46,6 +44,8 @@ from deformable_detr_jax.training.api import (
     init_state,
     make_batch,
     make_batches,
+    make_loss_config,
+    make_model_config,
     make_optimizer,
     make_train_step,
 )
@@ -96,6 +96,8 @@ __all__ = [
     "make_batch",
     "make_batches",
     "make_data_mesh",
+    "make_loss_config",
+    "make_model_config",
     "make_optimizer",
     "make_train_step",
     "merged_model",

@@ -22,11 +22,23 @@ from deformable_detr_jax.training import step as step_lib
 from deformable_detr_jax.training import train_state as state_lib
 from deformable_detr_jax.training.optimizer import Optimizer, build_optimizer, param_group
 from deformable_detr_jax.training.reach import reached_parameters
-from deformable_detr_jax.training.settings import DataSettings, OptimizerSettings
+from deformable_detr_jax.training.settings import DataSettings, OptimizerSettings, Settings
 
 TrainStep = Callable[
     [state_lib.TrainState, dict[str, jax.Array], jax.Array], tuple[state_lib.TrainState, dict]
 ]
+
+
+def make_model_config(settings: Settings, source: Any = None) -> DeformableDetrConfig:
+    """The `DeformableDetrConfig` of the run's `model` settings; `num_labels` (when None) and the
+    label names from `source` (default: the training source `settings.data` names)."""
+    source = setup.make_source(settings.data, "train") if source is None else source
+    return setup.model_config(settings.model, source)
+
+
+def make_loss_config(settings: Settings, model: DeformableDetrConfig) -> LossConfig:
+    """The criterion's config: the run's `model.loss` settings for `model`'s labels."""
+    return setup.loss_config(settings.model, model)
 
 
 def spec_of(
