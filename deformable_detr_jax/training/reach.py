@@ -1,12 +1,15 @@
 """Which trained parameters the loss reaches: those with a gradient path from the loss.
 
-torch's AdamW skips a parameter whose `grad` is None: no moment update and no weight decay.
-In JAX every parameter gets a gradient, zeros where the loss never reaches it (e.g. a two-stage
-model's encoder heads without the encoder loss: the proposals they choose are detached), and
-`optax.adamw` would still decay it. `reached_parameters` finds, once and structurally, which
-gradients depend on the parameters at all: it traces the gradient of the loss on abstract inputs
-(`jax.make_jaxpr`, nothing is computed) and follows the jaxpr's data dependencies from the inputs
-to each gradient output; a gradient that is a constant (an instantiated zero) is not reached.
+torch's AdamW skips a parameter whose `grad` is None (outside the loss's autograd graph): no
+moment update and no weight decay. In JAX every parameter gets a gradient, zeros where the loss
+never reaches it (e.g. a two-stage model's encoder heads without the encoder loss: the proposals
+they choose are detached), and `optax.adamw` would still decay it. `reached_parameters` finds,
+once and structurally, which gradients depend on the parameters at all: it traces the gradient
+of the loss on abstract inputs (`jax.make_jaxpr`, nothing is computed) and follows the jaxpr's
+data dependencies from the inputs to each gradient output; a gradient that is a constant (an
+instantiated zero) is not reached. As in torch, a parameter inside the graph whose gradient is
+zero by value (the earlier decoder layers' heads without the auxiliary loss: their outputs are
+stacked, then only the last is used) counts as reached, and is decayed.
 """
 
 from __future__ import annotations
