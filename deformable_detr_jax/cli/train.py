@@ -6,7 +6,10 @@
     python train.py --config configs/two_stage_r50_coco.py --workdir runs/two_stage \
         --config.data.coco_json.train_images=/data/coco/train2017 --config.train.num_epochs=50
 
-A workdir that holds checkpoints is resumed. Several hosts: run the same command on every host;
+Every `--config.group.key=value` must name a setting of `deformable_detr_jax.training.settings`;
+a misspelt, mistyped or ineffective one (`--config.model.bbox_loss_coefficient`: the loss reads
+`model.loss.bbox_loss_coefficient`) is one `error:` line naming it and the nearest valid one,
+exit 2. A workdir that holds checkpoints is resumed. Several hosts: run the same command on every host;
 on a cluster JAX detects (TPU pods, SLURM) add `--distributed`, elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
