@@ -24,7 +24,7 @@ make a loop of your own: the paper's optimizer for a model, its train step, its 
     key = jax.random.key(run.train.seed)
     for _ in range(3):
         state, metrics = step(state, training.make_batch([next(batches)], mesh), key)
-        print(float(metrics["loss"]))  # 12.5299 first, as train.py's first step
+        print(float(metrics["loss"]))  # the losses train() logs with these settings
     batches.close()
 
 (`tests/test_training_api.py` runs this loop and checks it against `train()`.)
