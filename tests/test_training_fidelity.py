@@ -170,7 +170,9 @@ def test_a_train_step_leaves_unreached_parameters_alone():
     after = {n: np.asarray(v) for n, v in state.params.items()}
     moved = {n for n in after if not np.array_equal(after[n], before[n])}
     assert not moved & TWO_STAGE_UNREACHED
-    # each unreached tensor would have shown a decay: none is all zeros
-    assert all(np.any(before[n]) for n in TWO_STAGE_UNREACHED)
+    # a decay would have shown: most unreached tensors are not zeros (the heads' last layers are)
+    assert {"model.enc_output.kernel", "model.enc_output_norm.scale", "class_embed.2.kernel"} <= {
+        n for n in TWO_STAGE_UNREACHED if np.any(before[n])
+    }
     # every reached tensor that is not all zeros moved (its gradient, its decay)
     assert moved >= {n for n in after if np.any(before[n])} - TWO_STAGE_UNREACHED
