@@ -42,7 +42,7 @@ def main() -> None:
         model, opt = setup_model(recipe), recipe.optimizer
     spec = state_lib.model_spec(model, tuple(opt.frozen))
     labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
-    tx, _ = optimizer_lib.make_optimizer(opt, labels, 1000)
+    tx, _ = optimizer_lib.build_optimizer(opt, labels, 1000)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     abstract = state_lib.abstract_train_state(spec, tx, mesh)
     rng = np.random.default_rng(0)
@@ -84,10 +84,10 @@ def main() -> None:
 
 
 def setup_model(recipe):
-    from deformable_detr_jax.training import setup
+    from deformable_detr_jax.training import settings, setup
 
     source = type("Source", (), {"num_labels": 3, "label_names": None})()
-    return setup.model_config(recipe, source)
+    return setup.model_config(settings.parse(recipe).model, source)
 
 
 if __name__ == "__main__":

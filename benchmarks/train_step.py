@@ -103,7 +103,7 @@ def build_jax(config, batch, args):
     opt = recipes.optimizer_group()
     spec = model_spec(config, tuple(opt.frozen))
     labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
-    tx, _ = optimizer_lib.make_optimizer(opt, labels, 1000)
+    tx, _ = optimizer_lib.build_optimizer(opt, labels, 1000)
     params, frozen = init_weights(spec, 0, mesh)
     state = create_train_state(params, frozen, tx, mesh)
     loss = LossConfig.preset("original", config.num_labels)

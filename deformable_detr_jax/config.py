@@ -107,7 +107,10 @@ class DeformableDetrConfig:
     backbone_hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
     backbone_embedding_size: int = 64
     dilation: bool = False
-    # Loss and matching (used by training; transformers' defaults).
+    # Loss and matching as transformers' config.json has them (its defaults), kept only for
+    # `from_hf` / `to_hf` round trips: no setting of a run. Training reads the recipe's
+    # `model.loss.*` (`criterion.loss.LossConfig`); `--config.model.bbox_loss_coefficient` is an
+    # error naming `model.loss.bbox_loss_coefficient`.
     auxiliary_loss: bool = False
     class_cost: float = 1.0
     bbox_cost: float = 5.0

@@ -105,7 +105,7 @@ def _tiny_train_step():
     opt = recipes.optimizer_group()
     spec = model_spec(config, tuple(opt.frozen))
     labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
-    tx, _ = optimizer_lib.make_optimizer(opt, labels, 10)
+    tx, _ = optimizer_lib.build_optimizer(opt, labels, 10)
     params, frozen = init_weights(spec, 0, mesh)
     state = create_train_state(params, frozen, tx, mesh)
     step = make_train_step(spec, LossConfig.preset("original", config.num_labels), tx, mesh, state)

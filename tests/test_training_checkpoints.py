@@ -268,7 +268,6 @@ def test_settings_differences_name_each_and_skip_what_may_change(tmp_path):
 
 
 def test_a_workdir_without_config_json_is_compared_with_its_newest_checkpoint(tmp_path):
-    from deformable_detr_jax.training.loop import _settings_from_checkpoints
     from tests.training_workers import tiny_model_config
 
     saved = _payload()
@@ -276,9 +275,30 @@ def test_a_workdir_without_config_json_is_compared_with_its_newest_checkpoint(tm
     meta = {"config": saved["config"], "model_config": tiny_model_config().to_hf()}
     checkpoints.save(_state(1), None, meta)  # as a version before config.json wrote it
     checkpoints.wait()
-    fallback = _settings_from_checkpoints(checkpoints)
+    fallback = resume.settings_from_checkpoints(checkpoints)
     checkpoints.close()
     assert not (tmp_path / "config.json").exists()
     resume.check_settings(str(tmp_path), _payload(**{"train.num_steps": 9}), fallback=fallback)
     with pytest.raises(ConfigError, match=r"with model\.d_model=64; this run has 96: use another"):
         resume.check_settings(str(tmp_path), _payload(**{"model.d_model": 96}), fallback=fallback)
+
+
+def test_a_workdir_written_with_the_model_loss_fields_still_resumes(tmp_path):
+    """Before the recipe's model group lost the transformers loss fields, config.json held them
+    (and the resolved model config still does): they are no settings, so they are not compared."""
+    saved = _payload()
+    saved["config"]["model"]["bbox_loss_coefficient"] = 50.0
+    saved["model"]["bbox_loss_coefficient"] = 50.0
+    saved["model"]["eos_coefficient"] = 0.3
+    resume.write_settings(str(tmp_path), saved)
+    resume.check_settings(str(tmp_path), _payload())
+    assert "bbox_loss_coefficient" not in _payload()["config"]["model"]
+    from tests.training_workers import get_config, tiny_model_config
+
+    config = get_config()
+    config.model.loss.bbox_loss_coefficient = 7.0  # the loss's own setting is compared
+    changed = resume.payload(config, tiny_model_config())
+    with pytest.raises(
+        ConfigError, match=r"model\.loss\.bbox_loss_coefficient=5\.0; this run has 7"
+    ):
+        resume.check_settings(str(tmp_path), changed)

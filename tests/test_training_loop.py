@@ -51,7 +51,7 @@ def test_overfit_fixed_batch_then_nan_stops_with_last_good_checkpoint(tmp_path):
     # the last checkpoint is the last good step, loadable, finite
     spec = model_spec(model, tuple(config.optimizer.frozen))
     labels = {n: optimizer_lib.param_group(n, config.optimizer) for n in spec.trainable}
-    tx, _ = optimizer_lib.make_optimizer(config.optimizer, labels, 100)
+    tx, _ = optimizer_lib.build_optimizer(config.optimizer, labels, 100)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     checkpoints = Checkpoints(tmp_path / "checkpoints")
     assert checkpoints.latest_step() == STEPS

@@ -1,7 +1,7 @@
 """Preemption: a run killed with SIGKILL and resumed ends where an uninterrupted run ends, and
 SIGTERM stops a run with a checkpoint that the next run resumes from.
 
-The runs are `train.py` subprocesses on the tiny shapes recipe (`tests/test_training_workers.
+The runs are `train.py` subprocesses on the tiny shapes recipe (`tests/training_workers.
 get_config`), sharing a persistent compilation cache. The data source is slowed down (a sleep
 per image, in the config file) so that the signals land while training is under way.
 """

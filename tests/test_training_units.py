@@ -14,15 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformable_detr_jax.inference.evaluation import CocoEvaluator
-from deformable_detr_jax.training import ConfigError, setup, train
+from deformable_detr_jax.training import ConfigError, settings, setup, train
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training.metrics import (
-    MetricsWriter,
-    ProgressBar,
     crc32c,
-    read_jsonl,
-    read_tfrecords,
 )
 from deformable_detr_jax.training.train_state import model_spec
 from tests.training_workers import get_config, tiny_model_config
@@ -72,10 +67,11 @@ def test_param_groups_of_the_paper():
 
 def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
     """First AdamW step without decay/clipping moves each weight by lr * g / (|g| + eps)."""
-    config = get_config().optimizer
-    config.lr, config.lr_backbone, config.lr_linear_proj_mult = 1e-2, 1e-3, 0.1
-    config.weight_decay, config.clip_max_norm = 0.0, 0.0
-    config.lr_drop_epochs = (1,)
+    recipe = get_config().optimizer
+    recipe.lr, recipe.lr_backbone, recipe.lr_linear_proj_mult = 1e-2, 1e-3, 0.1
+    recipe.weight_decay, recipe.clip_max_norm = 0.0, 0.0
+    recipe.lr_drop_epochs = (1,)
+    config = settings.parse_group(settings.OptimizerSettings, recipe, "optimizer")
     spec = model_spec(tiny_model_config(), tuple(config.frozen))
     labels = {n: optimizer_lib.param_group(n, config) for n in spec.trainable}
     assert set(labels.values()) == set(optimizer_lib.GROUPS)
@@ -96,7 +92,7 @@ def test_three_learning_rates_are_applied_and_drop_at_the_epoch():
         for n, v in params.items()
     }
     steps_per_epoch = 3
-    tx, schedules = optimizer_lib.make_optimizer(config, labels, steps_per_epoch)
+    tx, schedules = optimizer_lib.build_optimizer(config, labels, steps_per_epoch)
     state = tx.init(params)
     expected = {"default": 1e-2, "backbone": 1e-3, "linear_proj": 1e-3}
     for step in range(steps_per_epoch + 1):
@@ -118,10 +114,9 @@ def test_clipping_applies_to_the_global_norm():
     """Gradients of global norm 5 reach AdamW scaled to norm 0.1 (its first moment shows it)."""
     import optax
 
-    config = get_config().optimizer
-    config.clip_max_norm, config.weight_decay = 0.1, 0.0
+    config = settings.OptimizerSettings(clip_max_norm=0.1, weight_decay=0.0)
     labels = {"a": "default", "b": "backbone"}
-    tx, _ = optimizer_lib.make_optimizer(config, labels, 10)
+    tx, _ = optimizer_lib.build_optimizer(config, labels, 10)
     params = {"a": jnp.ones((3,)), "b": jnp.ones((2,))}
     grads = {"a": jnp.asarray([3.0, 0.0, 0.0]), "b": jnp.asarray([0.0, 4.0])}
     _, state = tx.update(grads, tx.init(params), params)
@@ -140,16 +135,16 @@ def test_clipping_applies_to_the_global_norm():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipes_build(name):
     config = _recipe(name)
-    setup.check_groups(config)
-    assert set(config) >= set(setup.GROUPS)
+    run = settings.parse(config)
+    assert set(config) == {"model", "data", "optimizer", "train"}
     assert config.optimizer.frozen is not None
     if name == "finetune_coco_json":
         assert config.model.init_from and config.data.source == "coco_json"
         return  # its model config comes from the checkpoint it names
     labels = 3 if name == "shapes_tiny" else 91
     source = type("Source", (), {"num_labels": labels, "label_names": None})()
-    model = setup.model_config(config, source)
-    loss = setup.loss_config(config, model)
+    model = setup.model_config(run.model, source)
+    loss = setup.loss_config(run.model, model)
     assert model.num_labels == labels and loss.num_labels == labels
     if name.endswith("_coco"):
         opt = config.optimizer
@@ -178,8 +173,9 @@ def _no_compile(monkeypatch):
 def test_batch_not_divisible_by_devices_fails_at_start(monkeypatch, tmp_path):
     config = get_config()
     config.data.batch_size = 6
+    run = settings.parse(config)
     with pytest.raises(ConfigError, match=r"data\.batch_size=6 .* 4 devices"):
-        setup.batch_layout(config, 4, 1)
+        setup.batch_layout(run.data, run.train, 4, 1)
     config = get_config()
     config.data.batch_size = 3
     config.train.grad_accum_steps = 2
@@ -247,69 +243,13 @@ def test_unknown_model_field_is_named():
     config = get_config()
     config.model.unlock()
     config.model.dmodel = 3
-    with pytest.raises(ConfigError, match=r"model\.dmodel"):
-        setup.check_groups(config)
+    with pytest.raises(
+        ConfigError, match=r"model\.dmodel is not a setting; did you mean model\.d_model\?"
+    ):
+        settings.parse(config)
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def _eval_batch(rng, n=4):
-    count = rng.integers(1, 4, n)
-    mask = np.arange(5)[None] < count[:, None]
-    boxes = np.concatenate([rng.uniform(0.3, 0.7, (n, 5, 2)), rng.uniform(0.1, 0.3, (n, 5, 2))], -1)
-    return {
-        "image_id": np.arange(n) + 10,
-        "orig_size": np.stack([rng.integers(100, 200, n), rng.integers(100, 200, n)], 1),
-        "labels": rng.integers(0, 3, (n, 5)),
-        "boxes": boxes,
-        "mask": mask,
-        "valid": np.array([True] * (n - 1) + [False]),
-    }
-
-
-def _detections_from(batch, shift=0.0, wrong_class=False):
-    cx, cy, w, h = np.moveaxis(batch["boxes"], -1, 0)
-    xyxy = np.stack([cx - w / 2 + shift, cy - h / 2, cx + w / 2 + shift, cy + h / 2], -1)
-    labels = (batch["labels"] + 1) % 3 if wrong_class else batch["labels"]
-    scores = np.where(batch["mask"], 0.9, 0.01)
-    return {"scores": scores, "labels": labels, "boxes": xyxy}
-
-
-def test_coco_evaluator_scores_perfect_shifted_and_wrong_detections():
-    batch = _eval_batch(np.random.default_rng(0))
-    results = {}
-    for name, kwargs in (
-        ("perfect", {}),
-        ("shifted", {"shift": 0.05}),
-        ("wrong", {"wrong_class": True}),
-    ):
-        evaluator = CocoEvaluator(category_ids=(1, 5, 7), label_names=("a", "b", "c"))
-        evaluator.add(_detections_from(batch, **kwargs), batch)
-        results[name] = evaluator.compute()
-        assert len(evaluator.images) == 3  # the invalid (filler) image is left out
-    assert results["perfect"]["AP"] == pytest.approx(1.0)
-    assert results["perfect"]["AP50"] == pytest.approx(1.0)
-    assert 0.0 < results["shifted"]["AP"] < 1.0
-    assert results["wrong"]["AP"] == pytest.approx(0.0)
-
-
-def test_coco_evaluator_against_the_annotation_file(tmp_path):
-    batch = _eval_batch(np.random.default_rng(1))
-    built = CocoEvaluator(category_ids=(1, 5, 7))
-    built.add(_detections_from(batch), batch)
-    built.compute()
-    gt = {
-        "images": [{"id": i, "height": h, "width": w} for i, (h, w) in built.images.items()],
-        "annotations": built.annotations,
-        "categories": [{"id": c, "name": str(c)} for c in (1, 5, 7)],
-    }
-    (tmp_path / "gt.json").write_text(json.dumps(gt))
-    official = CocoEvaluator(category_ids=(1, 5, 7), ground_truth_json=str(tmp_path / "gt.json"))
-    official.add(_detections_from(batch, shift=0.05), batch)
-    shifted = CocoEvaluator(category_ids=(1, 5, 7))
-    shifted.add(_detections_from(batch, shift=0.05), batch)
-    assert official.compute() == pytest.approx(shifted.compute())
 
 
 # ----------------------------------------------------------------------------- metrics files
@@ -317,29 +257,3 @@ def test_coco_evaluator_against_the_annotation_file(tmp_path):
 
 def test_crc32c_known_value():
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
-def test_metrics_writer_and_progress(tmp_path, capsys):
-    writer = MetricsWriter(tmp_path)
-    writer.write(5, {"loss": 1.5, "lr_default": 2e-4})
-    writer.write(10, {"loss": float("nan")})
-    writer.write(10, {"AP": 0.25}, split="eval")
-    writer.close()
-    records = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [5, 10, 10]
-    assert records[0]["loss"] == 1.5 and records[1]["loss"] == "nan" and records[2]["AP"] == 0.25
-    (events,) = (tmp_path / "tensorboard").iterdir()
-    data = read_tfrecords(events)
-    assert len(data) == 4 and b"brain.Event:2" in data[0] and b"eval/AP" in data[3]
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return
-    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
-    accumulator.Reload()
-    assert [e.value for e in accumulator.Scalars("train/loss")][:1] == [1.5]
-
-    bar = ProgressBar(100, 8, start_step=0)
-    line = bar.update(10, {"loss": 2.0})
-    assert line.startswith("step 10/100") and "img/s" in line and "ETA" in line
-    assert "step 10/100" in capsys.readouterr().err

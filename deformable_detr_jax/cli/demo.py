@@ -32,7 +32,8 @@ def run_demo(
 
     from deformable_detr_jax.data import ShapesSource
     from deformable_detr_jax.inference.detector import Detector
-    from deformable_detr_jax.training import setup, train
+    from deformable_detr_jax.training import settings, setup, train
+    from deformable_detr_jax.training.process import process_settings
     from deformable_detr_jax.training.recipes import shapes_tiny
 
     start = time.time()
@@ -40,11 +41,12 @@ def run_demo(
     config = shapes_tiny()
     if num_steps is not None:
         config.train.num_steps = int(num_steps)
-    result = train(config, workdir)
+    with process_settings():
+        result = train(config, workdir)
     metrics = result.eval_metrics or {}
 
     detector = Detector.from_pretrained(result.model_dir)
-    held_out = setup.make_source(config, "eval")
+    held_out = setup.make_source(settings.parse(config).data, "eval")
     assert isinstance(held_out, ShapesSource)
     out_dir = workdir / "detections"
     out_dir.mkdir(parents=True, exist_ok=True)

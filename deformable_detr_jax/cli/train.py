@@ -6,7 +6,10 @@
     python train.py --config configs/two_stage_r50_coco.py --workdir runs/two_stage \
         --config.data.coco_json.train_images=/data/coco/train2017 --config.train.num_epochs=50
 
-A workdir that holds checkpoints is resumed. Several hosts: run the same command on every host;
+Every `--config.group.key=value` must name a setting of `deformable_detr_jax.training.settings`;
+a misspelt, mistyped or ineffective one (`--config.model.bbox_loss_coefficient`: the loss reads
+`model.loss.bbox_loss_coefficient`) is one `error:` line naming it and the nearest valid one,
+exit 2. A workdir that holds checkpoints is resumed. Several hosts: run the same command on every host;
 on a cluster JAX detects (TPU pods, SLURM) add `--distributed`, elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
@@ -54,6 +57,7 @@ def main(argv) -> int:
 def _train(captured: exits.CapturedLogs) -> int:
     from deformable_detr_jax import training
     from deformable_detr_jax.data import DataError
+    from deformable_detr_jax.training.process import process_settings
 
     workdir = FLAGS.workdir
     report = functools.partial(exits.report, PROG, folder=workdir)
@@ -64,7 +68,8 @@ def _train(captured: exits.CapturedLogs) -> int:
             FLAGS.process_id,
             auto=FLAGS.distributed,
         )
-        result = training.train(FLAGS.config, workdir)
+        with process_settings():  # process-wide settings: once, here
+            result = training.train(FLAGS.config, workdir)
     except training.ConfigError as err:
         return report(f"configuration: {err}", exits.BAD_INPUT)
     except DataError as err:
@@ -99,8 +104,24 @@ def _train(captured: exits.CapturedLogs) -> int:
     return exits.OK
 
 
+def check_overrides(argv) -> None:
+    """Each `--config.group.key=value` must name a setting: else one error line naming it and
+    the nearest one (or where a model loss field belongs), exit 2."""
+    from deformable_detr_jax.training import settings
+
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            name = arg[len("--config.") :].split("=", 1)[0]
+            try:
+                settings.check_name(name)
+            except settings.ConfigError as err:
+                exits.report(PROG, f"configuration: {err}", exits.BAD_INPUT)
+                sys.exit(exits.BAD_INPUT)
+
+
 def parse_flags(argv):
     """absl parsing, with a one-line error for an override of a setting the recipe lacks."""
+    check_overrides(argv)
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:

@@ -9,12 +9,15 @@ difference, e.g.
     workdir runs/x was trained with model.d_model=64; this run has 96: use another --workdir or
     the same settings
 
-Every setting is compared except those in `MAY_CHANGE`: how long to train, how often to log,
-evaluate and checkpoint, where the data files are and how they are loaded, which kernel computes
-the attention, and the optimizer's rates and schedule (lowering a learning rate and resuming is a
-manual schedule). The model, what is frozen, the optimizer groups, the data (source, order,
-augmentation, batch), the dtypes and the seeds shape the state or the run and must stay as they
-were. A setting the file does not know (added by a later version) is not compared.
+Every setting is compared except those whose field says `may_change` (`settings/groups.py`):
+how long to train, how often to log, evaluate and checkpoint, where the data files are and how
+they are loaded, which kernel computes the attention, and the optimizer's rates and schedule
+(lowering a learning rate and resuming is a manual schedule). The model, what is frozen, the
+optimizer groups, the data (source, order, augmentation, batch), the dtypes and the seeds shape
+the state or the run and must stay as they were. A setting the file does not know (added by a
+later version) is not compared, nor one that is no setting of this version (the model config's
+transformers loss fields, `model.bbox_loss_coefficient` etc., that a workdir written before
+they were dropped from the recipe holds).
 """
 
 from __future__ import annotations
@@ -27,69 +30,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from deformable_detr_jax.config import DeformableDetrConfig
-from deformable_detr_jax.training.setup import ConfigError
+from deformable_detr_jax.training import settings as settings_lib
+from deformable_detr_jax.training.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "config.json"
 FORMAT = 1
-
-# Dotted settings (or group prefixes ending in ".") that a resumed run may change.
-MAY_CHANGE = (
-    # how long, how often, what is written
-    "train.num_steps",
-    "train.num_epochs",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.async_checkpoints",
-    "train.eval_every",
-    "train.eval_at_end",
-    "train.eval_top_k",
-    "train.save_model",
-    "train.tensorboard",
-    "train.handle_sigterm",
-    "train.compilation_cache_dir",
-    # where the data is and how it is loaded (not what it is)
-    "data.eval_batch_size",
-    "data.num_threads",
-    "data.backend",
-    "data.strict",
-    "data.shapes.num_eval",
-    "data.coco_json.train_images",
-    "data.coco_json.train_annotations",
-    "data.coco_json.eval_images",
-    "data.coco_json.eval_annotations",
-    "data.yolo.folder",
-    "data.yolo.eval_split",
-    "data.tfds.data_dir",
-    "data.tfds.eval_split",
-    # which kernel computes the attention (the same numbers); where a fresh run started from
-    "model.msda_implementation",
-    "model.init_from",
-    "model.backbone_weights",
-    # the optimizer's rates and schedule (its groups and state stay)
-    "optimizer.lr",
-    "optimizer.lr_backbone",
-    "optimizer.lr_linear_proj_mult",
-    "optimizer.weight_decay",
-    "optimizer.b1",
-    "optimizer.b2",
-    "optimizer.eps",
-    "optimizer.clip_max_norm",
-    "optimizer.lr_drop_epochs",
-    "optimizer.lr_drop_factor",
-    "optimizer.warmup_steps",
-)
-
-
-def config_json(config: Any) -> Any:
-    """The run's ConfigDict (or mapping) as plain JSON data."""
-    to_dict = getattr(config, "to_dict", None)
-    try:
-        return json.loads(json.dumps(to_dict() if to_dict else dict(config), default=str))
-    except (TypeError, ValueError):
-        return str(config)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -119,20 +66,18 @@ def settings_record(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def payload(config: Any, model: DeformableDetrConfig) -> dict[str, Any]:
-    """What `config.json` holds."""
-    return json.loads(
-        json.dumps(
-            {
-                "format": FORMAT,
-                "config": config_json(config),
-                "model": dataclasses.asdict(model),
-            }
-        )
-    )
+    """What `config.json` holds: the run's settings (`config`: `Settings`, or a recipe that
+    parses to them) and the model config they resolved to."""
+    settings = settings_lib.as_dict(settings_lib.parse(config))
+    record = {"format": FORMAT, "config": settings, "model": dataclasses.asdict(model)}
+    return json.loads(json.dumps(record))
 
 
-def may_change(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
+def compared(key: str) -> bool:
+    """Whether a resumed run must keep the dotted setting `key` as it was: a setting of this
+    version whose field does not say `may_change`."""
+    field = settings_lib.field_of(key)
+    return field is not None and not field.metadata.get("may_change", False)
 
 
 def _show(value: Any) -> str:
@@ -150,7 +95,7 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     before, now = settings_record(saved), settings_record(current)
     lines = []
     for key in sorted(set(before) & set(now)):
-        if not may_change(key) and before[key] != now[key]:
+        if compared(key) and before[key] != now[key]:
             lines.append(f"{key}={_show(before[key])}; this run has {_show(now[key])}")
     return lines
 
@@ -210,3 +155,17 @@ def check_settings(
         f"workdir {name} was trained with other settings than this run ({len(lines)} "
         "differences):\n" + "\n".join(f"  {line}" for line in lines) + f"\n{advice}"
     )
+
+
+def settings_from_checkpoints(checkpoints) -> dict[str, Any] | None:
+    """The `payload` of a workdir written before `config.json` existed, rebuilt from the newest
+    checkpoint (`checkpointing.Checkpoints`) whose meta item reads."""
+    for step in reversed(checkpoints.all_steps()):
+        meta = checkpoints.read_meta(step)
+        if meta and "config" in meta and "model_config" in meta:
+            model = DeformableDetrConfig.from_hf(meta["model_config"])
+            return {
+                "config": meta["config"],
+                "model": json.loads(json.dumps(dataclasses.asdict(model))),
+            }
+    return None
