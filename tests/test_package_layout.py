@@ -18,10 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / PACKAGE
 
 # (file relative to the repository, "alias._name") pairs still allowed, each with its reason.
 # The check fails when an entry is no longer needed, so the list only shrinks.
-KNOWN_PRIVATE_USES = {
-    # the typed settings replace the ConfigDict getter (issue 25 item 1, another branch)
-    ("deformable_detr_jax/training/loop.py", "setup._get"),
-}
+KNOWN_PRIVATE_USES: set[tuple[str, str]] = set()
 
 
 def _module_name(root: pathlib.Path, path: pathlib.Path) -> str:
