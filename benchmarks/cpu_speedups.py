@@ -7,11 +7,11 @@ A variant is `all` (every speed-up the package applies on CPU) or `no-X`: all bu
 speed-ups named by the letters X,
 turned off in that subject's process before its step is built:
 
-- `a`: the dense layers' filter gradients in the form YNNPACK runs (`modeling.dense`);
-- `b`: the train step compiled per batch shape with sized options (`CpuTrainStep`: the
-  temporaries split into buffers that fit glibc's heaps);
-- `c`: `step_compiler_options`' YNNPACK fusion types without its convolutions (jaxlib 0.10);
-- `d`: glibc keeping freed memory (`host_memory.retained_host_memory`) around the steps.
+- `a`: the dense layers' filter gradients in the form YNNPACK runs (`cpu.prepare_model`);
+- `b`: the train step compiled per batch shape with sized options (`cpu.sized_train_step`:
+  the temporaries split into buffers that fit glibc's heaps);
+- `c`: `cpu.compiler_options`' YNNPACK fusion types without its convolutions (jaxlib 0.10);
+- `d`: glibc keeping freed memory (`cpu.configure_process`).
 
 Each variant runs in its own process (`side_by_side.py`), the variants alternate in blocks of
 `--block` steps after `--warmup` untimed blocks; the medians, the spread (min..max) and each
@@ -21,7 +21,6 @@ variant's median against `all` are printed with the load average before and afte
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import statistics
@@ -37,13 +36,13 @@ SPEEDUPS = "abcd"
 
 def turn_off(speedups: str) -> None:
     """Turns the speed-ups named in `speedups` off in this process (before the step is built)."""
-    from deformable_detr_jax.training import step
+    from deformable_detr_jax.training import cpu
     from deformable_detr_jax.training.cpu import compiler
 
     if "a" in speedups:
-        step._with_cpu_filter_gradients = lambda fn: fn
+        cpu.prepare_model = lambda model: model
     if "b" in speedups:
-        step.CpuTrainStep = lambda jitted, mesh: jitted
+        cpu.sized_train_step = lambda jitted, mesh: jitted
     if "c" in speedups:
         compiler.MEASURED_JAXLIB = (-1, -1)
 
@@ -54,16 +53,14 @@ class Variant:
     def __init__(self, args):
         import jax
 
-        from deformable_detr_jax.training.cpu.host_memory import retained_host_memory
+        from deformable_detr_jax.training import cpu
 
         self._jax = jax
         turn_off(args.off)
+        if "d" not in args.off:
+            cpu.configure_process()
         config, batch, _ = train_step.setup(args)
         self.step_fn, self.state, self.batch, self.key = train_step.build_jax(config, batch, args)
-        if "d" not in args.off:
-            memory = retained_host_memory()
-            memory.__enter__()
-            atexit.register(memory.__exit__, None, None, None)
         start = time.perf_counter()
         self.step()
         self.first_step_s = time.perf_counter() - start
@@ -83,7 +80,10 @@ def main(argv=None) -> int:
     train_step.add_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=["all", *(f"no-{s}" for s in SPEEDUPS)])
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--cache", default=None, help="persistent compilation cache directory")
     args = parser.parse_args(argv)
+    if args.cache:  # variants with the same program (no-d and all) compile it once
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(args.cache)
     for variant in args.variants:
         if variant != "all" and not (variant[:3] == "no-" and set(variant[3:]) <= set(SPEEDUPS)):
             parser.error(f"unknown variant {variant!r}: use all or no-X with X among {SPEEDUPS}")

@@ -25,7 +25,7 @@ from deformable_detr_jax.training.cpu.compiler import (
     cpu_compiler_options,
     step_compiler_options,
 )
-from deformable_detr_jax.training.step import CpuTrainStep
+from deformable_detr_jax.training.cpu.sized_step import CpuTrainStep
 
 JAXLIB_0_10 = importlib.metadata.version("jaxlib").startswith("0.10.")
 needs_jaxlib_0_10 = pytest.mark.skipif(

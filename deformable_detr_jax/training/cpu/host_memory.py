@@ -7,12 +7,13 @@ system (trims) once enough of a heap is free. Either way the next step touches f
 the kernel has to fault them in and zero them: 636,000 page faults and 1.5 s of system time per
 R50 training step at batch 2, 384 x 512 (BENCHMARKS.md, "Host memory of a CPU step").
 
-`retained_host_memory()` is where the CPU training loop runs: inside it glibc maps no memory of
-its own and trims none, so freed memory stays in the process and is reused. Together with the
-step's temporaries split into buffers that fit a thread's heap (`cpu_compiler.HEAP_BYTES`), a
-step reuses the memory of the step before. On leaving, glibc's defaults are restored and the
-free memory is given back (`malloc_trim`). The process's resident memory stays at the step's
-peak meanwhile: that memory is needed by every step anyway.
+`configure_process()`, called once at a training entry point on CPU, sets glibc to map no
+memory of its own and trim none, for the rest of the process: freed memory stays in the process
+and is reused. Together with the step's temporaries split into buffers that fit a thread's heap
+(`compiler.HEAP_BYTES`, `sized_step`), a step reuses the memory of the step before. The
+process's resident memory stays at the step's peak: that memory is needed by every step anyway.
+(`retained_host_memory()` does the same for a `with` block, restoring glibc's defaults and
+giving the free memory back, `malloc_trim`, on leaving.)
 
 It applies on Linux with glibc only, and not where the user tunes glibc's allocator themselves
 (`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, or
@@ -44,6 +45,7 @@ USER_SETTINGS = (
 
 _lock = threading.Lock()
 _depth = 0
+_configured = False
 
 
 @functools.cache
@@ -71,6 +73,24 @@ def _set(mmap_max: int, trim_threshold: int) -> None:
     libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
+def configure_process(platform: str | None = None) -> bool:
+    """For a process that trains on `platform` (default: JAX's default backend): on "cpu",
+    glibc keeps the memory the process frees, from now on (see the module docstring). Returns
+    whether it does. Elsewhere, or where `applies()` is False, nothing changes."""
+    global _configured
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    if platform != "cpu" or not applies():
+        return False
+    with _lock:
+        if not _configured:
+            _set(0, 2**31 - 1)
+            _configured = True
+    return True
+
+
 @contextlib.contextmanager
 def retained_host_memory() -> Iterator[bool]:
     """Inside, glibc keeps the memory the process frees (see the module docstring); yields
@@ -80,7 +100,7 @@ def retained_host_memory() -> Iterator[bool]:
         yield False
         return
     with _lock:
-        if _depth == 0:
+        if _depth == 0 and not _configured:
             _set(0, 2**31 - 1)
         _depth += 1
     try:
@@ -88,6 +108,6 @@ def retained_host_memory() -> Iterator[bool]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
+            if _depth == 0 and not _configured:
                 _set(DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
                 _glibc().malloc_trim(0)
