@@ -23,7 +23,6 @@ sides, as in the paper's recipe.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import statistics
@@ -197,15 +196,12 @@ class JaxSubject:
     def __init__(self, args):
         import jax
 
-        from deformable_detr_jax.training.cpu.host_memory import retained_host_memory
+        from deformable_detr_jax.training import cpu
 
         self._jax = jax
+        cpu.configure_process()  # as a training entry point does (on CPU only)
         config, batch, _ = setup(args)
         self.step_fn, self.state, self.batch, self.key = build_jax(config, batch, args)
-        if jax.default_backend() == "cpu":  # as the training loop runs the step
-            memory = retained_host_memory()
-            memory.__enter__()
-            atexit.register(memory.__exit__, None, None, None)
         start = time.perf_counter()
         self.step()
         self.first_step_s = time.perf_counter() - start

@@ -1,19 +1,13 @@
-"""A CPU step reusing the host memory of the step before (`deformable_detr_jax.training.cpu.host_memory` and
-the temporaries split by `cpu_compiler`).
-
-A program whose temporaries are one buffer larger than glibc's 64 MiB thread heaps gets fresh
-pages from the kernel on every call (minor page faults); split into buffers that fit a heap and
-run inside `retained_host_memory()`, a call reuses the pages of the call before. Measured here
-with the process's minor page faults (`getrusage`), on Linux with glibc only.
+"""A CPU step reusing the host memory of the step before (`training.cpu.host_memory` and the
+temporaries split by `training.cpu.compiler`): which glibc settings are made, when, and which
+programs are split. (What glibc then does with the memory is glibc's: BENCHMARKS.md has the
+page faults and step times it saves.)
 """
 
 from __future__ import annotations
 
-import resource
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from deformable_detr_jax.training.cpu import host_memory
@@ -27,78 +21,16 @@ from deformable_detr_jax.training.cpu.compiler import (
 needs_glibc = pytest.mark.skipif(not host_memory.applies(), reason="needs Linux with glibc")
 
 
-def _many_live_values(x):
-    """Eight (1024, 4096) float32 values (16 MiB each) alive at once: 128 MiB of temporaries."""
-    # the barrier keeps XLA from fusing them into their consumers: all eight are buffers
-    parts = jax.lax.optimization_barrier([jnp.sin(x * (i + 1)) for i in range(8)])
-    return sum(jnp.sum(p * q) for p, q in zip(parts, parts[::-1]))
-
-
-def _faults_per_call(compiled, x, calls: int = 8) -> float:
-    """Mean minor page faults of a call, after three calls of warming up."""
-    for _ in range(3):  # each of XLA's threads that allocates warms up its own heaps
-        jax.block_until_ready(compiled(x))
-    faults = []
-    for _ in range(calls):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        jax.block_until_ready(compiled(x))
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return float(np.mean(faults))
-
-
 @needs_glibc
-def test_a_split_program_reuses_its_memory_inside_retained_host_memory(monkeypatch):
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    x = jax.random.normal(jax.random.key(0), (1024, 4096), jnp.float32)
-    traced = jax.jit(_many_live_values).trace(x)
-    largest = largest_value_bytes(traced.jaxpr)
-    assert largest == 1024 * 4096 * 4  # every value is one (1024, 4096) float32 array
-    options = cpu_compiler_options("cpu", largest)
-    assert options[HEAP_FLAG] == HEAP_BYTES
-    split = traced.lower().compile(compiler_options={HEAP_FLAG: HEAP_BYTES})
-    whole = jax.jit(_many_live_values).lower(x).compile()
-    np.testing.assert_allclose(float(split(x)), float(whole(x)), rtol=1e-6)
-    with host_memory.retained_host_memory() as retained:
-        assert retained
-        split_faults = _faults_per_call(split, x)
-        whole_faults = _faults_per_call(whole, x)
-    # 128 MiB of fresh 4 KiB pages is 32768 faults per call. Split, most calls reuse all of it
-    # (2-5 faults), and now and then one lands in a heap that glibc had not used yet (8192 or
-    # 12288 faults): seen 0.1% to 31% of the whole program's faults in the mean
-    assert whole_faults > 16384, whole_faults
-    assert split_faults < 0.5 * whole_faults, (split_faults, whole_faults)
-
-
-@needs_glibc
-def test_freed_memory_is_kept_inside_and_given_back_after():
-    def resident_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    size = 256 * 2**20
-    with host_memory.retained_host_memory():
-        block = np.ones(size, np.uint8)  # from glibc's heap: no mmap inside
-        held = resident_bytes()
-        del block
-        kept = resident_bytes()
-    after = resident_bytes()
-    assert held - kept < size // 4, (held, kept)  # freed, still resident
-    assert kept - after > size // 2, (kept, after)  # restored defaults and trimmed on exit
-
-
-@needs_glibc
-def test_nested_uses_share_one_setting(monkeypatch):
+def test_configure_process_keeps_freed_memory_from_then_on_for_a_cpu_process(monkeypatch):
     calls = []
     monkeypatch.setattr(host_memory, "_set", lambda *values: calls.append(values))
-    monkeypatch.setattr(host_memory, "_glibc", lambda: type("C", (), {"malloc_trim": print})())
-    with host_memory.retained_host_memory():
-        with host_memory.retained_host_memory():
-            pass
-        assert calls == [(0, 2**31 - 1)]
-    assert calls == [
-        (0, 2**31 - 1),
-        (host_memory.DEFAULT_MMAP_MAX, host_memory.DEFAULT_TRIM_THRESHOLD),
-    ]
+    monkeypatch.setattr(host_memory, "_configured", False)
+    assert not host_memory.configure_process("gpu")
+    assert calls == []
+    assert host_memory.configure_process("cpu")
+    assert host_memory.configure_process("cpu")  # once per process
+    assert calls == [(0, 2**31 - 1)]
 
 
 @pytest.mark.parametrize(
@@ -113,8 +45,7 @@ def test_the_users_own_malloc_settings_are_kept(name, value, monkeypatch):
     monkeypatch.setenv(name, value)
     assert not host_memory.applies()
     monkeypatch.setattr(host_memory, "_set", lambda *values: pytest.fail("mallopt called"))
-    with host_memory.retained_host_memory() as retained:
-        assert not retained
+    assert not host_memory.configure_process("cpu")
     assert HEAP_FLAG not in (cpu_compiler_options("cpu", 1024) or {})
 
 

@@ -22,7 +22,7 @@ from deformable_detr_jax import (
     export_state_dict,
 )
 from deformable_detr_jax.criterion.loss import LossConfig, loss_from_outputs
-from deformable_detr_jax.modeling.dense import cpu_filter_gradients
+from deformable_detr_jax.training.cpu import prepare_model
 from tests.random_models import random_model, small_config
 
 VARIANTS = {
@@ -88,23 +88,20 @@ def test_jitted_model_equals_eager_float64(variant, init):
 
 def _gradients(model, pixels, mask, targets, jit: bool) -> dict[str, np.ndarray]:
     """Gradients of the training loss w.r.t. every parameter, eager or jitted as the CPU train
-    step traces its loss (`cpu_filter_gradients`)."""
+    step traces its loss (its model prepared by `training.cpu.prepare_model`)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     labels, boxes, box_mask = targets
     loss_config = LossConfig.from_model_config(model.config)
 
     def loss(params, pixels):
-        outputs = nnx.merge(graphdef, params, rest)(pixels, mask, deterministic=True)
+        model = nnx.merge(graphdef, params, rest)
+        outputs = (prepare_model(model) if jit else model)(pixels, mask, deterministic=True)
         return loss_from_outputs(
             outputs, labels, boxes.astype(pixels.dtype), box_mask, loss_config
         )[0]
 
     if jit:
-
-        @jax.jit
-        def grads(params, pixels):
-            with cpu_filter_gradients():
-                return jax.grad(loss)(params, pixels)
+        grads = jax.jit(jax.grad(loss))
     else:
         grads = jax.grad(loss)
     flat = nnx.to_flat_state(grads(params, pixels))

@@ -32,8 +32,7 @@ def run_demo(
 
     from deformable_detr_jax.data import ShapesSource
     from deformable_detr_jax.inference.detector import Detector
-    from deformable_detr_jax.training import settings, setup, train
-    from deformable_detr_jax.training.process import process_settings
+    from deformable_detr_jax.training import cpu, settings, setup, train
     from deformable_detr_jax.training.recipes import shapes_tiny
 
     start = time.time()
@@ -41,8 +40,8 @@ def run_demo(
     config = shapes_tiny()
     if num_steps is not None:
         config.train.num_steps = int(num_steps)
-    with process_settings():
-        result = train(config, workdir)
+    cpu.configure_process()  # process-wide settings: once, here (on a CPU host only)
+    result = train(config, workdir)
     metrics = result.eval_metrics or {}
 
     detector = Detector.from_pretrained(result.model_dir)

@@ -57,7 +57,7 @@ def main(argv) -> int:
 def _train(captured: exits.CapturedLogs) -> int:
     from deformable_detr_jax import training
     from deformable_detr_jax.data import DataError
-    from deformable_detr_jax.training.process import process_settings
+    from deformable_detr_jax.training import cpu
 
     workdir = FLAGS.workdir
     report = functools.partial(exits.report, PROG, folder=workdir)
@@ -68,8 +68,8 @@ def _train(captured: exits.CapturedLogs) -> int:
             FLAGS.process_id,
             auto=FLAGS.distributed,
         )
-        with process_settings():  # process-wide settings: once, here
-            result = training.train(FLAGS.config, workdir)
+        cpu.configure_process()  # process-wide settings: once, here (on a CPU host only)
+        result = training.train(FLAGS.config, workdir)
     except training.ConfigError as err:
         return report(f"configuration: {err}", exits.BAD_INPUT)
     except DataError as err:

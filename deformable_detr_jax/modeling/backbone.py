@@ -33,7 +33,6 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
-from deformable_detr_jax.modeling.dense import dense_dot_general
 
 
 class FrozenBatchNorm2d(nnx.Module):
@@ -76,13 +75,16 @@ def mask_padding(x: jax.Array, masks: Masks | None) -> jax.Array:
     return jnp.where(masks[tuple(x.shape[1:3])][..., None], x, jnp.zeros((), x.dtype))
 
 
-def pointwise_conv(conv: nnx.Conv, x: jax.Array, stride: int = 1) -> jax.Array:
+def pointwise_conv(
+    conv: nnx.Conv, x: jax.Array, stride: int = 1, dot_general=jax.lax.dot_general
+) -> jax.Array:
     """`conv(x)` for a 1x1, unpadded `conv` of `stride`, as a matrix product (plus its bias
     where it has one).
 
     `(bs, h, w, in)` -> `(bs, ceil(h / stride), ceil(w / stride), out)`, in the promoted dtype
-    of `x` and the kernel (as `nnx.Conv` computes it). The product is `dense_dot_general`'s:
-    in the CPU train step its filter gradient runs in YNNPACK (`modeling.dense`).
+    of `x` and the kernel (as `nnx.Conv` computes it). `dot_general` computes the product, as
+    `nnx.Linear`'s does: the layers below pass their own `dot_general` attribute, which a
+    caller may replace as it may an `nnx.Linear`'s.
     """
     kernel = conv.kernel[...]
     bias = None if conv.bias is None else conv.bias[...]
@@ -90,7 +92,7 @@ def pointwise_conv(conv: nnx.Conv, x: jax.Array, stride: int = 1) -> jax.Array:
     if stride > 1:
         x = x[:, ::stride, ::stride]
     # (bs, h, w, in) @ (in, out)
-    out = dense_dot_general(
+    out = dot_general(
         x.astype(dtype),
         kernel[0, 0].astype(dtype),
         (((3,), (0,)), ((), ())),
@@ -128,9 +130,13 @@ class ResNetConvLayer(nnx.Module):
         self.normalization = FrozenBatchNorm2d(out_channels)
         self.activation = activation
         self.pointwise = kernel_size == 1 and stride == 1
+        self.dot_general = jax.lax.dot_general  # the 1x1 product (`pointwise_conv`)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = pointwise_conv(self.convolution, x) if self.pointwise else self.convolution(x)
+        if self.pointwise:
+            x = pointwise_conv(self.convolution, x, dot_general=self.dot_general)
+        else:
+            x = self.convolution(x)
         x = self.normalization(x)
         return jax.nn.relu(x) if self.activation else x
 
@@ -151,9 +157,11 @@ class ResNetShortCut(nnx.Module):
         )
         self.normalization = FrozenBatchNorm2d(out_channels)
         self.stride = stride
+        self.dot_general = jax.lax.dot_general  # the 1x1 product (`pointwise_conv`)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.normalization(pointwise_conv(self.convolution, x, self.stride))
+        x = pointwise_conv(self.convolution, x, self.stride, self.dot_general)
+        return self.normalization(x)
 
 
 class ResNetBasicLayer(nnx.Module):

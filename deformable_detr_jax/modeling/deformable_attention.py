@@ -16,7 +16,6 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
-from deformable_detr_jax.modeling.dense import dense_layer
 from pallas_kernels import ms_deform_attn
 
 
@@ -42,18 +41,18 @@ class DeformableDetrMultiscaleDeformableAttention(nnx.Module):
         grid_bias = _grid_init_bias(num_heads, self.n_levels, n_points)
         zeros = nnx.initializers.zeros
         xavier = nnx.initializers.xavier_uniform()
-        self.sampling_offsets = dense_layer(
+        self.sampling_offsets = nnx.Linear(
             d_model,
             n_offsets * 2,
             kernel_init=zeros,
             bias_init=lambda *_: jnp.asarray(grid_bias),
             rngs=rngs,
         )
-        self.attention_weights = dense_layer(
+        self.attention_weights = nnx.Linear(
             d_model, n_offsets, kernel_init=zeros, bias_init=zeros, rngs=rngs
         )
-        self.value_proj = dense_layer(d_model, d_model, kernel_init=xavier, rngs=rngs)
-        self.output_proj = dense_layer(d_model, d_model, kernel_init=xavier, rngs=rngs)
+        self.value_proj = nnx.Linear(d_model, d_model, kernel_init=xavier, rngs=rngs)
+        self.output_proj = nnx.Linear(d_model, d_model, kernel_init=xavier, rngs=rngs)
 
     def __call__(
         self,

@@ -27,7 +27,6 @@ from deformable_detr_jax.modeling.backbone import (
     mask_padding,
     pointwise_conv,
 )
-from deformable_detr_jax.modeling.dense import dense_layer
 from deformable_detr_jax.modeling.position_encoding import (
     DeformableDetrLearnedPositionEmbedding,
     sine_position_embedding,
@@ -95,12 +94,16 @@ class InputProjection(nnx.Module):
         self.norm = nnx.GroupNorm(
             out_channels, num_groups=32, epsilon=1e-5, use_fast_variance=False, rngs=rngs
         )
+        self.dot_general = jax.lax.dot_general  # the 1x1 product (`pointwise_conv`)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """`(bs, h, w, c_in)` -> `(bs, h', w', d_model)`; GroupNorm statistics over the
         positions where `mask` `(bs, h', w')` is True (all positions when None)."""
         # 1x1 (the backbone levels) as a matrix product, see backbone.pointwise_conv
-        x = pointwise_conv(self.conv, x) if self.conv.kernel_size == (1, 1) else self.conv(x)
+        if self.conv.kernel_size == (1, 1):
+            x = pointwise_conv(self.conv, x, dot_general=self.dot_general)
+        else:
+            x = self.conv(x)
         if mask is None:
             return self.norm(x)
         return self.norm(x, mask=jnp.broadcast_to(mask[..., None], x.shape))
@@ -112,7 +115,7 @@ class DeformableDetrMLPPredictionHead(nnx.Module):
     def __init__(self, input_dim, hidden_dim, output_dim, num_layers, *, rngs: nnx.Rngs):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nnx.List([dense_layer(n, k, rngs=rngs) for n, k in zip(dims, outs)])
+        self.layers = nnx.List([nnx.Linear(n, k, rngs=rngs) for n, k in zip(dims, outs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, layer in enumerate(self.layers):
@@ -170,7 +173,7 @@ class DeformableDetrModel(nnx.Module):
             self.pos_trans = linear(2 * d_model, 2 * d_model, rngs)
             self.pos_trans_norm = layer_norm(2 * d_model, rngs)
         else:
-            self.reference_points = dense_layer(
+            self.reference_points = nnx.Linear(
                 d_model, 2, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
             )
 
@@ -369,7 +372,7 @@ class DeformableDetrForObjectDetection(nnx.Module):
         prior_bias = -math.log((1 - 0.01) / 0.01)
 
         def make_class_embed():
-            return dense_layer(
+            return nnx.Linear(
                 config.d_model,
                 config.num_labels,
                 bias_init=nnx.initializers.constant(prior_bias),

@@ -17,7 +17,6 @@ from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling.deformable_attention import (
     DeformableDetrMultiscaleDeformableAttention,
 )
-from deformable_detr_jax.modeling.dense import dense_layer
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -35,7 +34,7 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return dense_layer(
+    return nnx.Linear(
         in_features, out_features, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
     )
 

@@ -19,11 +19,9 @@ axis along `bs`:
 the top-k (query, class) pairs per image, as `post_process_object_detection` ranks them, with
 boxes as normalised (x0, y0, x1, y1).
 
-On a CPU both are compiled with `cpu_compiler.step_compiler_options` (with jaxlib 0.10, XLA's
-own convolutions instead of YNNPACK's), and the train step once per batch shape
-(`CpuTrainStep`), its temporaries split into buffers that glibc can keep from one step to the
-next (inside `host_memory.retained_host_memory()`, as the training loop runs it), and traced
-with the dense layers' filter gradients in the form YNNPACK runs (`modeling.dense`).
+On a CPU mesh the train step gets what `training.cpu` applies (its docstring lists them): the
+model merged inside the trace prepared by `cpu.prepare_model`, the jitted step wrapped by
+`cpu.sized_train_step`.
 """
 
 from __future__ import annotations
@@ -37,10 +35,9 @@ import optax
 from jax.sharding import Mesh
 
 from deformable_detr_jax.criterion.loss import LossConfig, loss_from_outputs
-from deformable_detr_jax.modeling.dense import cpu_filter_gradients
 from deformable_detr_jax.processing.postprocessing import top_k_detections
+from deformable_detr_jax.training import cpu
 from deformable_detr_jax.training import mesh as mesh_lib
-from deformable_detr_jax.training.cpu.compiler import largest_value_bytes, step_compiler_options
 from deformable_detr_jax.training.train_state import ModelSpec, TrainState, state_sharding
 
 # Batch entries the device sees; the rest (image ids, sizes) stay on the host.
@@ -70,8 +67,12 @@ def make_train_step(
       schedules: learning-rate schedules to report as `lr_{group}` metrics.
     """
 
+    on_cpu = cpu.applies(mesh)
+
     def loss_fn(params, frozen, micro, num_boxes, key):
         model = spec.merge(params, frozen, dropout_key=key, dtype=compute_dtype)
+        if on_cpu:
+            cpu.prepare_model(model)
         pixel_values = micro["pixel_values"]
         if compute_dtype is not None:
             pixel_values = pixel_values.astype(compute_dtype)
@@ -151,9 +152,6 @@ def make_train_step(
             metrics[f"lr_{group}"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
 
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    if on_cpu:
-        train_step = _with_cpu_filter_gradients(train_step)
     shardings = state_sharding(state, mesh)
     replicated = mesh_lib.replicated(mesh)
     jitted = jax.jit(
@@ -161,53 +159,8 @@ def make_train_step(
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
-        compiler_options=step_compiler_options(mesh),
     )
-    return CpuTrainStep(jitted, mesh) if on_cpu else jitted
-
-
-def _with_cpu_filter_gradients(step: Callable) -> Callable:
-    """`step` traced with the dense layers' CPU filter gradients (`modeling.dense`)."""
-
-    def cpu_step(*args):
-        with cpu_filter_gradients():
-            return step(*args)
-
-    return cpu_step
-
-
-class CpuTrainStep:
-    """The jitted train step on CPU, compiled once per batch shape with the options sized for
-    it: the temporaries split into buffers that fit glibc's per-thread heaps where every value
-    of the program does (`cpu_compiler`). Called as the jitted function is; `lower` is its."""
-
-    def __init__(self, jitted, mesh: Mesh):
-        self._jitted = jitted
-        self._mesh = mesh
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}
-
-    def lower(self, *args) -> jax.stages.Lowered:
-        return self._jitted.lower(*args)
-
-    def lower_sized(self, state, batch, base_key) -> tuple[jax.stages.Lowered, dict | None]:
-        """The step lowered for these arguments' shapes, and the compiler options to add."""
-        traced = self._jitted.trace(state, batch, base_key)
-        given = step_compiler_options(self._mesh) or {}
-        sized = step_compiler_options(self._mesh, largest_value_bytes(traced.jaxpr)) or {}
-        extra = {name: value for name, value in sized.items() if name not in given}
-        return traced.lower(), extra or None
-
-    def compile(self, state, batch, base_key) -> jax.stages.Compiled:
-        """Traces and compiles for these arguments' shapes (what the first call does)."""
-        lowered, options = self.lower_sized(state, batch, base_key)
-        return lowered.compile(compiler_options=options)
-
-    def __call__(self, state, batch, base_key):
-        shapes = tuple((name, value.shape, value.dtype) for name, value in sorted(batch.items()))
-        compiled = self._compiled.get(shapes)
-        if compiled is None:
-            compiled = self._compiled[shapes] = self.compile(state, batch, base_key)
-        return compiled(state, batch, base_key)
+    return cpu.sized_train_step(jitted, mesh) if on_cpu else jitted
 
 
 def make_eval_step(
@@ -236,5 +189,4 @@ def make_eval_step(
         eval_step,
         in_shardings=(replicated, replicated, data),
         out_shardings=data,
-        compiler_options=step_compiler_options(mesh),
     )

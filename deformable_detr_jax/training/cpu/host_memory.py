@@ -7,12 +7,11 @@ system (trims) once enough of a heap is free. Either way the next step touches f
 the kernel has to fault them in and zero them: 636,000 page faults and 1.5 s of system time per
 R50 training step at batch 2, 384 x 512 (BENCHMARKS.md, "Host memory of a CPU step").
 
-`retained_host_memory()` is where the CPU training loop runs: inside it glibc maps no memory of
-its own and trims none, so freed memory stays in the process and is reused. Together with the
-step's temporaries split into buffers that fit a thread's heap (`cpu_compiler.HEAP_BYTES`), a
-step reuses the memory of the step before. On leaving, glibc's defaults are restored and the
-free memory is given back (`malloc_trim`). The process's resident memory stays at the step's
-peak meanwhile: that memory is needed by every step anyway.
+`configure_process()`, called once at a training entry point on CPU, sets glibc to map no
+memory of its own and trim none, for the rest of the process: freed memory stays in the process
+and is reused. Together with the step's temporaries split into buffers that fit a thread's heap
+(`compiler.HEAP_BYTES`, `sized_step`), a step reuses the memory of the step before. The
+process's resident memory stays at the step's peak: that memory is needed by every step anyway.
 
 It applies on Linux with glibc only, and not where the user tunes glibc's allocator themselves
 (`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, or
@@ -21,20 +20,16 @@ malloc tunables in `GLIBC_TUNABLES`): their settings are kept.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import platform
 import threading
-from collections.abc import Iterator
 
-# mallopt parameters (malloc.h) and glibc's defaults for the two set here.
+# mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-DEFAULT_TRIM_THRESHOLD = 128 * 1024
-DEFAULT_MMAP_MAX = 65536
 USER_SETTINGS = (
     "MALLOC_MMAP_MAX_",
     "MALLOC_TRIM_THRESHOLD_",
@@ -43,7 +38,7 @@ USER_SETTINGS = (
 )
 
 _lock = threading.Lock()
-_depth = 0
+_configured = False
 
 
 @functools.cache
@@ -57,7 +52,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def applies() -> bool:
-    """Whether `retained_host_memory` changes anything in this process."""
+    """Whether `configure_process` changes anything in this process."""
     if any(name in os.environ for name in USER_SETTINGS):
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
@@ -71,23 +66,19 @@ def _set(mmap_max: int, trim_threshold: int) -> None:
     libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
-@contextlib.contextmanager
-def retained_host_memory() -> Iterator[bool]:
-    """Inside, glibc keeps the memory the process frees (see the module docstring); yields
-    whether it does. Nested uses share one setting, restored when the outermost one ends."""
-    global _depth
-    if not applies():
-        yield False
-        return
+def configure_process(platform: str | None = None) -> bool:
+    """For a process that trains on `platform` (default: JAX's default backend): on "cpu",
+    glibc keeps the memory the process frees, from now on (see the module docstring). Returns
+    whether it does. Elsewhere, or where `applies()` is False, nothing changes."""
+    global _configured
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    if platform != "cpu" or not applies():
+        return False
     with _lock:
-        if _depth == 0:
+        if not _configured:
             _set(0, 2**31 - 1)
-        _depth += 1
-    try:
-        yield True
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                _set(DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
-                _glibc().malloc_trim(0)
+            _configured = True
+    return True

@@ -1,62 +1,51 @@
 """The product of a dense layer, `x (..., in) @ w (in, out)`, with a filter gradient that
-XLA:CPU runs through YNNPACK.
+XLA:CPU runs through YNNPACK; the CPU train step puts it into every dense layer of its model.
 
 The filter gradient of a dense layer, `dw (in, out) = x (rows, in).T @ g (rows, out)`,
 contracts the leading axis of both operands. jaxlib's XLA:CPU gives that product to Eigen, not
 to YNNPACK, after copying one operand transposed in one fusion with the elementwise work before
 it (a ReLU's mask, a frozen batch norm's scale), a copy it runs far slower than a plain
-transpose. Inside `cpu_filter_gradients()` (the CPU train step's trace) `dense_dot_general`
-has a backward that transposes the narrower operand as a plain copy of its computed value and
-gives YNNPACK an ordinary `(in, rows) @ (rows, out)` (or `(out, rows) @ (rows, in)`, then
-transposed) product. Measured alone on the 2-core CPU (jaxlib 0.10.2; BENCHMARKS.md, "Issue 14
-on 2026-12-05, later"): a filter gradient over 8160 rows, 1024 -> 256, 33.6 ms in Eigen against
-22.3 ms this way; a `(8160, 1024)` transpose fused with a ReLU's `where` 30.9 ms against 7.9 ms
-for the plain transpose. Outside the context (inference, export, other platforms) and for
-dtypes other than float32 and float64 it is `lax.dot_general` itself.
+transpose. `filter_gradient_dot_general` has a backward that transposes the narrower operand as
+a plain copy of its computed value and gives YNNPACK an ordinary `(in, rows) @ (rows, out)` (or
+`(out, rows) @ (rows, in)`, then transposed) product. Measured alone on the 2-core CPU (jaxlib
+0.10.2; BENCHMARKS.md, "Issue 14 on 2026-12-05, later"): a filter gradient over 8160 rows,
+1024 -> 256, 33.6 ms in Eigen against 22.3 ms this way; a `(8160, 1024)` transpose fused with
+a ReLU's `where` 30.9 ms against 7.9 ms for the plain transpose. For other products (batch
+axes, a 3-D kernel) and dtypes other than float32 and float64 it is `lax.dot_general` itself.
 
-    dense_layer(in_features, out_features, rngs=rngs)  # an nnx.Linear with this product
+The model knows nothing of this: its layers compute with a `dot_general` attribute
+(`nnx.Linear`'s, and the backbone's 1x1 convolutions'), `lax.dot_general` by default.
+`use_filter_gradients(model)` sets it on every such layer of a model, as the CPU train step
+does to the model it merges inside its trace (`training.step.make_train_step`); inference,
+export and the other platforms never see it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_ON = contextvars.ContextVar("cpu_filter_gradients", default=False)
+
+def use_filter_gradients(model: nnx.Module) -> nnx.Module:
+    """Sets `filter_gradient_dot_general` as the product of every layer of `model` that has a
+    `dot_general` (in place; the parameters and their names stay the same). Returns `model`."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dot_general"):
+            module.dot_general = filter_gradient_dot_general
+    return model
 
 
-@contextlib.contextmanager
-def cpu_filter_gradients() -> Iterator[None]:
-    """Dense layers traced inside use the backward above (for a program compiled for CPU)."""
-    token = _ON.set(True)
-    try:
-        yield
-    finally:
-        _ON.reset(token)
-
-
-def dense_layer(in_features: int, out_features: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-    """`nnx.Linear(in_features, out_features, ...)` computing its product with
-    `dense_dot_general`; `kwargs` are `nnx.Linear`'s (initialisers)."""
-    return nnx.Linear(in_features, out_features, dot_general=dense_dot_general, rngs=rngs, **kwargs)
-
-
-def dense_dot_general(
+def filter_gradient_dot_general(
     lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, **kwargs
 ) -> jax.Array:
     """`lax.dot_general`, as `nnx.Linear` calls it; a float32 (or float64) dense product (last
-    axis of `lhs` against the first of a 2-D `rhs`, no batch axes) inside
-    `cpu_filter_gradients()` gets the CPU backward."""
+    axis of `lhs` against the first of a 2-D `rhs`, no batch axes) gets the backward above."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     dense = (
-        _ON.get()
-        and rhs.ndim == 2
+        rhs.ndim == 2
         and tuple(lhs_contract) == (lhs.ndim - 1,)
         and tuple(rhs_contract) == (0,)
         and batch == ((), ())
@@ -85,7 +74,10 @@ def _dense_bwd(precision, residuals, g):
         return _dense_grads(precision, *residuals, g)
 
 
-def _dense_grads(precision, x, w, g):
+def _dense_grads(
+    precision, x: jax.Array, w: jax.Array, g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(dx (..., in), dw (in, out))` for `x (..., in)`, `w (in, out)`, `g (..., out)`."""
     # dx (..., in) = g (..., out) @ w.T: YNNPACK takes the transposed right operand as it is
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision)
     x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
