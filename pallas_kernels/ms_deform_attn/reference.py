@@ -58,30 +58,12 @@ def _row_chunk(rows: int, bytes_per_row: int) -> int | None:
     return min(rows, max(8, CPU_CHUNK_BYTES // bytes_per_row))
 
 
-def _corner(loc, size, acc_dtype):
-    """`floor(x)` and `x - floor(x)` of the pixel coordinate `x = loc * size - 0.5`.
-
-    The corner is decided from `t = loc * size` by a comparison, never from an expression
-    in which the multiplication feeds an addition (a compiler may contract `loc * size - 0.5`
-    into a fused multiply-add in one place and not in another: jaxlib 0.10.2's CPU fusion
-    emitter did, and its float64 value gradient went to the wrong pixel). Exactly on a
-    centre (`t = k + 0.5`) the corner is `k` and the fraction 0, as `floor` gives. The
-    Pallas TPU kernel uses this on a location it loaded from memory; the XLA core uses
-    `_shared_corner`.
-    """
-    t = loc.astype(acc_dtype) * size
-    t_floor = jnp.floor(t)
-    # (t_floor + 0.5 is exact: an integer plus a half)
-    corner = jnp.where(t >= t_floor + 0.5, t_floor, t_floor - 1)
-    return corner.astype(jnp.int32), t - (corner + 0.5)
-
-
 # Roundings (of `t`'s magnitude) within which a point counts as on a pixel centre.
 _CENTRE_SLACK = 8
 
 
 def _shared_corner(loc, size, acc_dtype):
-    """`_corner`, with the corner computed once for every consumer under jit.
+    """`corner.pixel_corner`, with the corner computed once for every consumer under jit.
 
     The core's `loc` is usually an elementwise expression of the caller's (reference point x
     valid ratio + offset / normaliser) that XLA recomputes inside every fusion consuming it:
