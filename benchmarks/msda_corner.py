@@ -1,4 +1,4 @@
-"""The "xla" sampling core with its corner computed once (`reference._shared_corner`, issue 24)
+"""The "xla" sampling core with its corner computed once (`xla._shared_corner`, issue 24)
 against the corner of the commit before (`corner.pixel_corner`, recomputed in every fusion),
 side by side in one process.
 
@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from deformable_detr_jax.modeling.transformer import encoder_reference_points
-from pallas_kernels.ms_deform_attn import corner, reference
+from pallas_kernels.ms_deform_attn import corner, xla
 from pallas_kernels.ms_deform_attn.resources import ENCODER_LEVELS
 
 NHEADS, HEAD_DIM, NPOINTS = 8, 32, 4
 FORMULATIONS = {
     "before (pixel_corner)": corner.pixel_corner,
-    "after (_shared_corner)": reference._shared_corner,
+    "after (_shared_corner)": xla._shared_corner,
 }
 
 
@@ -55,13 +55,13 @@ def _core(value, offsets, attn, ratios):
     ref = encoder_reference_points(ENCODER_LEVELS, ratios)
     normaliser = jnp.asarray([[w, h] for h, w in ENCODER_LEVELS], jnp.float32)
     loc = ref[:, :, None, :, None, :] + offsets / normaliser[:, None, :]
-    return reference.ms_deform_attn_reference(value, ENCODER_LEVELS, loc, attn)
+    return xla.ms_deform_attn_xla(value, ENCODER_LEVELS, loc, attn)
 
 
 def _programs(corner_fn):
     """Forward and forward+backward compiled with `corner_fn` as the core's corner function."""
-    saved = reference._shared_corner
-    reference._shared_corner = corner_fn
+    saved = xla._shared_corner
+    xla._shared_corner = corner_fn
     try:
         forward = jax.jit(_core)
         loss = lambda *args: jnp.sum(_core(*args) ** 2)  # noqa: E731
@@ -70,7 +70,7 @@ def _programs(corner_fn):
         forward = forward.lower(*args).compile()
         backward = backward.lower(*args).compile()
     finally:
-        reference._shared_corner = saved
+        xla._shared_corner = saved
     return forward, backward
 
 

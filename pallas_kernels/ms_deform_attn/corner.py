@@ -1,7 +1,7 @@
 """The bilinear corner of a sampling point, decided without a contractible multiply-add.
 
 Shared by the Pallas TPU kernels (`pallas_tpu.py`, on a location loaded from memory); the
-"xla" core computes the same corner through `reference._shared_corner`, which also makes
+"xla" core (`xla.py`) computes the same corner through `xla._shared_corner`, which also makes
 every fusion of a jitted program read one value of it.
 """
 
