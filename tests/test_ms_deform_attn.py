@@ -2,7 +2,8 @@
 
 `MSDASuite` holds the tests; `TestXla`, `TestPallasGpu` and `TestPallasTpu` run it against
 "xla", "pallas_gpu" and "pallas_tpu" (the Pallas kernels in interpret mode, as in CI on CPU);
-`TestXlaRowChunks` runs "xla" through its CPU chunks; `TestPallasGpuCompiled` / `TestPallasTpuCompiled` rerun it
+`TestXlaRowChunks` and `TestXlaOffCpu` run "xla" through its CPU chunks and through the variant
+it compiles for other platforms; `TestPallasGpuCompiled` / `TestPallasTpuCompiled` rerun it
 with the kernels compiled, where a GPU / TPU is present. Each test compares the forward output
 and `jax.grad` w.r.t. value, sampling_locations and attention_weights with
 
@@ -470,9 +471,9 @@ class TestXla(MSDASuite):
         gathers added up); all rows at once (GPU, TPU) or in chunks of 5 rows whose last one
         overlaps the one before (CPU), against the oracle and the reference."""
         rule = {
-            "corners": lambda samples, height, width: False,
-            "neighbourhoods": lambda samples, height, width: True,
-            "both": lambda samples, height, width: height >= 3,
+            "corners": lambda samples, height, width, on_cpu: False,
+            "neighbourhoods": lambda samples, height, width, on_cpu: True,
+            "both": lambda samples, height, width, on_cpu: height >= 3,
         }[layout]
         monkeypatch.setattr(xla, "_gathers_neighbourhoods", rule)
         monkeypatch.setattr(xla, "_row_chunk", lambda *args: chunk)
@@ -488,6 +489,21 @@ class TestXla(MSDASuite):
             for grad, want in zip(grads, want_grads):
                 _assert_close(grad, want, rtol_grad, f"grad vs {what}")
 
+    @pytest.mark.parametrize(
+        "platforms, loops",
+        [(["cpu"], True), (["cuda"], False), (["tpu"], False), (["cpu", "cuda"], True)],
+    )
+    def test_variant_follows_the_platform_lowered_for(self, platforms, loops):
+        """The CPU variant (chunks of rows: a loop, forward and backward) is chosen by the
+        platform the program is lowered for, not by this machine's default backend: exported
+        for a GPU or TPU from this CPU, no loop; for several platforms, both variants, the
+        one to run chosen where it is compiled."""
+        forward, grad = _export_fwd_and_grad_for(xla.ms_deform_attn_xla, platforms)
+        for what, text in (("forward", forward), ("grad", grad)):
+            assert ("stablehlo.while" in text) == loops, (what, platforms)
+        if len(platforms) > 1:
+            assert "stablehlo.case" in forward
+
 
 class TestXlaRowChunks(MSDASuite):
     """The shared suite through the CPU's chunks: the forward's loop and the hand-written
@@ -499,7 +515,23 @@ class TestXlaRowChunks(MSDASuite):
 
     @pytest.fixture(autouse=True)
     def _chunks_of_five(self, monkeypatch):
-        monkeypatch.setattr(xla, "_row_chunk", lambda rows, bytes_per_row: min(rows, 5))
+        monkeypatch.setattr(xla, "_row_chunk", lambda rows, bytes_per_row, on_cpu: min(rows, 5))
+
+
+class TestXlaOffCpu(MSDASuite):
+    """The shared suite through the variant "xla" compiles for GPU and TPU (no chunks,
+    autodiff's backward, neighbourhood rows for the levels with more samples than cells), run
+    here on CPU by making the CPU variant take the same decisions."""
+
+    implementation = "xla"
+
+    @pytest.fixture(autouse=True)
+    def _as_off_cpu(self, monkeypatch):
+        rule = xla._gathers_neighbourhoods
+        monkeypatch.setattr(
+            xla, "_gathers_neighbourhoods", lambda samples, h, w, on_cpu: rule(samples, h, w, False)
+        )
+        monkeypatch.setattr(xla, "_row_chunk", lambda rows, bytes_per_row, on_cpu: None)
 
 
 class TestPallasGpu(MSDASuite):

@@ -6,7 +6,8 @@ and the backend before anything is traced, then calls the implementation chosen 
 `IMPLEMENTATIONS`:
 
   - "xla": pure jnp tuned for XLA (`xla.py`: row gathers in the model's layout; on CPU in
-    chunks with a hand-written backward); runs everywhere.
+    chunks with a hand-written backward, chosen by the platform lowered for); runs
+    everywhere.
   - "pallas_gpu": Pallas Triton kernels, forward and backward (`pallas_gpu.py`).
   - "pallas_tpu": Pallas Mosaic kernels, forward and backward (`pallas_tpu.py`).
   - "auto": `pallas_gpu` on CUDA GPUs; on TPU the best option measured there

@@ -25,6 +25,11 @@ carried table gradient), so that the gathered rows and the scatter's updates of 
 used while they are still in cache instead of going through main memory; on GPU/TPU the whole
 call is one gather, and its backward is autodiff's.
 
+"On CPU" is the platform the program is lowered for, not the default backend at trace time:
+both variants are traced and `jax.lax.platform_dependent` keeps the one for the platform
+being compiled for, so that `jax.export(..., platforms=["cuda"])` on a CPU machine gets the
+GPU variant (and a multi-platform export both, chosen where it is compiled).
+
 Under jit each sample's pixel coordinate and corner are computed once and read by every fusion
 that needs them (the gather's indices, the validity masks, the coefficients; `_shared_corner`),
 so a compiler that contracts the caller's location arithmetic differently per fusion cannot
@@ -44,17 +49,17 @@ import jax.numpy as jnp
 CPU_CHUNK_BYTES = 2**21
 
 
-def _gathers_neighbourhoods(samples: int, height: int, width: int) -> bool:
+def _gathers_neighbourhoods(samples: int, height: int, width: int, on_cpu: bool) -> bool:
     """Whether a level is sampled through the neighbourhood table (static, per level)."""
-    if jax.default_backend() == "cpu":
+    if on_cpu:
         return False
     return samples >= (height + 1) * (width + 1)
 
 
-def _row_chunk(rows: int, bytes_per_row: int) -> int | None:
+def _row_chunk(rows: int, bytes_per_row: int, on_cpu: bool) -> int | None:
     """Output rows per chunk on CPU (all of them when they fit one; the hand-written backward
     either way), or None for one gather over all of them with autodiff's backward (static)."""
-    if jax.default_backend() != "cpu":
+    if not on_cpu:
         return None
     return min(rows, max(8, CPU_CHUNK_BYTES // bytes_per_row))
 
@@ -314,7 +319,7 @@ def _sample(
     spatial_shapes: tuple[tuple[int, int], ...],
     loc: jax.Array,
     attn: jax.Array,
-    neighbourhoods: tuple[bool, ...],
+    on_cpu: bool,
 ) -> jax.Array:
     """Bilinearly samples every level and reduces over levels and points.
 
@@ -322,7 +327,9 @@ def _sample(
       value: `(bs, len_v, nheads, head_dim)`.
       loc: `(bs, len_q, nheads, nlevels, npoints, 2)` as (x, y) in [0, 1] (may lie outside).
       attn: `(bs, len_q, nheads, nlevels, npoints)`.
-      neighbourhoods: per level, gather through the neighbourhood table rather than by corners.
+      on_cpu: the CPU variant (corner rows only, chunks of rows with the hand-written
+        backward) rather than the one for other platforms (neighbourhood rows for dense
+        levels, one gather per layout).
 
     Returns:
       `(bs * len_q * nheads, head_dim)` in float32 (or float64 for float64 inputs).
@@ -334,6 +341,9 @@ def _sample(
     x0, y0, coeffs = _bilinear_terms(loc, attn, spatial_shapes, acc_dtype)
     bs, len_q, nheads, nlevels, npoints = x0.shape
     rows = bs * len_q * nheads
+    neighbourhoods = [
+        _gathers_neighbourhoods(len_q * npoints, h, w, on_cpu) for h, w in spatial_shapes
+    ]
     out = None
     for layout, use in ((_corner_rows, False), (_neighbourhood_rows, True)):
         levels = tuple(level for level in range(nlevels) if neighbourhoods[level] == use)
@@ -345,7 +355,8 @@ def _sample(
             levels,
             *(_select_levels(x, levels, nlevels) for x in (x0, y0, coeffs)),
         )
-        chunk = _row_chunk(rows, level_coeffs.shape[1] * value.shape[-1] * value.dtype.itemsize)
+        bytes_per_row = level_coeffs.shape[1] * value.shape[-1] * value.dtype.itemsize
+        chunk = _row_chunk(rows, bytes_per_row, on_cpu)
         if chunk is None:
             sampled = _gather_reduce(table, idx, level_coeffs)
         else:
@@ -373,11 +384,19 @@ def ms_deform_attn_xla(
       `(bs, len_q, nheads * head_dim)` in `value.dtype`.
     """
     bs, _, nheads, head_dim = value.shape
-    _, len_q, _, _, npoints, _ = sampling_locations.shape
+    len_q = sampling_locations.shape[1]
     spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-    neighbourhoods = tuple(
-        _gathers_neighbourhoods(len_q * npoints, h, w) for h, w in spatial_shapes
+
+    def variant(on_cpu: bool):
+        return lambda *args: _sample(args[0], spatial_shapes, *args[1:], on_cpu)
+
+    # Both variants are traced; the one for the platform being lowered for is compiled.
+    out = jax.lax.platform_dependent(
+        value,
+        sampling_locations,
+        attention_weights,
+        cpu=variant(True),
+        default=variant(False),
     )
-    out = _sample(value, spatial_shapes, sampling_locations, attention_weights, neighbourhoods)
     # (bs * len_q * nheads, head_dim) -> (bs, len_q, nheads * head_dim): a reshape, no copy
     return out.reshape(bs, len_q, nheads * head_dim).astype(value.dtype)
