@@ -22,12 +22,13 @@ chosen per backend. It computes in float32, or float64 when an input is float64 
 are tested against it and against the float64 NumPy oracle of the tests
 (`tests/msda_oracle.py`), values and gradients.
 
-Nothing here guards against a compiler that contracts `loc * size - 0.5` into a fused
-multiply-add in one fusion and not in another (XLA:CPU may): for a point within a rounding of
-a pixel centre, the corner read and its weight could then come from different sides of the
-centre. `xla.py` guards against that (`_shared_corner`); here the shared suite, jitted, finds
-no such disagreement (jaxlib 0.10.2 and 0.12.1, points on and beside centres), and evaluated
-op by op (outside `jit`, or under `jax.disable_jit()`) nothing can be contracted at all.
+Evaluate it op by op (outside `jit`, or under `jax.disable_jit()`), as the tests do, where
+points may lie within a rounding of a pixel centre: under `jit` a compiler may contract
+`loc * size - 0.5` (and the caller's arithmetic that made `loc`) into fused multiply-adds in
+one fusion and not in another, and the corner read and its weight then come from different
+sides of the centre (jaxlib 0.12.1's XLA:CPU, with the locations computed in the same program
+as the model computes them: value gradients off by whole pixels). `xla.py` guards against
+that (`_shared_corner`); this file does not.
 """
 
 from __future__ import annotations
