@@ -1,5 +1,5 @@
-"""The "xla" sampling core with its corner computed once (`reference._shared_corner`, issue 24)
-against the corner of the commit before (`reference._corner`, recomputed in every fusion),
+"""The "xla" sampling core with its corner computed once (`xla._shared_corner`, issue 24)
+against the corner of the commit before (`corner.pixel_corner`, recomputed in every fusion),
 side by side in one process.
 
 Encoder shape of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21; len_q = len_v =
@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from deformable_detr_jax.modeling.transformer import encoder_reference_points
-from pallas_kernels.ms_deform_attn import reference
+from pallas_kernels.ms_deform_attn import corner, xla
 from pallas_kernels.ms_deform_attn.resources import ENCODER_LEVELS
 
 NHEADS, HEAD_DIM, NPOINTS = 8, 32, 4
 FORMULATIONS = {
-    "before (_corner)": reference._corner,
-    "after (_shared_corner)": reference._shared_corner,
+    "before (pixel_corner)": corner.pixel_corner,
+    "after (_shared_corner)": xla._shared_corner,
 }
 
 
@@ -55,13 +55,13 @@ def _core(value, offsets, attn, ratios):
     ref = encoder_reference_points(ENCODER_LEVELS, ratios)
     normaliser = jnp.asarray([[w, h] for h, w in ENCODER_LEVELS], jnp.float32)
     loc = ref[:, :, None, :, None, :] + offsets / normaliser[:, None, :]
-    return reference.ms_deform_attn_reference(value, ENCODER_LEVELS, loc, attn)
+    return xla.ms_deform_attn_xla(value, ENCODER_LEVELS, loc, attn)
 
 
-def _programs(corner):
-    """Forward and forward+backward compiled with `corner` as the core's corner function."""
-    saved = reference._shared_corner
-    reference._shared_corner = corner
+def _programs(corner_fn):
+    """Forward and forward+backward compiled with `corner_fn` as the core's corner function."""
+    saved = xla._shared_corner
+    xla._shared_corner = corner_fn
     try:
         forward = jax.jit(_core)
         loss = lambda *args: jnp.sum(_core(*args) ** 2)  # noqa: E731
@@ -70,7 +70,7 @@ def _programs(corner):
         forward = forward.lower(*args).compile()
         backward = backward.lower(*args).compile()
     finally:
-        reference._shared_corner = saved
+        xla._shared_corner = saved
     return forward, backward
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     options = parser.parse_args()
     _programs.batch = options.batch
     args = _inputs(options.batch)
-    programs = {name: _programs(corner) for name, corner in FORMULATIONS.items()}
+    programs = {name: _programs(fn) for name, fn in FORMULATIONS.items()}
     outputs = {name: np.asarray(fwd(*args)) for name, (fwd, _) in programs.items()}
     a, b = outputs.values()
     print(f"forward outputs differ by at most {np.abs(a - b).max():.3g} (random offsets)")

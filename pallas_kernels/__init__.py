@@ -1,4 +1,5 @@
-"""Pallas kernels used by deformable_detr_jax, each beside its pure-XLA reference."""
+"""Pallas kernels used by deformable_detr_jax, each beside a pure-XLA implementation and a plain
+jnp reference (the correctness oracle)."""
 
 # Importing the package checks the Python/jax/jaxlib/flax versions (one clear error).
 import deformable_detr_jax  # noqa: F401

@@ -2,11 +2,13 @@
 
 `MSDASuite` holds the tests; `TestXla`, `TestPallasGpu` and `TestPallasTpu` run it against
 "xla", "pallas_gpu" and "pallas_tpu" (the Pallas kernels in interpret mode, as in CI on CPU);
-`TestPallasGpuCompiled` / `TestPallasTpuCompiled` rerun it with the kernels compiled, where
-a GPU / TPU is present. Each test compares the forward output and `jax.grad` w.r.t. value,
-sampling_locations and attention_weights with
+`TestXlaRowChunks` and `TestXlaOffCpu` run "xla" through its CPU chunks and through the variant
+it compiles for other platforms; `TestPallasGpuCompiled` / `TestPallasTpuCompiled` rerun it
+with the kernels compiled, where a GPU / TPU is present. Each test compares the forward output
+and `jax.grad` w.r.t. value, sampling_locations and attention_weights with
 
-  - the XLA reference (`ms_deform_attn_reference`) in the same dtype, and
+  - the plain jnp reference (`ms_deform_attn_reference`, `reference.py`) in the same dtype,
+    and
   - the independent float64 NumPy oracle in `tests/msda_oracle.py`,
 
 on fresh random inputs (fixed seeds) in which a third of the sampling points sit exactly on
@@ -15,12 +17,15 @@ are uniform in [-0.25, 1.25] (so some fall outside the map), and the attention w
 uniform in [-0.5, 1.5] (they do not sum to 1).
 
 Tolerances, relative to the largest magnitude of the expected array (`_assert_close`):
-float32 forward 1e-5 and gradients 1e-4; float64 (interpret mode, `jax.enable_x64`) 1e-10;
-bfloat16 inputs (float32 accumulation, bfloat16 outputs and gradients) 2e-2 against the
-oracle evaluated on the same bfloat16-rounded inputs.
+float32 forward 1e-5 and gradients 1e-4 against the NumPy oracle, 1e-5 both against the
+reference; float64 (interpret mode, `jax.enable_x64`) 1e-10; bfloat16 inputs (float32
+accumulation, bfloat16 outputs and gradients) 2e-2 against the oracle evaluated on the same
+bfloat16-rounded inputs. `TestReference` runs the suite on the reference itself, against the
+NumPy oracle.
 
-Every implementation's gradients are its own backward: "xla"'s hand-written VJP (gathers and
-one scatter-add per level), "pallas_gpu"'s and "pallas_tpu"'s backward kernels.
+Every implementation's gradients are its own backward: "xla"'s (on CPU its hand-written VJP,
+gathers and one scatter-add per chunk of rows; elsewhere autodiff's), "pallas_gpu"'s and
+"pallas_tpu"'s backward kernels; the reference's are autodiff's of the plain formula.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu, xla
 from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from tests import msda_oracle
 
@@ -85,6 +90,8 @@ CASES = {
 }
 
 RTOL = {jnp.float32: (1e-5, 1e-4), jnp.float64: (1e-10, 1e-10), jnp.bfloat16: (2e-2, 2e-2)}
+# Against the reference in the same dtype (bfloat16 is compared with the oracle only).
+RTOL_REFERENCE = {jnp.float32: (1e-5, 1e-5), jnp.float64: (1e-10, 1e-10)}
 
 
 def _on_integer(rounded: np.ndarray, size: int) -> np.ndarray:
@@ -233,12 +240,16 @@ def _expected(case_name: str, dtype_name: str, seed: int, with_reference: bool):
     )
     reference = None
     if with_reference:
-        reference = _output_and_grads(ms_deform_attn_reference, value, shapes, loc, attn, grad_out)
+        with jax.disable_jit():  # op by op, as the reference is meant to run
+            reference = _output_and_grads(
+                ms_deform_attn_reference, value, shapes, loc, attn, grad_out
+            )
     return inputs, oracle, reference
 
 
 class MSDASuite:
-    """The shared suite. Subclasses set `implementation` (and `interpret`)."""
+    """The shared suite. Subclasses set `implementation` (and `interpret`); `TestReference`
+    also its own `_call`."""
 
     implementation: str
     interpret: bool = True
@@ -259,18 +270,21 @@ class MSDASuite:
             case_name,
             jnp.dtype(dtype).name,
             seed,
-            against_reference and self.implementation != "xla",
+            against_reference and self.implementation != "reference",
         )
         shapes = case.spatial_shapes
         out, grads = _output_and_grads(self._call, value, shapes, loc, attn, grad_out)
         assert out.shape == (case.bs, case.len_q, case.nheads * case.head_dim)
         assert out.dtype == value.dtype
         assert [g.dtype for g in grads] == [value.dtype, loc.dtype, attn.dtype]
-        rtol_fwd, rtol_grad = RTOL[dtype]
         names = ("grad value", "grad sampling_locations", "grad attention_weights")
-        for what, want in (("float64 oracle", oracle), ("reference", reference)):
+        for what, want, rtols in (
+            ("float64 oracle", oracle, RTOL),
+            ("reference", reference, RTOL_REFERENCE),
+        ):
             if want is None:
                 continue
+            rtol_fwd, rtol_grad = rtols[dtype]
             want_out, want_grads = want
             _assert_close(out, want_out, rtol_fwd, f"forward vs {what}")
             for name, grad, want_grad in zip(names, grads, want_grads):
@@ -435,6 +449,25 @@ class MSDASuite:
             )
 
 
+class TestReference(MSDASuite):
+    """The suite on the reference itself (called directly: it is no entry of the dispatch
+    table), against the float64 NumPy oracle, evaluated op by op as it is meant to run (under
+    jit, with the locations computed in the same program, jaxlib 0.12.1's XLA:CPU made its
+    value gradient read pixels beside the ones it weighted: see reference.py)."""
+
+    implementation = "reference"
+
+    @pytest.fixture(autouse=True)
+    def _op_by_op(self):
+        with jax.disable_jit():
+            yield
+
+    def _call(self, value, spatial_shapes, loc, attn):
+        return ms_deform_attn_reference(value, spatial_shapes, loc, attn)
+
+    test_bad_input_raises_before_tracing = None  # validation is the dispatch's
+
+
 class TestXla(MSDASuite):
     implementation = "xla"
 
@@ -446,23 +479,40 @@ class TestXla(MSDASuite):
         or one 2x2-neighbourhood row (off CPU, levels with more samples than cells), or the
         levels of 3 rows and more through neighbourhoods and the others by corners (two
         gathers added up); all rows at once (GPU, TPU) or in chunks of 5 rows whose last one
-        overlaps the one before (CPU), against the oracle."""
+        overlaps the one before (CPU), against the oracle and the reference."""
         rule = {
-            "corners": lambda samples, height, width: False,
-            "neighbourhoods": lambda samples, height, width: True,
-            "both": lambda samples, height, width: height >= 3,
+            "corners": lambda samples, height, width, on_cpu: False,
+            "neighbourhoods": lambda samples, height, width, on_cpu: True,
+            "both": lambda samples, height, width, on_cpu: height >= 3,
         }[layout]
-        monkeypatch.setattr(reference, "_gathers_neighbourhoods", rule)
-        monkeypatch.setattr(reference, "_row_chunk", lambda *args: chunk)
-        (value, loc, attn, grad_out), (want_out, want_grads), _ = _expected(
-            case, "float32", 1, False
-        )
-        fn = functools.partial(ms_deform_attn_reference)  # a fresh jit cache entry
+        monkeypatch.setattr(xla, "_gathers_neighbourhoods", rule)
+        monkeypatch.setattr(xla, "_row_chunk", lambda *args: chunk)
+        (value, loc, attn, grad_out), oracle, reference = _expected(case, "float32", 1, True)
+        fn = functools.partial(xla.ms_deform_attn_xla)  # a fresh jit cache entry
         shapes = CASES[case].spatial_shapes
         out, grads = _output_and_grads(fn, value, shapes, loc, attn, grad_out)
-        _assert_close(out, want_out, 1e-5, "forward")
-        for grad, want in zip(grads, want_grads):
-            _assert_close(grad, want, 1e-4, "grad")
+        for what, (want_out, want_grads), (rtol_fwd, rtol_grad) in (
+            ("oracle", oracle, RTOL[jnp.float32]),
+            ("reference", reference, RTOL_REFERENCE[jnp.float32]),
+        ):
+            _assert_close(out, want_out, rtol_fwd, f"forward vs {what}")
+            for grad, want in zip(grads, want_grads):
+                _assert_close(grad, want, rtol_grad, f"grad vs {what}")
+
+    @pytest.mark.parametrize(
+        "platforms, loops",
+        [(["cpu"], True), (["cuda"], False), (["tpu"], False), (["cpu", "cuda"], True)],
+    )
+    def test_variant_follows_the_platform_lowered_for(self, platforms, loops):
+        """The CPU variant (chunks of rows: a loop, forward and backward) is chosen by the
+        platform the program is lowered for, not by this machine's default backend: exported
+        for a GPU or TPU from this CPU, no loop; for several platforms, both variants, the
+        one to run chosen where it is compiled."""
+        forward, grad = _export_fwd_and_grad_for(xla.ms_deform_attn_xla, platforms)
+        for what, text in (("forward", forward), ("grad", grad)):
+            assert ("stablehlo.while" in text) == loops, (what, platforms)
+        if len(platforms) > 1:
+            assert "stablehlo.case" in forward
 
 
 class TestXlaRowChunks(MSDASuite):
@@ -475,7 +525,23 @@ class TestXlaRowChunks(MSDASuite):
 
     @pytest.fixture(autouse=True)
     def _chunks_of_five(self, monkeypatch):
-        monkeypatch.setattr(reference, "_row_chunk", lambda rows, _: min(rows, 5))
+        monkeypatch.setattr(xla, "_row_chunk", lambda rows, bytes_per_row, on_cpu: min(rows, 5))
+
+
+class TestXlaOffCpu(MSDASuite):
+    """The shared suite through the variant "xla" compiles for GPU and TPU (no chunks,
+    autodiff's backward, neighbourhood rows for the levels with more samples than cells), run
+    here on CPU by making the CPU variant take the same decisions."""
+
+    implementation = "xla"
+
+    @pytest.fixture(autouse=True)
+    def _as_off_cpu(self, monkeypatch):
+        rule = xla._gathers_neighbourhoods
+        monkeypatch.setattr(
+            xla, "_gathers_neighbourhoods", lambda samples, h, w, on_cpu: rule(samples, h, w, False)
+        )
+        monkeypatch.setattr(xla, "_row_chunk", lambda rows, bytes_per_row, on_cpu: None)
 
 
 class TestPallasGpu(MSDASuite):
@@ -577,6 +643,11 @@ def test_pallas_on_wrong_backend_raises(implementation):
 def _export_fwd_and_grad(fn, platform, disabled_checks=()):
     """Lowers forward and `jax.grad` of `fn` for `platform` (no such device needed); returns
     the two modules' text (of the last dtype)."""
+    return _export_fwd_and_grad_for(fn, [platform], disabled_checks)
+
+
+def _export_fwd_and_grad_for(fn, platforms, disabled_checks=()):
+    """`_export_fwd_and_grad` for a list of platforms (one module for all of them)."""
     shapes = ((5, 7), (3, 3), (1, 1))
     for dtype in (jnp.float32, jnp.bfloat16):
         value = jax.ShapeDtypeStruct((2, 45, 3, 12), dtype)
@@ -593,7 +664,7 @@ def _export_fwd_and_grad(fn, platform, disabled_checks=()):
         texts = []
         for f in (forward, grad):
             exported = jax.export.export(
-                jax.jit(f), platforms=[platform], disabled_checks=disabled_checks
+                jax.jit(f), platforms=platforms, disabled_checks=disabled_checks
             )(value, loc, attn)
             texts.append(exported.mlir_module())
             assert texts[-1]

@@ -24,7 +24,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels.ms_deform_attn import api, errors, gpu_support, pallas_gpu
-from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from pallas_kernels.ms_deform_attn.xla import ms_deform_attn_xla
 from tests.test_ms_deform_attn import Case, make_inputs
 
 CASE = Case(bs=1, len_q=19, nheads=2, head_dim=8, npoints=2, spatial_shapes=((4, 6), (2, 3)))
@@ -71,7 +71,7 @@ def _fallback_warnings(record) -> list[warnings.WarningMessage]:
 @forced_failure
 def test_auto_falls_back_to_xla_once_when_pallas_gpu_fails_to_lower(gpu, no_pallas_gpu_call):
     value, loc, attn, _ = make_inputs(CASE, jnp.float32, seed=11)
-    want = ms_deform_attn_reference(value, CASE.spatial_shapes, loc, attn)
+    want = ms_deform_attn_xla(value, CASE.spatial_shapes, loc, attn)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         outs = [_jitted("auto")(value, loc, attn), _jitted("auto")(value * 2, loc, attn)]
@@ -107,12 +107,12 @@ def test_explicit_pallas_gpu_raises_with_the_versions(gpu, no_pallas_gpu_call):
 
 def test_kernels_that_disagree_with_xla_are_not_used(gpu, no_pallas_gpu_call, monkeypatch):
     """A kernel that compiles but computes the wrong thing fails the probe's comparison."""
-    wrong = lambda *args, **kwargs: 1.01 * ms_deform_attn_reference(*args[:4])  # noqa: E731
+    wrong = lambda *args, **kwargs: 1.01 * ms_deform_attn_xla(*args[:4])  # noqa: E731
     monkeypatch.setattr(pallas_gpu, "ms_deform_attn_pallas_gpu", wrong)
     value, loc, attn, _ = make_inputs(CASE, jnp.float32, seed=13)
     with pytest.warns(errors.PallasGpuFallbackWarning, match="output disagrees with 'xla'"):
         out = _jitted("auto")(value, loc, attn)
-    want = ms_deform_attn_reference(value, CASE.spatial_shapes, loc, attn)
+    want = ms_deform_attn_xla(value, CASE.spatial_shapes, loc, attn)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
@@ -136,7 +136,7 @@ def test_auto_uses_pallas_gpu_where_the_probe_passes(gpu, monkeypatch):
         _jitted("pallas_gpu")(value, loc, attn)
     assert calls == [False, False]
     assert list(gpu_support._verdicts.values()) == [None]
-    want = ms_deform_attn_reference(value, CASE.spatial_shapes, loc, attn)
+    want = ms_deform_attn_xla(value, CASE.spatial_shapes, loc, attn)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -150,7 +150,7 @@ def test_gpu_without_triton_support(gpu, no_pallas_gpu_call, monkeypatch):
     with pytest.warns(errors.PallasGpuFallbackWarning, match="compute capability 7.5"):
         out = _jitted("auto")(value, loc, attn)
     assert probes == []  # decided before any compilation
-    want = ms_deform_attn_reference(value, CASE.spatial_shapes, loc, attn)
+    want = ms_deform_attn_xla(value, CASE.spatial_shapes, loc, attn)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
@@ -246,7 +246,7 @@ def test_probe_passes_on_this_gpu(case, dtype, monkeypatch):
             value, loc, attn
         )
     assert calls == [False]  # compiled pallas_gpu, chosen by "auto"
-    want = ms_deform_attn_reference(value, case.spatial_shapes, loc, attn)
+    want = ms_deform_attn_xla(value, case.spatial_shapes, loc, attn)
     out, want = np.asarray(out, np.float64), np.asarray(want, np.float64)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.abs(want).max())

@@ -12,6 +12,7 @@ from pallas_kernels.ms_deform_attn.errors import (
 from pallas_kernels.ms_deform_attn.pallas_gpu import ms_deform_attn_pallas_gpu
 from pallas_kernels.ms_deform_attn.pallas_tpu import ms_deform_attn_pallas_tpu
 from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from pallas_kernels.ms_deform_attn.xla import ms_deform_attn_xla
 
 __all__ = [
     "DTYPES",
@@ -26,4 +27,5 @@ __all__ = [
     "ms_deform_attn_pallas_gpu",
     "ms_deform_attn_pallas_tpu",
     "ms_deform_attn_reference",
+    "ms_deform_attn_xla",
 ]

@@ -5,11 +5,17 @@ implementation="auto", interpret=False)` validates shapes, dtypes, the implement
 and the backend before anything is traced, then calls the implementation chosen from
 `IMPLEMENTATIONS`:
 
-  - "xla": the pure-jnp reference (`reference.py`); runs everywhere.
+  - "xla": pure jnp tuned for XLA (`xla.py`: row gathers in the model's layout; on CPU in
+    chunks with a hand-written backward, chosen by the platform lowered for); runs
+    everywhere.
   - "pallas_gpu": Pallas Triton kernels, forward and backward (`pallas_gpu.py`).
   - "pallas_tpu": Pallas Mosaic kernels, forward and backward (`pallas_tpu.py`).
   - "auto": `pallas_gpu` on CUDA GPUs; on TPU the best option measured there
     (`xla` until `pallas_tpu` has been measured, see BENCHMARKS.md); `xla` elsewhere.
+
+None of them is the correctness oracle: that is `reference.ms_deform_attn_reference`, the
+plain formula (four corner gathers per level, autodiff's backward), which the tests compare
+every implementation with, values and gradients, beside a float64 NumPy oracle.
 
 On a CUDA GPU, `pallas_gpu` (explicit or picked by "auto") first passes
 `gpu_support.problem`: compute capability 8.0 or newer, and a one-time probe that compiles
@@ -35,7 +41,7 @@ from pallas_kernels.ms_deform_attn.errors import (
     PallasGpuUnavailableError,
     UnsupportedDtypeError,
 )
-from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from pallas_kernels.ms_deform_attn.xla import ms_deform_attn_xla
 
 # The dtypes every implementation computes in (accumulating in float32, float64 for
 # float64); the three operands may differ.
@@ -43,8 +49,8 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _xla(value, spatial_shapes, sampling_locations, attention_weights, *, interpret=False):
-    del interpret  # the reference has nothing to interpret
-    return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    del interpret  # no kernel to interpret
+    return ms_deform_attn_xla(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def _pallas_gpu(value, spatial_shapes, sampling_locations, attention_weights, *, interpret=False):

@@ -10,7 +10,7 @@ the driver) or a disagreement is the reason `"auto"` falls back to `"xla"` and a
 `implementation="pallas_gpu"` raises `PallasGpuUnavailableError`. A failure that kills the
 process instead of raising (a crash inside the driver) is beyond any probe.
 
-The probe costs one compilation of both kernels and of the reference at the tiny shape
+The probe costs one compilation of both kernels and of "xla" at the tiny shape
 (seconds on a GPU) per configuration and process; its verdict is cached.
 """
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ms_deform_attn import errors, pallas_gpu
-from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from pallas_kernels.ms_deform_attn.xla import ms_deform_attn_xla
 
 # XLA runs Triton kernels on Ampere (compute capability 8.0) and later.
 MIN_COMPUTE_CAPABILITY = (8, 0)
@@ -141,7 +141,7 @@ def _probe(value_dtype, loc_dtype, attn_dtype, nheads, head_dim, nlevels, npoint
         got = _run(functools.partial(_fwd_bwd, kernels, shapes), inputs)
     except Exception as e:  # noqa: BLE001 - any failure means: not on this machine
         return f"{type(e).__name__}: {_first_line(e)}"
-    want = _run(functools.partial(_fwd_bwd, ms_deform_attn_reference, shapes), inputs)
+    want = _run(functools.partial(_fwd_bwd, ms_deform_attn_xla, shapes), inputs)
     rtol = _PROBE_RTOL[jnp.dtype(value_dtype).itemsize]
     for name, a, b in zip(
         ("output", "grad value", "grad sampling_locations", "grad attention_weights"),

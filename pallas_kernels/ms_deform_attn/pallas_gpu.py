@@ -137,9 +137,9 @@ def _compiler_params(num_warps: int, num_stages: int):
 def _pixel_corner(loc, size: int):
     """`floor(x)` (int32) and `x - floor(x)` of the pixel coordinate `x = loc * size - 0.5`.
 
-    Decided from `t = loc * size` by a comparison, as the reference does, so that a point
-    exactly on a pixel centre (`t = k + 0.5`) gets corner `k` and fraction 0 whatever the
-    compiler contracts into fused multiply-adds. `t` is clamped to [-1.5, size + 1.5]
+    Decided from `t = loc * size` by a comparison, as `corner.pixel_corner` does, so that a
+    point exactly on a pixel centre (`t = k + 0.5`) gets corner `k` and fraction 0 whatever
+    the compiler contracts into fused multiply-adds. `t` is clamped to [-1.5, size + 1.5]
     first: both corners of a point beyond stay outside the level and the int cast stays
     defined.
     """

@@ -38,7 +38,7 @@ entries at each corner's pixel, summed over the tile's rows, are the cotangents 
 coefficients; after a query block's last pixel block the bilinear chain rule turns those into
 the location and weight gradients. Only the (batch, head) axes are parallel (the value
 gradient accumulates over query blocks). Both kernels decide a corner by the same comparison
-on `loc * size` (`_corner_terms`, the reference's rule), so that the backward's corners are
+on `loc * size` (`_corner_terms`, `corner.pixel_corner`), so that the backward's corners are
 the forward's. The accumulator needs `4 * head_dim * len_v_pad` bytes of VMEM (2.9 MB at
 800 x 1333, head_dim 32).
 
@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ms_deform_attn.reference import _corner
+from pallas_kernels.ms_deform_attn.corner import pixel_corner
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,12 +103,12 @@ def _level_blocks(spatial_shapes, block_v: int) -> tuple[int, ...]:
 def _corner_terms(loc, size: int):
     """Top-left corner (int32) and fraction of the pixel coordinate `loc * size - 0.5`.
 
-    The reference's `_corner` (the corner decided by a comparison on `loc * size`, so that a
+    `corner.pixel_corner` (the corner decided by a comparison on `loc * size`, so that a
     compiler contracting multiply-adds differently in the forward and backward kernels
     cannot give them different corners), on `loc` clipped to two pixels outside the level
     (whose corners all lie outside) so that the int32 conversion stays in range.
     """
-    return _corner(jnp.clip(loc, -1.5 / size, (size + 1.5) / size), size, loc.dtype)
+    return pixel_corner(jnp.clip(loc, -1.5 / size, (size + 1.5) / size), size, loc.dtype)
 
 
 def _point_corners(loc_ref, attn_ref, level, p, npoints, height, width):
