@@ -66,8 +66,34 @@ def make_train_step(
         weights, optimizer and loss); None for float32.
       schedules: learning-rate schedules to report as `lr_{group}` metrics.
     """
-
     on_cpu = cpu.applies(mesh)
+    grad_fn = _loss_and_gradients(spec, loss_config, compute_dtype, on_cpu=on_cpu)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+        # valid boxes of the global batch: an all-reduce over the data axis
+        num_boxes = jnp.maximum(batch["mask"].astype(jnp.float32).sum(), 1.0)
+        step_key = jax.random.fold_in(base_key, state.step)
+        loss, losses, grads = _accumulated(grad_fn, state, batch, num_boxes, step_key)
+        new_state, grad_norm = _apply_update(tx, state, loss, grads)
+        metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "num_boxes": num_boxes}
+        for group, schedule in (schedules or {}).items():
+            metrics[f"lr_{group}"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new_state, metrics
+
+    shardings = state_sharding(state, mesh)
+    replicated = mesh_lib.replicated(mesh)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return cpu.sized_train_step(jitted, mesh) if on_cpu else jitted
+
+
+def _loss_and_gradients(spec: ModelSpec, loss_config: LossConfig, compute_dtype, *, on_cpu: bool):
+    """`grad_fn(params, frozen, micro, num_boxes, key) -> ((loss, losses), grads)` of one
+    micro-batch; on a CPU mesh the merged model gets `training/cpu`'s products."""
 
     def loss_fn(params, frozen, micro, num_boxes, key):
         model = spec.merge(params, frozen, dropout_key=key, dtype=compute_dtype)
@@ -89,78 +115,65 @@ def make_train_step(
         losses = {k: v.astype(jnp.float32) for k, v in losses.items() if k != "is_finite"}
         return total.astype(jnp.float32), losses
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
-        accum = batch["mask"].shape[0]
-        # valid boxes of the global batch: an all-reduce over the data axis
-        num_boxes = jnp.maximum(batch["mask"].astype(jnp.float32).sum(), 1.0)
-        step_key = jax.random.fold_in(base_key, state.step)
-        if accum == 1:
-            micro = {k: v[0] for k, v in batch.items()}
-            (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, step_key)
-        else:
 
-            def body(carry, inputs):
-                index, micro = inputs
-                key = jax.random.fold_in(step_key, index)
-                (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, key)
-                acc_loss, acc_losses, acc_grads = carry
-                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-                return (acc_loss + loss, _sum_losses(acc_losses, losses), acc_grads), None
+def _accumulated(grad_fn, state: TrainState, batch, num_boxes, step_key):
+    """Loss, losses and gradients summed over the batch's `accum` micro-batches (its leading
+    axis; `lax.scan` when there are several)."""
+    accum = batch["mask"].shape[0]
+    if accum == 1:
+        micro = {k: v[0] for k, v in batch.items()}
+        (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, step_key)
+        return loss, losses, grads
 
-            shapes = jax.eval_shape(
-                grad_fn,
-                state.params,
-                state.frozen,
-                {k: v[0] for k, v in batch.items()},
-                num_boxes,
-                step_key,
-            )
-            (_, loss_shapes), grad_shapes = shapes
-            zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
-            init = (jnp.zeros((), jnp.float32), zeros(loss_shapes), zeros(grad_shapes))
-            (loss, losses, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), batch))
-            # cardinality_error is a per-batch mean (logging only): average it, sum the rest
-            losses = {
-                k: v / accum if k.startswith("cardinality_error") else v for k, v in losses.items()
-            }
+    def body(carry, inputs):
+        index, micro = inputs
+        key = jax.random.fold_in(step_key, index)
+        (loss, losses), grads = grad_fn(state.params, state.frozen, micro, num_boxes, key)
+        acc_loss, acc_losses, acc_grads = carry
+        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        return (acc_loss + loss, _sum_losses(acc_losses, losses), acc_grads), None
 
-        def update(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        with jax.named_scope("optimizer"):
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
-            # A conditional, not `where(ok, new, old)` per leaf: the select made XLA copy
-            # every moment estimate before updating it in place (an AdamW update alone on CPU:
-            # 26.7 against 9.9 ms).
-            params, opt_state = jax.lax.cond(
-                ok, update, lambda *state: state, state.params, state.opt_state
-            )
-        new_state = state.replace(
-            step=state.step + ok.astype(jnp.int32),
-            params=params,
-            opt_state=opt_state,
-            bad_step=jnp.where(
-                state.bad_step >= 0, state.bad_step, jnp.where(ok, -1, state.step)
-            ).astype(jnp.int32),
-        )
-        metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "num_boxes": num_boxes}
-        for group, schedule in (schedules or {}).items():
-            metrics[f"lr_{group}"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return new_state, metrics
-
-    shardings = state_sharding(state, mesh)
-    replicated = mesh_lib.replicated(mesh)
-    jitted = jax.jit(
-        train_step,
-        in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
+    first = {k: v[0] for k, v in batch.items()}
+    (_, loss_shapes), grad_shapes = jax.eval_shape(
+        grad_fn, state.params, state.frozen, first, num_boxes, step_key
     )
-    return cpu.sized_train_step(jitted, mesh) if on_cpu else jitted
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    init = (jnp.zeros((), jnp.float32), zeros(loss_shapes), zeros(grad_shapes))
+    (loss, losses, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), batch))
+    # cardinality_error is a per-batch mean (logging only): average it, sum the rest
+    losses = {k: v / accum if k.startswith("cardinality_error") else v for k, v in losses.items()}
+    return loss, losses, grads
+
+
+def _apply_update(tx: optax.GradientTransformation, state: TrainState, loss, grads):
+    """The optimizer step when loss and gradients are finite (and no step was bad before); the
+    state as it was otherwise, with the step recorded in `bad_step`. Returns the new state and
+    the gradients' global norm."""
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    with jax.named_scope("optimizer"):
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+        # A conditional, not `where(ok, new, old)` per leaf: the select made XLA copy
+        # every moment estimate before updating it in place (an AdamW update alone on CPU:
+        # 26.7 against 9.9 ms).
+        params, opt_state = jax.lax.cond(
+            ok, update, lambda *state: state, state.params, state.opt_state
+        )
+    new_state = state.replace(
+        step=state.step + ok.astype(jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        bad_step=jnp.where(
+            state.bad_step >= 0, state.bad_step, jnp.where(ok, -1, state.step)
+        ).astype(jnp.int32),
+    )
+    return new_state, grad_norm
 
 
 def make_eval_step(
