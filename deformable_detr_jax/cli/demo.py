@@ -1,8 +1,8 @@
 """The end-to-end demo on the embedded default: train shapes_tiny, evaluate, save, detect, draw.
 
-    python -c "from deformable_detr_jax.cli.demo import main; main()"   # what `make demo` runs
+    python -m deformable_detr_jax.demo     # what `make demo` runs; also `deformable-detr-demo`
 
-1. trains `configs/shapes_tiny.py` on CPU (`training.train`, about 10 minutes on 2 cores),
+1. trains `configs/shapes_tiny.py` on CPU (`training.train`; 2 to 6 minutes on a quiet 2-core machine, BENCHMARKS.md),
 2. evaluates COCO AP on its held-out shapes images (never trained on),
 3. saves the model with `checkpoint.save_pretrained` (workdir/model),
 4. loads it back with `inference.Detector.from_pretrained` and runs it on held-out images,

@@ -1,7 +1,7 @@
 """Images in and detections out, as transformers' `DeformableDetrImageProcessor` does them.
 
-`image_processor` (resize, rescale, normalise, pad to a bucket with a pixel mask; COCO
-annotations), `resize` (transformers' two resizing backends, reproduced), `postprocessing`
+`image_processor` (resize, rescale, normalise, pad to a bucket with a pixel mask), `images`
+(any image in, RGB uint8 out, or one `ImageError`), `annotations` (COCO targets), `resize` (transformers' two resizing backends, reproduced), `postprocessing`
 (`post_process_object_detection`; its `top_k_detections` is the one top-k decoding, run by
 `Detector` on the host and by the training evaluation step on the device).
 NumPy and PIL only: data-loading workers import this without jax.
