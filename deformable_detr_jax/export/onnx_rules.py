@@ -4,8 +4,8 @@ jax2onnx lowers a JAX program primitive by primitive through a registry of plugi
 of Deformable DETR need rules of their own, added here through that plugin mechanism and active
 only inside `onnx_rules()` (the ONNX export enters it around the conversion):
 
-- The multi-scale deformable attention core. The `"xla"` reference (`pallas_kernels/
-  ms_deform_attn/reference.py`) gathers rows with computed indices, in chunks of rows under
+- The multi-scale deformable attention core. The `"xla"` implementation (`pallas_kernels/
+  ms_deform_attn/xla.py`) gathers rows with computed indices, in chunks of rows under
   `fori_loop` on CPU; converted as it is that becomes `GatherND` plus `Loop` and materialises four
   corner rows per sample. ONNX has the exact operation instead: `GridSample` (opset 16+, bilinear,
   `align_corners=0`, zero padding) is `torch.nn.functional.grid_sample`, which the original
