@@ -5,7 +5,7 @@
 
 The loss is the sum of squares of the returned feature maps (C3..C5); gradients are taken
 w.r.t. the parameters the paper's recipe trains (stem and layer1 frozen, as
-`training/optimizer.DEFAULT_FROZEN`; batch norms frozen everywhere). JAX: the package's
+`training/settings/groups.DEFAULT_FROZEN`; batch norms frozen everywhere). JAX: the package's
 `ResNetBackbone` (1x1 convolutions as matrix products, `modeling/backbone.py`), jitted, and
 with `--conv1x1` also the same model with every 1x1 convolution as `nnx.Conv`'s
 `lax.conv_general_dilated` (what autodiff gave before), with the per-convolution timings of the
@@ -39,7 +39,7 @@ def jax_backbone(config, batch, height, width, seed=0):
     from flax import nnx
 
     from deformable_detr_jax.modeling.backbone import ResNetBackbone
-    from deformable_detr_jax.training.optimizer import DEFAULT_FROZEN
+    from deformable_detr_jax.training.settings.groups import DEFAULT_FROZEN
     from deformable_detr_jax.training.train_state import param_name
 
     model = ResNetBackbone(config, rngs=nnx.Rngs(seed))

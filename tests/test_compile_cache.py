@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from deformable_detr_jax import Detector, ImageProcessor, compile_cache, inference, save_pretrained
+from deformable_detr_jax import Detector, ImageProcessor, compile_cache, save_pretrained
 from deformable_detr_jax.compile_cache import (
     ENV_VAR,
     CompileCacheWarning,
@@ -27,6 +27,7 @@ from deformable_detr_jax.compile_cache import (
     training_cache,
     training_directory,
 )
+from deformable_detr_jax.inference import detector as detector_module
 from tests import subprocess_utils
 from tests.random_models import random_model, small_config
 
@@ -191,14 +192,14 @@ def test_warmup_prepares_the_programs_of_the_buckets(model, rng):
     detector = Detector(model, processor, buckets=(72, 112), compile_cache=None)
     sizes = [(100, 150), (100, 140)]  # resized to 72 x 108 and 72 x 101: one bucket
     assert {detector.bucket(size) for size in sizes} == {(72, 112)}
-    programs = inference._forward._cache_size()
+    programs = detector_module._forward._cache_size()
     prepared = detector.warmup(sizes, batch_sizes=(1, 2))
     assert prepared == detector.compiled_shapes == ((1, 72, 112), (2, 72, 112))
-    assert inference._forward._cache_size() == programs + 2
+    assert detector_module._forward._cache_size() == programs + 2
     images = [rng.integers(0, 255, size + (3,), dtype=np.uint8) for size in sizes]
     together = detector(images, threshold=0.0)  # one batch of two in the bucket
     alone = detector(images[1:], threshold=0.0)[0]
-    assert inference._forward._cache_size() == programs + 2  # nothing compiled after warm-up
+    assert detector_module._forward._cache_size() == programs + 2  # nothing compiled after warm-up
     np.testing.assert_allclose(together[1].scores, alone.scores, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="batch_sizes"):
         detector.warmup([(100, 150)], batch_sizes=(0,))
