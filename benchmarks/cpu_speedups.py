@@ -1,7 +1,7 @@
 """Each CPU speed-up of the training step on and off, side by side in one run.
 
     .venv/bin/python benchmarks/cpu_speedups.py --model r50-box-refine --batch 2 --size 384 512 \
-        --variants all no-a no-b no-d --steps 4 --block 1
+        --variants all no-a no-b no-c no-d --steps 6 --block 1
 
 A variant is `all` (every speed-up the package applies on CPU) or `no-X`: all but the
 speed-ups named by the letters X,
@@ -10,10 +10,8 @@ turned off in that subject's process before its step is built:
 - `a`: the dense layers' filter gradients in the form YNNPACK runs (`cpu.prepare_model`);
 - `b`: the train step compiled per batch shape with sized options (`cpu.sized_train_step`:
   the temporaries split into buffers that fit glibc's heaps);
+- `c`: `cpu.compiler_options`' YNNPACK fusion types without its convolutions (jaxlib 0.10);
 - `d`: glibc keeping freed memory (`cpu.configure_process`).
-
-(`c`, the steps compiled with XLA's own convolutions instead of YNNPACK's, measured no faster
-and was removed: BENCHMARKS.md, "CPU speed-ups, each on and off".)
 
 Each variant runs in its own process (`side_by_side.py`), the variants alternate in blocks of
 `--block` steps after `--warmup` untimed blocks; the medians, the spread (min..max) and each
@@ -33,17 +31,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
-SPEEDUPS = "abd"
+SPEEDUPS = "abcd"
 
 
 def turn_off(speedups: str) -> None:
     """Turns the speed-ups named in `speedups` off in this process (before the step is built)."""
     from deformable_detr_jax.training import cpu
+    from deformable_detr_jax.training.cpu import compiler
 
     if "a" in speedups:
         cpu.prepare_model = lambda model: model
     if "b" in speedups:
         cpu.sized_train_step = lambda jitted, mesh: jitted
+    if "c" in speedups:
+        compiler.MEASURED_JAXLIB = (-1, -1)
 
 
 class Variant:

@@ -1,11 +1,16 @@
-"""The CPU train step's XLA options (`training.cpu.compiler`, `training.cpu.sized_step`).
+"""The training and evaluation steps' XLA:CPU options (`deformable_detr_jax.training.cpu.compiler`).
 
-The CPU train step is compiled per batch shape with its temporaries split to fit glibc's heaps,
-and gives what the plain jitted step gives. Elsewhere the options are None (the default
-compile).
+On jaxlib 0.10.x the CPU steps compile their convolutions with XLA's own emitter instead of
+YNNPACK, and keep YNNPACK's dots; the gradients stay those of the default compile to float32
+rounding. The CPU train step is compiled per batch shape with its temporaries split to fit
+glibc's heaps (tests/test_host_memory.py has what that buys). Elsewhere the options are None
+(the default compile).
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +21,69 @@ from deformable_detr_jax.training.cpu import host_memory
 from deformable_detr_jax.training.cpu.compiler import (
     HEAP_BYTES,
     HEAP_FLAG,
+    YNN_FUSION_FLAG,
     cpu_compiler_options,
+    step_compiler_options,
 )
 from deformable_detr_jax.training.cpu.sized_step import CpuTrainStep
+
+JAXLIB_0_10 = importlib.metadata.version("jaxlib").startswith("0.10.")
+needs_jaxlib_0_10 = pytest.mark.skipif(
+    not JAXLIB_0_10, reason="the options are measured and given on jaxlib 0.10.x only"
+)
+
+
+def _ynn_ops(hlo: str) -> set[str]:
+    """Op names (from the metadata) of the YNNPACK fusions in a compiled module's text."""
+    return set(re.findall(r"%ynn_fusion[.\d]* = .*?op_name=\"([^\"]+)\"", hlo))
+
+
+def _conv_grad(x, w):
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(jnp.tanh(y) @ jnp.ones((y.shape[-1], 8), y.dtype))
+
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+def test_no_options_off_the_cpu_or_when_the_user_set_the_flag(monkeypatch):
+    assert cpu_compiler_options("gpu") is None
+    assert cpu_compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", f"--{YNN_FUSION_FLAG}=-individual_dot")
+    assert cpu_compiler_options("cpu") is None
+
+
+def test_options_only_on_the_measured_jaxlib(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = cpu_compiler_options("cpu")
+    if JAXLIB_0_10:
+        assert options == {
+            YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        }
+    else:
+        assert options is None
+
+
+@needs_jaxlib_0_10
+def test_convolutions_leave_ynnpack_with_the_same_gradients(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (2, 12, 16, 32), jnp.float32)
+    w = 0.1 * jax.random.normal(keys[1], (3, 3, 32, 48), jnp.float32)
+    default = jax.jit(_conv_grad).lower(x, w).compile()
+    tuned = jax.jit(_conv_grad, compiler_options=cpu_compiler_options("cpu")).lower(x, w).compile()
+    default_ops, tuned_ops = _ynn_ops(default.as_text()), _ynn_ops(tuned.as_text())
+    # the default hands the convolutions to YNNPACK; the options take them back, keep the dots
+    assert any("conv_general_dilated" in op for op in default_ops), default_ops
+    assert not any("conv_general_dilated" in op for op in tuned_ops), tuned_ops
+    assert any("dot_general" in op for op in tuned_ops), tuned_ops
+    for got, want in zip(tuned(x, w), default(x, w), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        # float32 rounding of 288-term sums in another order: 1e-5 of the largest gradient
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        assert np.abs(got - want).max() > 0  # two different compiles, not one program twice
 
 
 def _tiny_train_step():
@@ -57,13 +122,14 @@ def _tiny_train_step():
     return mesh, step, state, mesh_lib.host_to_global(batch, mesh, 1)
 
 
-def test_no_options_off_the_cpu_unsized_or_when_the_user_set_the_flag(monkeypatch):
+@needs_jaxlib_0_10
+def test_the_train_step_is_compiled_with_the_options(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    assert cpu_compiler_options("gpu", 1024) is None
-    assert cpu_compiler_options("tpu", 1024) is None
-    assert cpu_compiler_options("cpu") is None  # not sized: the default compile
-    monkeypatch.setenv("XLA_FLAGS", f"--{HEAP_FLAG}=1000000")
-    assert cpu_compiler_options("cpu", 1024) is None
+    mesh, step, state, batch = _tiny_train_step()
+    assert step_compiler_options(mesh) == cpu_compiler_options("cpu")
+    hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
+    assert "convolution(" in hlo  # the backbone's 3x3 convolutions, compiled by XLA itself
+    assert not any("conv_general_dilated" in op for op in _ynn_ops(hlo))
 
 
 @pytest.mark.skipif(not host_memory.applies(), reason="needs Linux with glibc")

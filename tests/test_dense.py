@@ -23,6 +23,7 @@ from flax import nnx
 
 from deformable_detr_jax.modeling.backbone import pointwise_conv
 from deformable_detr_jax.training import cpu
+from deformable_detr_jax.training.cpu.compiler import cpu_compiler_options
 from deformable_detr_jax.training.cpu.filter_gradients import (
     filter_gradient_dot_general,
     use_filter_gradients,
@@ -121,7 +122,7 @@ def test_the_filter_gradient_runs_in_ynnpack(n_in, n_out):
 
     def hlo(on: bool) -> str:
         lowered = jax.jit(_loss_and_grads(g, on)).lower(x, w)
-        return lowered.compile().as_text()
+        return lowered.compile(compiler_options=cpu_compiler_options("cpu")).as_text()
 
     assert len(_top_level_dots(hlo(on=False))) == 1  # autodiff: the filter gradient in Eigen
     assert _top_level_dots(hlo(on=True)) == []

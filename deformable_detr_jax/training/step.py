@@ -20,8 +20,9 @@ the top-k (query, class) pairs per image, as `post_process_object_detection` ran
 boxes as normalised (x0, y0, x1, y1).
 
 On a CPU mesh the train step gets what `training.cpu` applies (its docstring lists them): the
-model merged inside the trace prepared by `cpu.prepare_model`, the jitted step wrapped by
-`cpu.sized_train_step`.
+model merged inside the trace prepared by `cpu.prepare_model`, the step jitted with
+`cpu.compiler_options` and wrapped by `cpu.sized_train_step`; the eval step is compiled with
+the same options.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def make_train_step(
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=cpu.compiler_options(mesh),
     )
     return cpu.sized_train_step(jitted, mesh) if on_cpu else jitted
 
@@ -202,4 +204,5 @@ def make_eval_step(
         eval_step,
         in_shardings=(replicated, replicated, data),
         out_shardings=data,
+        compiler_options=cpu.compiler_options(mesh),
     )

@@ -6,14 +6,14 @@
 - `prepare_model(model)`: the model merged inside the train step's trace computes its dense
   layers' and 1x1 convolutions' products with a filter gradient that YNNPACK runs
   (`filter_gradients`);
+- `compiler_options(mesh)`: the steps' XLA:CPU options (`compiler`);
 - `sized_train_step(jitted, mesh)`: the jitted train step compiled once per batch shape with
-  its temporaries split to fit glibc's heaps (`sized_step`, `compiler`);
+  its temporaries split to fit glibc's heaps (`sized_step`);
 - `configure_process()`: process-wide, once, at a training entry point: glibc keeps the memory
   the process frees, for the next step to reuse (`host_memory`).
 
 Each one was measured on and off on the R50 box-refinement step (BENCHMARKS.md, "CPU
-speed-ups, each on and off"; `benchmarks/cpu_speedups.py`); XLA's own convolutions instead of
-YNNPACK's, once given to the steps as a compiler option, measured no faster and are gone.
+speed-ups, each on and off"; `benchmarks/cpu_speedups.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from flax import nnx
 from jax.sharding import Mesh
 
+from deformable_detr_jax.training.cpu.compiler import step_compiler_options
 from deformable_detr_jax.training.cpu.filter_gradients import use_filter_gradients
 from deformable_detr_jax.training.cpu.host_memory import configure_process
 from deformable_detr_jax.training.cpu.sized_step import CpuTrainStep
@@ -38,6 +39,11 @@ def prepare_model(model: nnx.Module) -> nnx.Module:
     return use_filter_gradients(model)
 
 
+def compiler_options(mesh: Mesh) -> dict[str, str | int] | None:
+    """The XLA options for a step on `mesh`: None (the default compile) off the CPU."""
+    return step_compiler_options(mesh)
+
+
 def sized_train_step(jitted: Callable, mesh: Mesh) -> CpuTrainStep:
     """The jitted train step, compiled per batch shape with its sized options."""
     return CpuTrainStep(jitted, mesh)
@@ -46,6 +52,7 @@ def sized_train_step(jitted: Callable, mesh: Mesh) -> CpuTrainStep:
 __all__ = [
     "CpuTrainStep",
     "applies",
+    "compiler_options",
     "configure_process",
     "prepare_model",
     "sized_train_step",

@@ -1,29 +1,45 @@
-"""Per-program XLA:CPU options for the training step.
+"""Per-program XLA:CPU options for the training and evaluation steps.
 
-Temporaries (the training step, Linux with glibc, any jaxlib): XLA:CPU allocates an execution's
-temporaries as one buffer (2.8 GiB for R50 at batch 2, 384 x 512), which glibc maps afresh for
-every step. Split into buffers of at most `HEAP_BYTES` (`xla_multiheap_size_constraint_per_heap`),
-each fits one of glibc's per-thread heaps, and once `host_memory.configure_process()` has run
-every step reuses the memory of the one before. The split is given only when no single value of
-the program is larger than that (`largest_value_bytes` of its jaxpr); XLA would warn about each
-one that is.
+Two options, each given only where it was measured:
 
-    jitted.trace(...).lower().compile(compiler_options=step_compiler_options(mesh, largest))
+- Convolutions (jaxlib 0.10.x): XLA:CPU hands f32 convolutions to YNNPACK, and its convolutions
+  are the slow part of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes
+  1.8-2.8x the time of XLA's own Eigen convolution (BENCHMARKS.md, "Host memory of a CPU
+  step"). So the steps keep YNNPACK's other fusion types (its dots and reductions, the default
+  list of jaxlib 0.10.2 less the convolutions).
+- Temporaries (the training step, Linux with glibc, any jaxlib): XLA:CPU allocates an
+  execution's temporaries as one buffer (2.8 GiB for R50 at batch 2, 384 x 512), which glibc
+  maps afresh for every step. Split into buffers of at most `HEAP_BYTES`
+  (`xla_multiheap_size_constraint_per_heap`), each fits one of glibc's per-thread heaps, and
+  once `host_memory.configure_process()` has run every step reuses the memory of the one before.
+  The split is given only when no single value of the program is larger than that
+  (`largest_value_bytes` of its jaxpr); XLA would warn about each one that is.
 
-The options apply to that one program, not to the process; elsewhere (GPU, TPU, a system
-without glibc) the result is None, the default compile. A user who sets the flag in `XLA_FLAGS`
-keeps their own setting. (XLA's own convolutions instead of YNNPACK's, once given here on jaxlib
-0.10, measured no faster on the R50 step: BENCHMARKS.md, "CPU speed-ups, each on and off".)
+    jax.jit(step, compiler_options=step_compiler_options(mesh))
+
+The options apply to that one program, not to the process; elsewhere (GPU, TPU, a jaxlib or
+system not measured) the result is None, the default compile. A user who sets one of these
+flags in `XLA_FLAGS` keeps their own setting.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 import numpy as np
 from jax.sharding import Mesh
 
+from deformable_detr_jax._versions import release_numbers
 from deformable_detr_jax.training.cpu import host_memory
+
+# jaxlib 0.10.2's default YNNPACK fusion types are INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
+# REDUCE (read from the compiled HLO of a dot, a convolution and reductions); this is that
+# list without the convolutions.
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+MEASURED_JAXLIB = (0, 10)
+
 
 # glibc's per-thread heaps hold at most 64 MiB; a buffer up to this size fits one.
 HEAP_FLAG = "xla_multiheap_size_constraint_per_heap"
@@ -39,15 +55,21 @@ def cpu_compiler_options(
       largest_value_bytes: the program's largest value (`largest_value_bytes`); None for a
         program whose temporaries are not split.
     """
-    if (
-        platform != "cpu"
-        or largest_value_bytes is None
-        or largest_value_bytes > HEAP_BYTES
-        or HEAP_FLAG in os.environ.get("XLA_FLAGS", "")
-        or not host_memory.applies()
-    ):
+    if platform != "cpu":
         return None
-    return {HEAP_FLAG: HEAP_BYTES}
+    flags = os.environ.get("XLA_FLAGS", "")
+    options: dict[str, str | int] = {}
+    jaxlib = release_numbers(importlib.metadata.version("jaxlib"))[:2]
+    if jaxlib == MEASURED_JAXLIB and YNN_FUSION_FLAG not in flags:
+        options[YNN_FUSION_FLAG] = YNN_WITHOUT_CONVOLUTIONS
+    if (
+        largest_value_bytes is not None
+        and largest_value_bytes <= HEAP_BYTES
+        and HEAP_FLAG not in flags
+        and host_memory.applies()
+    ):
+        options[HEAP_FLAG] = HEAP_BYTES
+    return options or None
 
 
 def step_compiler_options(

@@ -30,7 +30,10 @@ class CpuTrainStep:
     def lower_sized(self, state, batch, base_key) -> tuple[jax.stages.Lowered, dict | None]:
         """The step lowered for these arguments' shapes, and the compiler options to add."""
         traced = self._jitted.trace(state, batch, base_key)
-        return traced.lower(), step_compiler_options(self._mesh, largest_value_bytes(traced.jaxpr))
+        given = step_compiler_options(self._mesh) or {}
+        sized = step_compiler_options(self._mesh, largest_value_bytes(traced.jaxpr)) or {}
+        extra = {name: value for name, value in sized.items() if name not in given}
+        return traced.lower(), extra or None
 
     def compile(self, state, batch, base_key) -> jax.stages.Compiled:
         """Traces and compiles for these arguments' shapes (what the first call does)."""
