@@ -13,8 +13,10 @@ AdamW), on every local device (`--devices`), float32 or `--dtype bfloat16`. PyTo
 `loss.backward()` and `torch.optim.AdamW` with the same groups, on CUDA when available. Timings
 are medians over `--steps` steps after `--warmup` blocks; each library runs in its own process
 and the two alternate in blocks of `--block` steps (`side_by_side.py`: in one process, on 2
-cores, each library's spinning worker threads slowed the other's step down up to 25x); the JAX
-figure waits for each step. The load
+cores, each library's spinning worker threads slowed the other's step down up to 25x); each
+process locks its pages in memory after its first step (`--no-lock-memory` not: see
+`side_by_side.py`), and its page faults per step are printed; the JAX figure waits for each
+step. The load
 average before and after is printed with the figures. transformers 5 freezes its whole ResNet
 (its name filter "stage.1" never matches "stages.1"); here layer2..4 are trained on both
 sides, as in the paper's recipe.
@@ -246,20 +248,28 @@ def measure(args, jax_subject=JaxSubject, torch_subject=TorchSubject):
     (close them)."""
     from side_by_side import Subject, interleave
 
-    subjects = {"jax": Subject(jax_subject, args)}
+    lock = not args.no_lock_memory
+    subjects = {"jax": Subject(jax_subject, args, lock_memory=lock)}
     if args.torch:
-        subjects["torch"] = Subject(torch_subject, args)
+        subjects["torch"] = Subject(torch_subject, args, lock_memory=lock)
     block = max(1, args.block)
+    faults_before = {name: subject.faults() for name, subject in subjects.items()}
     times = interleave(subjects, rounds=-(-args.steps // block), block=block, warmup=args.warmup)
     results = {}
     for name, subject in subjects.items():
         median = statistics.median(times[name])
+        stepped = len(times[name]) + args.warmup * block
+        faults = subject.faults()
         results[name] = {
             "step_s": median,
             "images_per_s": args.batch / median,
             "first_step_s": subject.info["first_step_s"],
             "loss": subject.call("loss"),
             "steps": len(times[name]),
+            "memory": subject.info["memory"],
+            # per step, warm-up blocks included
+            "major_faults_per_step": (faults["major"] - faults_before[name]["major"]) / stepped,
+            "minor_faults_per_step": (faults["minor"] - faults_before[name]["minor"]) / stepped,
         }
     results["jax"]["devices"] = subjects["jax"].call("devices")
     results["jax"]["backend"] = subjects["jax"].call("backend")
@@ -277,6 +287,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed blocks of each")
     parser.add_argument("--devices", type=int, default=0, help="local devices (0: all)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--no-lock-memory",
+        action="store_true",
+        help="let the waiting process's pages be reclaimed (side_by_side.py: locked by default)",
+    )
 
 
 def main(argv=None) -> int:
@@ -332,6 +347,12 @@ def main(argv=None) -> int:
             )
         else:
             print("# goal training step >= 2x transformers: not measured here (needs a GPU)")
+    for name in ("jax", "torch") if args.torch else ("jax",):
+        r = results[name]
+        print(
+            f"{name:5s} memory {r['memory']}; page faults per step: "
+            f"{r['major_faults_per_step']:.0f} major, {r['minor_faults_per_step']:.0f} minor"
+        )
     before, after = results["load_average"]["before"], results["load_average"]["after"]
     print(
         f"load average (1, 5, 15 min) before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.subprocess_utils import finish
+from tests.subprocess_utils import finish, start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -72,7 +72,7 @@ def _start(tmp, workdir) -> subprocess.Popen:
         "--workdir",
         str(workdir),
     ]
-    return subprocess.Popen(
+    return start(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -20,6 +19,7 @@ from deformable_detr_jax.training.metrics import (
     crc32c,
 )
 from deformable_detr_jax.training.train_state import model_spec
+from tests.subprocess_utils import run
 from tests.training_workers import get_config, tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def test_coco_json_with_unknown_ids_fails_at_start(monkeypatch, tmp_path, proble
 
 
 def test_unknown_config_key_fails_on_the_command_line(tmp_path):
-    result = subprocess.run(
+    result = run(
         [
             sys.executable,
             "train.py",

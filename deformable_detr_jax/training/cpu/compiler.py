@@ -79,8 +79,16 @@ def step_compiler_options(
     return cpu_compiler_options(mesh.devices.flat[0].platform, largest_value_bytes)
 
 
-def largest_value_bytes(jaxpr) -> int:
-    """Bytes of the largest value that a (closed) jaxpr or any jaxpr inside it computes."""
+def largest_value_bytes(jaxpr, platform: str = "cpu") -> int:
+    """Bytes of the largest value that a (closed) jaxpr or any jaxpr inside it computes, in the
+    program lowered for `platform` (a lowering platform: "cpu", "cuda", "rocm", "tpu").
+
+    Of a `jax.lax.platform_dependent` choice (a `cond` with `branches_platforms`) only the
+    branch lowered for `platform` counts: the sampling core's branch for other platforms
+    gathers every row at once (hundreds of MiB at R50 sizes), which the CPU program never
+    computes, and counting it withheld the split from every CPU train step (BENCHMARKS.md,
+    "The R50 step's regression found").
+    """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     largest = 0
     for eqn in jaxpr.eqns:
@@ -89,8 +97,23 @@ def largest_value_bytes(jaxpr) -> int:
             itemsize = getattr(getattr(var.aval, "dtype", None), "itemsize", None)
             if shape is not None and itemsize is not None:
                 largest = max(largest, int(np.prod(shape)) * itemsize)
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (list, tuple)) else (param,):
-                if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
-                    largest = max(largest, largest_value_bytes(inner))
+        for inner in _inner_jaxprs(eqn, platform):
+            largest = max(largest, largest_value_bytes(inner, platform))
     return largest
+
+
+def _inner_jaxprs(eqn, platform: str) -> list:
+    """The jaxprs inside `eqn` that the program lowered for `platform` runs."""
+    inner = [
+        value
+        for param in eqn.params.values()
+        for value in (param if isinstance(param, (list, tuple)) else (param,))
+        if hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns")
+    ]
+    platforms = eqn.params.get("branches_platforms")
+    if eqn.primitive.name != "cond" or platforms is None:
+        return inner
+    chosen = [i for i, names in enumerate(platforms) if names is not None and platform in names]
+    default = [i for i, names in enumerate(platforms) if names is None]
+    index = (chosen or default or [None])[0]
+    return inner if index is None else [eqn.params["branches"][index]]
