@@ -36,13 +36,13 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 # torch is installed first and pinned: any other spec pulls the CUDA build.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[test,torch,export]"
+	$(PY) -m pip install -e ".[test,torch,export,datasets]"
 	$(PY) -m pip install --no-deps "$(JAX2ONNX)"
 	touch $@ $(VENV)/.installed-runtime
 
 # No torch here; fails unless the index's newest releases were installed.
 $(VENV_NEWEST)/.installed-test: pyproject.toml | $(PY_NEWEST)
-	$(PY_NEWEST) -m pip install --upgrade --upgrade-strategy eager -e ".[test,export]"
+	$(PY_NEWEST) -m pip install --upgrade --upgrade-strategy eager -e ".[test,export,datasets]"
 	$(PY_NEWEST) -m pip install --no-deps "$(JAX2ONNX)"
 	$(PY_NEWEST) .ci/check_newest.py
 	touch $@

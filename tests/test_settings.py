@@ -88,8 +88,8 @@ def test_the_model_group_carries_no_loss_field():
         ({"data": {"augment": {"scales": 96}}}, r"^data\.augment\.scales must be a tuple"),
         (
             {"data": {"source": "coco"}},
-            r"^data\.source='coco' is not one of shapes, coco_json, yolo, tfds; did you mean "
-            r"coco_json\?$",
+            r"^data\.source='coco' is not one of shapes, coco_json, yolo, tfds, hf_datasets; did "
+            r"you mean coco_json\?$",
         ),
         ({"train": {"compute_dtype": "bf16"}}, r"^train\.compute_dtype='bf16' is not one of"),
         ({"data": {"shapes": 3}}, r"^data\.shapes must be a group of settings, got 3$"),
@@ -114,6 +114,8 @@ MAY_CHANGE = {
     "data.yolo.eval_split",
     "data.tfds.data_dir",
     "data.tfds.eval_split",
+    "data.hf_datasets.path",
+    "data.hf_datasets.eval_split",
     "model.msda_implementation",
     "model.init_from",
     "model.backbone_weights",

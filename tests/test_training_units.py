@@ -28,6 +28,7 @@ RECIPES = (
     "box_refine_r50_coco",
     "two_stage_r50_coco",
     "finetune_coco_json",
+    "finetune_hf_datasets",
     "shapes_tiny",
 )
 
@@ -138,8 +139,8 @@ def test_recipes_build(name):
     run = settings.parse(config)
     assert set(config) == {"model", "data", "optimizer", "train"}
     assert config.optimizer.frozen is not None
-    if name == "finetune_coco_json":
-        assert config.model.init_from and config.data.source == "coco_json"
+    if name.startswith("finetune_"):
+        assert config.model.init_from and config.data.source == name[len("finetune_") :]
         return  # its model config comes from the checkpoint it names
     labels = 3 if name == "shapes_tiny" else 91
     source = type("Source", (), {"num_labels": labels, "label_names": None})()

@@ -2,7 +2,8 @@
 
 Example::
 
-    source = ShapesSource(2000, image_size=128)  # or CocoJsonSource, YoloFolderSource, TfdsCocoSource
+    source = ShapesSource(2000, image_size=128)  # or CocoJsonSource, YoloFolderSource,
+    # TfdsCocoSource, HfDatasetsSource (pip install "deformable_detr_jax[datasets]")
     batches = make_batches(source, batch_size=8, augment=AugmentConfig().scaled(0.2))
     batch = next(batches)  # pixel_values, pixel_mask, labels, boxes, mask, image_id, size, ...
     saved = batches.state()  # later: make_batches(..., state=saved) continues after this batch
@@ -10,6 +11,7 @@ Example::
 
 from deformable_detr_jax.data.box_checks import DataError, InvalidBoxError
 from deformable_detr_jax.data.coco_json import CocoJsonSource
+from deformable_detr_jax.data.hf_datasets import HfDatasetsSource
 from deformable_detr_jax.data.pipeline import Batches, collate, grain_available, make_batches
 from deformable_detr_jax.data.shapes import BACKGROUNDS, SHAPE_NAMES, ShapesSource
 from deformable_detr_jax.data.source_common import COCO_CATEGORY_IDS, COCO_NAMES, decode_image
@@ -38,6 +40,7 @@ __all__ = [
     "Batches",
     "CocoJsonSource",
     "DataError",
+    "HfDatasetsSource",
     "InvalidBoxError",
     "ShapesSource",
     "TfdsCocoSource",

@@ -201,7 +201,8 @@ def make_batches(
     """Batches of `source` for this process (see the module docstring).
 
     Args:
-      source: a random-access source (`coco_json.py`, `yolo.py`, `tfds_coco.py`, `shapes.py`).
+      source: a random-access source (`coco_json.py`, `yolo.py`, `tfds_coco.py`,
+        `hf_datasets.py`, `shapes.py`).
       batch_size: images per batch on this process.
       train: augmented, shuffled, endless stream (or `num_epochs` epochs); else the evaluation
         transform over every record once.

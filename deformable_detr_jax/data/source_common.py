@@ -1,8 +1,8 @@
 """What the detection sources share: the record they return, image decoding, COCO's categories.
 
-Every source (`coco_json.py`, `yolo.py`, `tfds_coco.py`, the synthetic `shapes.py`) has
-`len(source)`, `source[index]`, `source.describe(index)` (a path or id for logs), `num_labels` and
-`label_names`; `source[index]` returns a record
+Every source (`coco_json.py`, `yolo.py`, `tfds_coco.py`, `hf_datasets.py`, the synthetic
+`shapes.py`) has `len(source)`, `source[index]`, `source.describe(index)` (a path or id for
+logs), `num_labels` and `label_names`; `source[index]` returns a record
 
     {"image": (height, width, 3) uint8 RGB, "boxes": (n, 4) float32 cxcywh normalised to the image,
      "labels": (n,) int32 in [0, num_labels), "image_id": int}
@@ -13,11 +13,12 @@ can be checked without decoding images (paths, json structure, image ids, catego
 checked in the constructor, so a bad setting fails at start-up with a message that names it.
 Invalid boxes (NaN, negative or zero size, outside the image: `box_checks.py`) are dropped, counted
 in `source.invalid_boxes` and logged with their file:line or image and annotation id, in the
-constructor (TFDS: when the record is read, since that decodes the image); `strict=True` makes
-them an `InvalidBoxError` instead.
+constructor (TFDS, and Hugging Face datasets without `width` / `height` columns: when the record
+is read, since that decodes the image); `strict=True` makes them an `InvalidBoxError` instead.
 
 Images are decoded as stored, without applying EXIF orientation: COCO's boxes refer to the stored
-pixels (as in torchvision's `CocoDetection`, which DETR uses).
+pixels (as in torchvision's `CocoDetection`, which DETR uses). Hugging Face datasets are the
+exception: decoded as `datasets` decodes them (EXIF applied), the pixels their boxes refer to.
 """
 
 from __future__ import annotations

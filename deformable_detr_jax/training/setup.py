@@ -139,6 +139,8 @@ def make_source(data: DataSettings, split: str):
                 images, annotations, label_mode=group.label_mode, strict=strict
             )
         split_name = getattr(group, f"{split}_split")
+        if kind == "hf_datasets":
+            return hf_datasets_source(group, split_name, strict, where)
         if kind == "yolo":
             if not group.folder:
                 raise ConfigError(f"{where}.folder must be set (images/<split>, labels/<split>)")
@@ -151,6 +153,20 @@ def make_source(data: DataSettings, split: str):
         raise
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
         raise ConfigError(f"{where} ({split} split): {err}") from err
+
+
+def hf_datasets_source(group, split_name: str, strict: bool, where: str):
+    """`data.HfDatasetsSource` of `data.hf_datasets` (`group`) for the split `split_name`."""
+    from deformable_detr_jax import data as data_lib
+
+    if not group.path:
+        raise ConfigError(
+            f"{where}.path must be set: a folder written by save_to_disk or a Hugging Face Hub "
+            "dataset id (e.g. cppe-5)"
+        )
+    return data_lib.HfDatasetsSource(
+        group.path, split_name, revision=group.revision or None, strict=strict
+    )
 
 
 def augment_config(augment: AugmentSettings):

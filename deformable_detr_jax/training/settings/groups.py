@@ -139,7 +139,18 @@ class TfdsSettings:
     label_mode: str = setting("category_id", choices=LABEL_MODES)
 
 
-SOURCES = ("shapes", "coco_json", "yolo", "tfds")
+@dataclasses.dataclass(frozen=True)
+class HfDatasetsSettings:
+    """data.hf_datasets: a Hugging Face `datasets` dataset in the transformers object-detection
+    guide's layout (`image`, `objects` with COCO pixel `bbox` and ClassLabel `category`)."""
+
+    path: str = setting("", may_change=True, doc="a save_to_disk folder or a hub id (cppe-5)")
+    train_split: str = "train"
+    eval_split: str = setting("test", may_change=True)
+    revision: str = setting("", doc="a hub id's branch, tag or commit; '': the default")
+
+
+SOURCES = ("shapes", "coco_json", "yolo", "tfds", "hf_datasets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +173,7 @@ class DataSettings:
     coco_json: CocoJsonSettings = dataclasses.field(default_factory=CocoJsonSettings)
     yolo: YoloSettings = dataclasses.field(default_factory=YoloSettings)
     tfds: TfdsSettings = dataclasses.field(default_factory=TfdsSettings)
+    hf_datasets: HfDatasetsSettings = dataclasses.field(default_factory=HfDatasetsSettings)
 
 
 # The paper's recipe (ResNet stem + layer1 frozen, as torchvision's resnet with
