@@ -1,13 +1,14 @@
 """Fine-tune a converted Deformable DETR checkpoint on your own COCO-json data.
 
-Starts from a detection checkpoint (`model.init_from`: a folder written by `save_pretrained`, a
-Hugging Face folder such as a download of SenseTime/deformable-detr, or a PyTorch .pth/.bin). The
+Starts from a detection checkpoint (`model.init_from`: a Hugging Face hub id such as
+SenseTime/deformable-detr, downloaded once into huggingface_hub's cache, a folder written by
+`save_pretrained` or a hub-style folder, or a PyTorch .pth/.bin/.safetensors file). The
 architecture is the checkpoint's; the class heads are re-initialised for the new label count,
 which comes from the json's categories (numbered 0..K-1 in order of category id). Everything else
 is copied. Lower learning rates than from scratch, 30 epochs with a drop at 20, batch 8:
 
     python train.py --config configs/finetune_coco_json.py --workdir runs/my_finetune \
-        --config.model.init_from=checkpoints/deformable-detr \
+        --config.model.init_from=SenseTime/deformable-detr \
         --config.data.coco_json.train_images=my_data/train \
         --config.data.coco_json.train_annotations=my_data/annotations/train.json \
         --config.data.coco_json.eval_images=my_data/val \
@@ -20,7 +21,7 @@ from deformable_detr_jax.training.recipes import base_config
 
 def get_config():
     config = base_config(preset("deformable-detr"))
-    config.model.init_from = "checkpoints/deformable-detr"
+    config.model.init_from = "SenseTime/deformable-detr"
     data = config.data
     data.source = "coco_json"
     data.batch_size = 8

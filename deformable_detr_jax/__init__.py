@@ -20,6 +20,7 @@ _EXPORTS = {
     "convert_state_dict": "convert.state_dict",
     "export_state_dict": "convert.state_dict",
     "load_pytorch_checkpoint": "convert.loading",
+    "import_pytorch_checkpoint": "convert.loading",
     "save_pytorch_checkpoint": "convert.loading",
     "load_pretrained": "checkpoint",
     "save_pretrained": "checkpoint",

@@ -46,6 +46,7 @@ def test_folder_without_weights(tmp_path, capsys):
     (tmp_path / "src" / "config.json").write_text("{}")
     with pytest.raises(CheckpointFormatError, match="no weights.*model.safetensors"):
         load_pytorch_checkpoint(tmp_path / "src")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no model folder or weights file at"):
         load_pytorch_checkpoint(tmp_path / "nothing.pth")
-    assert "no checkpoint" in cli_fails(tmp_path / "nothing.pth", tmp_path / "dst", capsys)
+    err = cli_fails(tmp_path / "nothing.pth", tmp_path / "dst", capsys)
+    assert "no model folder or weights file at" in err

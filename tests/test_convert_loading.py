@@ -325,6 +325,7 @@ def test_save_pytorch_checkpoint_loads_in_transformers(variant, hf_models, image
     """A JAX model's weights reach transformers exactly; outputs agree (two variants, the
     other two are covered by the weights' equality and the parity tests)."""
     from transformers import DeformableDetrForObjectDetection as HFModel
+    from transformers import DeformableDetrImageProcessor
 
     config = DeformableDetrConfig.from_hf(_hf_config(variant).to_dict())
     model = convert_state_dict(ref.state_dict_numpy(hf_models[variant]), config)
@@ -334,10 +335,17 @@ def test_save_pytorch_checkpoint_loads_in_transformers(variant, hf_models, image
         assert model.class_embed[0] is not model.class_embed[1]
         model.class_embed[1].bias[...] = model.class_embed[1].bias[...] + 0.5
     folder = save_pytorch_checkpoint(model, tmp_path / "hf")
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(folder)) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs, info = HFModel.from_pretrained(folder, output_loading_info=True)
+        processor = DeformableDetrImageProcessor.from_pretrained(folder)  # the default settings
+    assert dict(processor.size) == {"shortest_edge": 800, "longest_edge": 1333}
+    np.testing.assert_allclose(processor.image_mean, [0.485, 0.456, 0.406])
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     # identical weights, every key transformers has (tied copies included)
     exported = export_state_dict(model)
@@ -521,7 +529,11 @@ def test_existing_destination_is_left_alone(hf_models, tmp_path, capsys):
         save_pytorch_checkpoint(model, tmp_path / "dst")
     assert os.listdir(tmp_path / "dst") == ["notes.txt"]
     save_pytorch_checkpoint(model, tmp_path / "dst", overwrite=True)
-    assert sorted(os.listdir(tmp_path / "dst")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "dst")) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     assert sorted(os.listdir(tmp_path)) == ["dst"]  # no temporary folders left
 
 
@@ -582,7 +594,7 @@ def test_cli_round_trip(checkpoints, hf_models, tmp_path):
     )
     assert failed.returncode == 2
     assert failed.stdout == ""
-    assert failed.stderr.startswith("error: no checkpoint file or folder at")
+    assert failed.stderr.startswith("error: no model folder or weights file at")
     assert not (tmp_path / "dst").exists()
 
 

@@ -261,7 +261,7 @@ def test_from_pretrained_ours_and_hub_folders(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="no model folder or weights file at"):
         Detector.from_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointFormatError) as error:

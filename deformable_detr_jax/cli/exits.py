@@ -11,8 +11,9 @@ else: no traceback, no teardown noise.
     0    success (train.py: finished, or stopped on SIGTERM with a checkpoint saved; convert,
          export, to_pretrained: the output written; predict: every image processed)
     1    predict: some images could not be processed (the others were)
-    2    bad input: a setting or option, the command line, a model or data path, invalid boxes
-         with data.strict, a workdir trained with other settings or by another version; convert:
+    2    bad input: a setting or option, the command line, a model or data path, a hub id that
+         does not resolve (no such repository, revision or file; no network, or HF_HUB_OFFLINE,
+         and not cached), invalid boxes with data.strict, a workdir trained with other settings or by another version; convert:
          a checkpoint that cannot be converted; export: a size the model cannot take, an unknown
          format, OUT exists (without --overwrite), a missing dependency; predict: a threshold
          outside [0, 1]

@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="PATH",
-        help="model folder: hub-style (config.json + model.safetensors | "
-        "pytorch_model.bin) or saved by deformable_detr_jax",
+        metavar="MODEL",
+        help="a Hugging Face hub id (org/name, downloaded once into huggingface_hub's cache), "
+        "a model folder (hub-style: config.json + model.safetensors | pytorch_model.bin; or "
+        "saved by deformable_detr_jax) or a weights file (.safetensors, .bin, .pth)",
     )
     parser.add_argument("--out", metavar="DIR", help="write annotated images to DIR/<name>.png")
     parser.add_argument(

@@ -5,7 +5,9 @@ Key maps: hub (timm backbone), transformers 5 (HF ResNet backbone) and the origi
 fundamentalvision naming, see `formats`. Variants: `infer_variant(state_dict)` reads the
 architecture off the shapes; `check_config_against_variant` reports every contradiction.
 One call: `load_pytorch_checkpoint(path_or_folder)` -> model; `save_pytorch_checkpoint(model,
-folder)` writes a transformers folder (see `loading`). CLI: `python -m deformable_detr_jax.convert`.
+folder)` writes a transformers folder (see `loading`). Model names: `resolve_model(name)`, a
+local path or a Hugging Face hub id downloaded into huggingface_hub's cache (see `hub`).
+CLI: `python -m deformable_detr_jax.convert`.
 """
 
 from deformable_detr_jax.convert.errors import (
@@ -13,6 +15,11 @@ from deformable_detr_jax.convert.errors import (
     CheckpointFormatError,
     CheckpointKeyError,
     ConfigMismatchError,
+    HubError,
+    HubFileNotFoundError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+    HubUnreachableError,
     UnsafeCheckpointError,
 )
 from deformable_detr_jax.convert.formats import (
@@ -25,11 +32,13 @@ from deformable_detr_jax.convert.formats import (
     to_transformers,
     transformers_to_hub,
 )
+from deformable_detr_jax.convert.hub import download_model, is_hub_id, resolve_model
 from deformable_detr_jax.convert.loading import (
     ImportedCheckpoint,
     export_transformers_checkpoint,
     import_pytorch_checkpoint,
     load_pytorch_checkpoint,
+    read_processor,
     save_pytorch_checkpoint,
 )
 from deformable_detr_jax.convert.readers import (
@@ -53,6 +62,11 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointKeyError",
     "ConfigMismatchError",
+    "HubError",
+    "HubFileNotFoundError",
+    "HubRepoNotFoundError",
+    "HubRevisionNotFoundError",
+    "HubUnreachableError",
     "UnsafeCheckpointError",
     "read_checkpoint",
     "read_safetensors",
@@ -77,5 +91,9 @@ __all__ = [
     "export_transformers_checkpoint",
     "import_pytorch_checkpoint",
     "load_pytorch_checkpoint",
+    "read_processor",
     "save_pytorch_checkpoint",
+    "download_model",
+    "is_hub_id",
+    "resolve_model",
 ]

@@ -1,6 +1,7 @@
 """`python -m deformable_detr_jax.convert SRC DST`: PyTorch checkpoint <-> JAX folder.
 
-    # hub download, .safetensors/.bin/.pth file or fundamentalvision .pth -> save_pretrained folder
+    # hub id (downloaded into huggingface_hub's cache), hub-style folder, .safetensors/.bin file
+    # or fundamentalvision .pth -> save_pretrained folder
     python -m deformable_detr_jax.convert SenseTime/deformable-detr out/deformable-detr
     python -m deformable_detr_jax.convert r50_deformable_detr.pth out/dd --config config.json
     # save_pretrained folder (or any PyTorch checkpoint) -> transformers folder
@@ -8,14 +9,14 @@
 
 Prints one line, `converted hub checkpoint (variant two-stage, 40.1M parameters) -> DST`.
 On failure prints one `error: <message>` line to stderr and leaves no DST behind (exit statuses:
-the table in `deformable_detr_jax/cli/exits.py`). A `preprocessor_config.json` beside SRC is carried
-over.
+the table in `deformable_detr_jax/cli/exits.py`). A `preprocessor_config.json` in SRC is carried
+over (`--to pytorch` writes the default settings when SRC has none). SRC is resolved by
+`convert.hub.resolve_model`: an existing local path wins, else a hub id `org/name` is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -25,9 +26,13 @@ from flax import nnx
 from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained, save_pretrained
 from deformable_detr_jax.cli import exits
 from deformable_detr_jax.convert.errors import CheckpointError
-from deformable_detr_jax.convert.loading import import_pytorch_checkpoint, save_pytorch_checkpoint
+from deformable_detr_jax.convert.hub import resolve_model
+from deformable_detr_jax.convert.loading import (
+    import_pytorch_checkpoint,
+    read_processor,
+    save_pytorch_checkpoint,
+)
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
 PROG = "python -m deformable_detr_jax.convert"
 
 
@@ -42,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert Deformable DETR checkpoints between PyTorch (hub folders, "
         ".safetensors, .bin, fundamentalvision .pth) and this package's orbax folders.",
     )
-    parser.add_argument("src", help="checkpoint file or folder to read")
+    parser.add_argument(
+        "src", help="checkpoint file or folder to read, or a Hugging Face hub id (org/name)"
+    )
     parser.add_argument("dst", help="folder to create")
     parser.add_argument(
         "--to",
@@ -65,14 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _processor(src: str):
-    if not os.path.isfile(os.path.join(src, PREPROCESSOR_NAME)):
-        return None
-    from deformable_detr_jax.processing.image_processor import ImageProcessor
-
-    return ImageProcessor.from_pretrained(src)
-
-
 def convert(
     src: str,
     dst: str,
@@ -83,17 +82,17 @@ def convert(
     overwrite: bool = False,
 ) -> str:
     """Runs one conversion; returns the summary line."""
-    if is_pretrained_folder(src):
+    where = resolve_model(src)
+    if is_pretrained_folder(where):
         if config is not None or num_heads is not None:
             raise ValueError(
                 f"{src} is a save_pretrained folder; --config/--num-heads apply "
                 "to PyTorch checkpoints only"
             )
-        model, key_format = load_pretrained(src), "jax"
+        model, key_format, processor = load_pretrained(where), "jax", read_processor(where)
     else:
-        imported = import_pytorch_checkpoint(src, config, num_heads=num_heads)
-        model, key_format = imported.model, imported.format
-    processor = _processor(src) if os.path.isdir(src) else None
+        imported = import_pytorch_checkpoint(where, config, num_heads=num_heads)
+        model, key_format, processor = imported.model, imported.format, imported.processor
     if to == "jax":
         save_pretrained(model, dst, processor=processor, overwrite=overwrite)
     else:

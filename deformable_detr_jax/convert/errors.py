@@ -1,4 +1,4 @@
-"""Typed errors of checkpoint reading and conversion (all are `ValueError`s).
+"""Typed errors of checkpoint reading and conversion, and of hub ids (all are `ValueError`s).
 
 Every error names the file or keys at fault and, where there is one, what to do about it.
 `CheckpointKeyError.from_problems` builds the one message that lists every missing,
@@ -69,3 +69,24 @@ class CheckpointKeyError(CheckpointError):
 
 class ConfigMismatchError(CheckpointError):
     """The config contradicts what the weights say (e.g. num_labels)."""
+
+
+class HubError(CheckpointError):
+    """A Hugging Face hub id could not be resolved to a model (`convert.hub`); the message names
+    the id and what to do."""
+
+
+class HubRepoNotFoundError(HubError):
+    """The hub has no such repository (or it is private or gated and no token gives access)."""
+
+
+class HubRevisionNotFoundError(HubError):
+    """The repository has no such branch, tag or commit."""
+
+
+class HubFileNotFoundError(HubError):
+    """The repository lacks a file a model needs (config.json, the weights, a shard)."""
+
+
+class HubUnreachableError(HubError):
+    """The hub cannot be reached (no network, or `HF_HUB_OFFLINE`) and the model is not cached."""

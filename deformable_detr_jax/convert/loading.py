@@ -1,22 +1,26 @@
 """One call from a PyTorch checkpoint to a JAX model, and a JAX model back to PyTorch.
 
-`load_pytorch_checkpoint(path)` reads, without PyTorch, any of:
+`load_pytorch_checkpoint(path_or_folder)` reads, without PyTorch, any of:
 
 - a file: `.safetensors`, a `torch.save` file (`.bin`, `.pth`, zip or legacy), including the
   fundamentalvision training checkpoints `{"model": ..., "args": Namespace, ...}`;
 - a hub-style folder: `config.json` + `model.safetensors` (or `pytorch_model.bin`, or a
   sharded `*.index.json`), as downloaded from `SenseTime/deformable-detr*` or written by
-  transformers' `save_pretrained`.
+  transformers' `save_pretrained`;
+- a Hugging Face hub id (`SenseTime/deformable-detr`, with `revision=`, `cache_dir=`, `token=`),
+  downloaded into huggingface_hub's cache by `hub.resolve_model` (an existing local path wins).
 
 Key naming (hub, transformers 5, original) is recognised by `formats.detect_format`. The
 config comes from, in order: the `config` argument, the folder's `config.json`, the
 `args` of an original training checkpoint, the weights alone (`infer_variant`). Whatever
 its source, it is checked against the architecture the weights hold, so a config that
-contradicts them (e.g. `num_labels`) raises `ConfigMismatchError`.
+contradicts them (e.g. `num_labels`) raises `ConfigMismatchError`. `import_pytorch_checkpoint`
+also returns the folder's `preprocessor_config.json` as an `ImageProcessor` (`read_processor`).
 
 `save_pytorch_checkpoint(model, folder)` writes `config.json` + `model.safetensors` with the
 keys transformers 5 `save_pretrained` writes, so `DeformableDetrForObjectDetection.
-from_pretrained(folder)` loads it (transformers 4 too). Folders are written atomically:
+from_pretrained(folder)` loads it (transformers 4 too), and `preprocessor_config.json` (the
+`processor` given, else the default settings). Folders are written atomically:
 into a temporary folder beside the destination, renamed into place at the end.
 """
 
@@ -42,6 +46,13 @@ from deformable_detr_jax.convert.errors import (
     CheckpointFormatError,
 )
 from deformable_detr_jax.convert.formats import detect_format, to_transformers
+from deformable_detr_jax.convert.hub import (
+    CONFIG_NAME,
+    INDEX_NAMES,
+    SAFETENSORS_NAME,
+    WEIGHTS_NAMES,
+    resolve_model,
+)
 from deformable_detr_jax.convert.readers import read_checkpoint
 from deformable_detr_jax.convert.state_dict import convert_state_dict, export_state_dict
 from deformable_detr_jax.convert.variant import (
@@ -50,12 +61,8 @@ from deformable_detr_jax.convert.variant import (
     variant_from_original_args,
 )
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
-
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
-# Weights files of a hub-style folder, in order of preference; then their sharded indexes.
-WEIGHTS_NAMES = (SAFETENSORS_NAME, "pytorch_model.bin")
-INDEX_NAMES = tuple(f"{name}.index.json" for name in WEIGHTS_NAMES)
+from deformable_detr_jax.processing.image_processor import CONFIG_NAME as PREPROCESSOR_NAME
+from deformable_detr_jax.processing.image_processor import ImageProcessor
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DeformableDetrConfig))
 
@@ -70,12 +77,15 @@ class ImportedCheckpoint:
       files: the weights file(s) read.
       config_source: where the config came from: "argument", "config.json", "args" (of an
         original training checkpoint) or "weights" (inferred from the shapes alone).
+      processor: the folder's `preprocessor_config.json`; None for a file, or a folder
+        without one.
     """
 
     model: DeformableDetrForObjectDetection
     format: str
     files: tuple[str, ...]
     config_source: str
+    processor: ImageProcessor | None = None
 
 
 def load_pytorch_checkpoint(
@@ -84,11 +94,15 @@ def load_pytorch_checkpoint(
     *,
     dtype=jnp.float32,
     num_heads: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
 ) -> DeformableDetrForObjectDetection:
     """The JAX model holding a PyTorch checkpoint's weights (see the module docstring).
 
     Args:
-      path_or_folder: a weights file, or a hub-style folder (config.json + weights).
+      path_or_folder: a weights file, a hub-style folder (config.json + weights), or a hub id
+        (`org/name`; an existing local path of that name wins).
       config: a `DeformableDetrConfig`, a dict (its fields, or a transformers config.json
         dict), or the path of a config.json (or of its folder). Default: the folder's
         config.json, else the checkpoint's `args`, else inferred from the weights.
@@ -96,15 +110,28 @@ def load_pytorch_checkpoint(
       num_heads: attention heads, when the config is inferred from the weights (shapes give
         only heads x points; default: the `args` of an original checkpoint, else 8, as in
         every published checkpoint).
+      revision, cache_dir, token: for a hub id: the branch, tag or commit (default `main`),
+        huggingface_hub's cache folder, and a token (default: `HF_TOKEN`, else the token file);
+        see `convert.hub`.
 
     Raises:
       CheckpointFormatError: not a checkpoint, truncated, or an empty folder.
       UnsafeCheckpointError: a pickle that names a global outside the allow-list.
       CheckpointKeyError: missing, unexpected or mis-shaped keys (all listed).
       ConfigMismatchError: the config contradicts the weights.
-      FileNotFoundError: nothing at `path_or_folder`.
+      HubError: a hub id that cannot be resolved (no such repository, revision or file; the
+        hub unreachable and the model not cached).
+      FileNotFoundError: nothing at `path_or_folder`, and it is not a hub id.
     """
-    return import_pytorch_checkpoint(path_or_folder, config, dtype=dtype, num_heads=num_heads).model
+    return import_pytorch_checkpoint(
+        path_or_folder,
+        config,
+        dtype=dtype,
+        num_heads=num_heads,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+    ).model
 
 
 def import_pytorch_checkpoint(
@@ -113,9 +140,14 @@ def import_pytorch_checkpoint(
     *,
     dtype=jnp.float32,
     num_heads: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
 ) -> ImportedCheckpoint:
-    """`load_pytorch_checkpoint`, also saying which format, files and config source it used."""
-    path = os.fspath(path_or_folder)
+    """`load_pytorch_checkpoint`, also saying which format, files and config source it used,
+    with the folder's processor settings."""
+    where = resolve_model(path_or_folder, revision=revision, cache_dir=cache_dir, token=token)
+    path = os.fspath(where)
     files, folder_config = _locate(path)
     state_dict, metadata = _read_all(files)
     key_format = detect_format(state_dict)
@@ -142,7 +174,14 @@ def import_pytorch_checkpoint(
         config = _config_from_weights(variant, args_fields, path)
     check_config_against_variant(config, variant)
     model = convert_state_dict(state_dict, config, dtype=dtype)
-    return ImportedCheckpoint(model, key_format, tuple(files), source)
+    return ImportedCheckpoint(model, key_format, tuple(files), source, read_processor(where))
+
+
+def read_processor(path: str | os.PathLike) -> ImageProcessor | None:
+    """The `ImageProcessor` of a model folder's `preprocessor_config.json`; None for a file, or
+    a folder without one."""
+    file = pathlib.Path(path) / PREPROCESSOR_NAME
+    return ImageProcessor.from_pretrained(file) if file.is_file() else None
 
 
 def as_config(
@@ -293,11 +332,14 @@ def save_pytorch_checkpoint(
     processor=None,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Writes `folder/config.json` + `folder/model.safetensors` for transformers.
+    """Writes `folder/config.json` + `folder/model.safetensors` + `preprocessor_config.json` for
+    transformers.
 
     `transformers.DeformableDetrForObjectDetection.from_pretrained(folder)` loads it; this
-    package's `load_pytorch_checkpoint(folder)` too. With `processor` (an `ImageProcessor`),
-    its `preprocessor_config.json` is written beside them. Returns the folder.
+    package's `load_pytorch_checkpoint(folder)` and `Detector.from_pretrained(folder)` too.
+    `processor` (an `ImageProcessor`, e.g. `import_pytorch_checkpoint(...).processor`) gives the
+    pre-processing settings; None writes the defaults (`ImageProcessor()`, transformers'
+    `DeformableDetrImageProcessor` defaults). Returns the folder.
 
     Raises:
       FileExistsError: `folder` exists and is not empty (unless `overwrite`).
@@ -309,8 +351,7 @@ def save_pytorch_checkpoint(
     with write_folder_atomically(folder, overwrite=overwrite) as tmp:
         save_file(arrays, os.fspath(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        (processor if processor is not None else ImageProcessor()).save_pretrained(tmp)
     return pathlib.Path(folder)
 
 

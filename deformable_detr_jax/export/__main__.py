@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="what Detector.from_pretrained reads: a hub-style model folder or "
-        "one saved by deformable_detr_jax",
+        help="what Detector.from_pretrained reads: a Hugging Face hub id (org/name), a "
+        "hub-style model folder, one saved by deformable_detr_jax, or a weights file",
     )
     parser.add_argument("out", metavar="OUT", help="file to write (.onnx / .stablehlo)")
     parser.add_argument("--format", required=True, metavar="onnx|stablehlo")

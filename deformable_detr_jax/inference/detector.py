@@ -1,6 +1,6 @@
 """`Detector`: a model plus its pre/post-processing, compiled once per shape bucket.
 
-    detector = Detector.from_pretrained("deformable-detr")  # hub folder, or one we saved
+    detector = Detector.from_pretrained("SenseTime/deformable-detr")  # hub id, folder or file
     detections = detector(["cats.jpg", pil_image], threshold=0.5)  # one Detections per image
     detector.draw("cats.jpg", detections[0]).save("cats_detected.png")
 
@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,6 +131,22 @@ def _with_buckets(processor: ImageProcessor, buckets: Any) -> ImageProcessor:
     if isinstance(buckets, (int, np.integer)) and not isinstance(buckets, bool):
         return default_buckets(processor, int(buckets))
     return dataclasses.replace(processor, buckets=tuple(int(b) for b in buckets))
+
+
+def _default_processor(where: pathlib.Path) -> ImageProcessor:
+    """The default settings, for a model without `preprocessor_config.json` (a warning names
+    them for a weights file, which never comes with its processor settings)."""
+    processor = ImageProcessor()
+    if where.is_dir():
+        return processor
+    warnings.warn(
+        f"{os.fspath(where)} is a weights file without {CONFIG_NAME}: using the default "
+        f"pre-processing (resize to {processor.size}, rescale by 1/255, normalise with "
+        f"mean {processor.image_mean} and std {processor.image_std}); pass "
+        "processor=ImageProcessor(...) or a model folder for other settings",
+        stacklevel=3,
+    )
+    return processor
 
 
 def _chunk_sizes(count: int, batch_size: int) -> list[int]:
@@ -248,34 +265,45 @@ class Detector:
         *,
         dtype: Any = None,
         processor: ImageProcessor | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
         **kwargs: Any,
     ) -> Detector:
-        """From a folder saved by this package (`checkpoint.save_pretrained`: orbax weights +
-        config.json) or a hub-style folder (config.json + model.safetensors | pytorch_model.bin).
+        """From a Hugging Face hub id (`"SenseTime/deformable-detr"`, downloaded once into
+        huggingface_hub's cache), a folder saved by this package (`checkpoint.save_pretrained`:
+        orbax weights + config.json), a hub-style folder (config.json + model.safetensors |
+        pytorch_model.bin) or a single weights file (`.safetensors`, `.bin`, fundamentalvision
+        `.pth`: the architecture read off the weights). An existing local path wins over a hub
+        id of the same name (`convert.hub.resolve_model`).
 
         The processor comes from the folder's `preprocessor_config.json` when present, else
-        `ImageProcessor()` defaults; `processor=` overrides both. `kwargs` go to `Detector`
-        (`buckets`, `batch_size`, `top_k`, `workers`, `padding_invariant`, `compile_cache`).
+        `ImageProcessor()` defaults (for a single file with a warning that says so);
+        `processor=` overrides both. `revision` (branch, tag or commit), `cache_dir` and `token`
+        apply to hub ids (the token defaults to `HF_TOKEN`, else the `hf auth login` file;
+        `HF_HUB_OFFLINE=1` loads from the cache only). `kwargs` go to `Detector` (`buckets`,
+        `batch_size`, `top_k`, `workers`, `padding_invariant`, `compile_cache`).
+
+        Raises:
+          FileNotFoundError: no such path, and not a hub id.
+          HubError: a hub id that cannot be resolved (one line naming it and what to do).
+          CheckpointError: a folder without weights, or weights that cannot be read.
         """
         # imported here: orbax and the converter are needed only by this constructor
         from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
-        from deformable_detr_jax.convert import load_pytorch_checkpoint
+        from deformable_detr_jax.convert import (
+            load_pytorch_checkpoint,
+            read_processor,
+            resolve_model,
+        )
 
-        folder = pathlib.Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"{os.fspath(path)!r} is not a folder; pass a folder with config.json and weights "
-                "(a hub download or one saved by deformable_detr_jax.checkpoint.save_pretrained)"
-            )
-        if is_pretrained_folder(folder):  # ours: config.json + orbax params/
-            model = load_pretrained(folder)
-        else:  # hub-style: config.json + model.safetensors | pytorch_model.bin (or shards)
-            model = load_pytorch_checkpoint(folder)
+        where = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
+        if where.is_dir() and is_pretrained_folder(where):  # ours: config.json + orbax params/
+            model = load_pretrained(where)
+        else:  # hub-style folder (config.json + model.safetensors | pytorch_model.bin) or a file
+            model = load_pytorch_checkpoint(where)
         if processor is None:
-            if (folder / CONFIG_NAME).is_file():
-                processor = ImageProcessor.from_pretrained(folder)
-            else:
-                processor = ImageProcessor()
+            processor = read_processor(where) or _default_processor(where)
         return cls(model, processor, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ compiled forward

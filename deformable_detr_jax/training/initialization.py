@@ -6,8 +6,10 @@
   `model.backbone.model` (convolutions and frozen batch-norm statistics; `fc.*` ignored), as
   the paper starts from ImageNet weights. Every backbone weight must be found.
 - `model.init_from`: a detection checkpoint to fine-tune: a folder written by
-  `checkpoint.save_pretrained`, a Hugging Face hub-style folder, or a PyTorch file
-  (`convert.load_pytorch_checkpoint`). The architecture is the checkpoint's; `num_labels` (and
+  `checkpoint.save_pretrained`, a Hugging Face hub-style folder, a PyTorch file
+  (`convert.load_pytorch_checkpoint`), or a hub id (`SenseTime/deformable-detr`, downloaded into
+  huggingface_hub's cache; an existing local path wins: `convert.hub.resolve_model`). The
+  architecture is the checkpoint's; `num_labels` (and
   `id2label`) come from the new data. Weights whose name and shape match are copied; the rest
   (the class heads when the label count changes) keep their fresh initialisation, and are
   reported.
@@ -33,14 +35,25 @@ logger = logging.getLogger(__name__)
 _BACKBONE = "model.backbone."
 
 
+def checkpoint_path(path: str | os.PathLike) -> pathlib.Path:
+    """The local path of `model.init_from`: itself, or a hub id's snapshot folder (downloaded
+    when not cached).
+
+    Raises:
+      FileNotFoundError, HubError: what `convert.hub.resolve_model` raises, the message
+        starting with `model.init_from`.
+    """
+    from deformable_detr_jax.convert import HubError, resolve_model
+
+    try:
+        return resolve_model(path)
+    except (FileNotFoundError, HubError) as err:
+        raise type(err)(f"model.init_from: {err}") from None
+
+
 def checkpoint_config(path: str | os.PathLike) -> DeformableDetrConfig:
     """The model config of a checkpoint to start from (see the module docstring)."""
-    path = pathlib.Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.init_from={str(path)!r} does not exist; point it at a save_pretrained "
-            "folder, a hub folder (config.json + weights) or a PyTorch checkpoint file"
-        )
+    path = checkpoint_path(path)
     if path.is_dir() and (path / "config.json").is_file():
         return DeformableDetrConfig.from_hf(path / "config.json")
     return load_checkpoint_model(path).config
@@ -51,7 +64,7 @@ def load_checkpoint_model(path: str | os.PathLike):
     from deformable_detr_jax.checkpoint import is_pretrained_folder, load_pretrained
     from deformable_detr_jax.convert import load_pytorch_checkpoint
 
-    path = pathlib.Path(path).expanduser()
+    path = checkpoint_path(path)
     if path.is_dir() and is_pretrained_folder(path):
         return load_pretrained(path)
     return load_pytorch_checkpoint(path)

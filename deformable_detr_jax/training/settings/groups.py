@@ -73,7 +73,13 @@ ModelSettings = _derived(
     extra=[
         ("num_labels", "int | None", setting(None, doc="None: the data's class count")),
         ("id2label", "tuple | None", setting(None, doc="None: the data's label names")),
-        ("init_from", str, setting("", may_change=True, doc="a detection checkpoint")),
+        (
+            "init_from",
+            str,
+            setting(
+                "", may_change=True, doc="a detection checkpoint: folder, weights file or hub id"
+            ),
+        ),
         ("backbone_weights", str, setting("", may_change=True, doc="an ImageNet ResNet")),
         ("loss", LossSettings, dataclasses.field(default_factory=LossSettings)),
     ],
