@@ -9,7 +9,7 @@ re-initialised for the dataset's label count; the rates, epochs and batch of tha
 (1000 training images, 29 test images, 5 labels) in one command line:
 
     python train.py --config configs/finetune_hf_datasets.py --workdir runs/cppe5 \
-        --config.model.init_from=checkpoints/deformable-detr \
+        --config.model.init_from=SenseTime/deformable-detr \
         --config.data.hf_datasets.path=cppe-5
 
 A folder saved with `DatasetDict.save_to_disk` instead: `--config.data.hf_datasets.path=DIR`;
@@ -23,7 +23,7 @@ from deformable_detr_jax.training.recipes import base_config
 
 def get_config():
     config = base_config(preset("deformable-detr"))
-    config.model.init_from = "checkpoints/deformable-detr"
+    config.model.init_from = "SenseTime/deformable-detr"
     data = config.data
     data.source = "hf_datasets"
     data.batch_size = 8
