@@ -14,40 +14,17 @@ threads idle. A change of machine load hits both alike.
 A factory is a module-level function `factory(args) -> object` whose object has `first_step_s`
 and `step()`; `Subject.call(name, ...)` calls any other method in the subprocess.
 
-Pages of the subject that waits are not paged out (`lock_memory=True`, the default, on Linux):
-after its first step, each subprocess locks the pages it touches (`mlockall` with
-`MCL_ONFAULT`: nothing untouched is populated). A VM that reclaims idle memory (this project's
-2-core machine runs DAMON with a `pageout` scheme, and no swap) otherwise pages out the waiting
-subject's working set, and it faults it back in on its next block: the ratio then measured the
-order of the blocks and the reclaim, not the code (two commits whose compiled train steps were
-identical measured 1.47x and 0.64x against transformers). `Subject.faults()` reads a
-subprocess's major and minor page faults so far, which shows it.
+`Subject.faults()` reads a subprocess's major and minor page faults so far: a step that faults
+in fresh memory every time (600,000+ minor faults) pays for it in system time, and more so
+beside another process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import resource
-import sys
 import time
 import traceback
-
-# mlockall(2) flags (Linux): the pages mapped now, those mapped later, each locked when touched.
-_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
-
-
-def lock_pages() -> str:
-    """Locks this process's pages in memory as they are touched: "locked", or why not."""
-    if not sys.platform.startswith("linux"):
-        return f"not locked (mlockall: Linux only, this is {sys.platform})"
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
-        errno = ctypes.get_errno()
-        return (
-            f"not locked (mlockall: errno {errno}; needs CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK)"
-        )
-    return "locked"
 
 
 def _faults() -> dict[str, int]:
@@ -55,11 +32,10 @@ def _faults() -> dict[str, int]:
     return {"major": usage.ru_majflt, "minor": usage.ru_minflt}
 
 
-def _serve(factory, args, conn, lock_memory: bool) -> None:
+def _serve(factory, args, conn) -> None:
     try:
         subject = factory(args)
-        memory = lock_pages() if lock_memory else "not locked (lock_memory=False)"
-        conn.send(("ok", {"first_step_s": subject.first_step_s, "memory": memory}))
+        conn.send(("ok", {"first_step_s": subject.first_step_s}))
     except BaseException:  # report, do not hang the parent
         conn.send(("error", traceback.format_exc()))
         return
@@ -86,12 +62,10 @@ def _serve(factory, args, conn, lock_memory: bool) -> None:
 class Subject:
     """A benchmark subject in a spawned subprocess (see the module docstring)."""
 
-    def __init__(self, factory, args, *, lock_memory: bool = True):
+    def __init__(self, factory, args):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(factory, args, child, lock_memory), daemon=True
-        )
+        self._process = context.Process(target=_serve, args=(factory, args, child), daemon=True)
         self._process.start()
         self.info = self._receive()
 

@@ -14,9 +14,7 @@ AdamW), on every local device (`--devices`), float32 or `--dtype bfloat16`. PyTo
 are medians over `--steps` steps after `--warmup` blocks; each library runs in its own process
 and the two alternate in blocks of `--block` steps (`side_by_side.py`: in one process, on 2
 cores, each library's spinning worker threads slowed the other's step down up to 25x); each
-process locks its pages in memory after its first step (`--no-lock-memory` not: see
-`side_by_side.py`), and its page faults per step are printed; the JAX figure waits for each
-step. The load
+process's page faults per step are printed; the JAX figure waits for each step. The load
 average before and after is printed with the figures. transformers 5 freezes its whole ResNet
 (its name filter "stage.1" never matches "stages.1"); here layer2..4 are trained on both
 sides, as in the paper's recipe.
@@ -248,10 +246,9 @@ def measure(args, jax_subject=JaxSubject, torch_subject=TorchSubject):
     (close them)."""
     from side_by_side import Subject, interleave
 
-    lock = not args.no_lock_memory
-    subjects = {"jax": Subject(jax_subject, args, lock_memory=lock)}
+    subjects = {"jax": Subject(jax_subject, args)}
     if args.torch:
-        subjects["torch"] = Subject(torch_subject, args, lock_memory=lock)
+        subjects["torch"] = Subject(torch_subject, args)
     block = max(1, args.block)
     faults_before = {name: subject.faults() for name, subject in subjects.items()}
     times = interleave(subjects, rounds=-(-args.steps // block), block=block, warmup=args.warmup)
@@ -266,7 +263,6 @@ def measure(args, jax_subject=JaxSubject, torch_subject=TorchSubject):
             "first_step_s": subject.info["first_step_s"],
             "loss": subject.call("loss"),
             "steps": len(times[name]),
-            "memory": subject.info["memory"],
             # per step, warm-up blocks included
             "major_faults_per_step": (faults["major"] - faults_before[name]["major"]) / stepped,
             "minor_faults_per_step": (faults["minor"] - faults_before[name]["minor"]) / stepped,
@@ -287,11 +283,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed blocks of each")
     parser.add_argument("--devices", type=int, default=0, help="local devices (0: all)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument(
-        "--no-lock-memory",
-        action="store_true",
-        help="let the waiting process's pages be reclaimed (side_by_side.py: locked by default)",
-    )
 
 
 def main(argv=None) -> int:
@@ -350,7 +341,7 @@ def main(argv=None) -> int:
     for name in ("jax", "torch") if args.torch else ("jax",):
         r = results[name]
         print(
-            f"{name:5s} memory {r['memory']}; page faults per step: "
+            f"{name:5s} page faults per step: "
             f"{r['major_faults_per_step']:.0f} major, {r['minor_faults_per_step']:.0f} minor"
         )
     before, after = results["load_average"]["before"], results["load_average"]["after"]
