@@ -66,6 +66,37 @@ def test_cli_json_and_success_status(model_folder, capsys):
     assert {d["label"] for d in record["detections"]} <= {"cat", "dog", "bicycle", "person", "car"}
 
 
+def test_cli_takes_the_images_of_a_folder(model_folder, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(PHOTO_PORTRAIT, folder / "b_portrait.png")
+    shutil.copy(PHOTO_LANDSCAPE, folder / "a_landscape.JPG")  # any case of the suffix
+    shutil.copy(PHOTO_PORTRAIT, folder / "sub" / "0_inside.jpg")  # not recursive
+    (folder / "notes.txt").write_text("not an image")
+    status = main(["--model", str(model_folder), str(folder), "--json", "--threshold", "0.03"])
+    assert status == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in records] == [
+        str(folder / "a_landscape.JPG"),
+        str(folder / "b_portrait.png"),
+    ]
+    assert [(r["height"], r["width"]) for r in records] == [(336, 448), (640, 512)]
+
+
+def test_cli_folder_without_images_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "empty"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "photo.jpg").write_bytes(b"")
+    (folder / "readme.md").write_text("no images here")
+    # checked before the model is loaded (this one does not exist)
+    assert main(["--model", str(tmp_path / "no_model"), str(PHOTO_PORTRAIT), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {folder}: no images in this folder (it takes .jpg, .jpeg, .png, .bmp, .gif, "
+        ".tif, .tiff, .webp files, not subfolders)"
+    ]
+
+
 @pytest.mark.parametrize("threshold", ["1.5", "-0.2", "nan", "high"])
 def test_cli_rejects_threshold(model_folder, threshold, capsys):
     with pytest.raises(SystemExit) as info:

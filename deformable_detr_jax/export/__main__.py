@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "one saved by deformable_detr_jax",
     )
     parser.add_argument("out", metavar="OUT", help="file to write (.onnx / .stablehlo)")
-    parser.add_argument("--format", required=True, metavar="onnx|stablehlo")
+    parser.add_argument(
+        "--format",
+        required=True,
+        metavar="onnx|stablehlo",
+        help="onnx (onnxruntime and other ONNX runtimes) or stablehlo (jax.export)",
+    )
     parser.add_argument(
         "--height",
         type=int,
