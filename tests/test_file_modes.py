@@ -94,3 +94,27 @@ def test_converted_checkpoint_folder_takes_the_umask(tmp_path, umask, model):
     folder = save_pytorch_checkpoint(model, tmp_path / "hub_style")
     assert (folder / "model.safetensors").is_file()
     assert _wrong_modes(folder, umask) == []
+
+
+def test_training_checkpoints_take_the_umask(tmp_path, umask):
+    import jax.numpy as jnp
+
+    from deformable_detr_jax.training.checkpointing import Checkpoints
+    from deformable_detr_jax.training.train_state import TrainState
+
+    rng = np.random.default_rng(umask)
+    state = TrainState(
+        step=jnp.asarray(3, jnp.int32),
+        params={"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+        opt_state={"mu": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+        frozen={"b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)},
+        bad_step=jnp.asarray(-1, jnp.int32),
+    )
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", async_saves=True)
+    try:
+        checkpoints.save(state, {"index": 3}, {"config": {}})
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    assert checkpoints.all_steps() == [3]
+    assert _wrong_modes(tmp_path / "run", umask) == []

@@ -4,7 +4,9 @@ image reported without stopping the others, exit status."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import sys
 
 import numpy as np
@@ -46,6 +48,11 @@ def test_cli_reports_bad_images_and_goes_on(model_folder, tmp_path, capsys):
     for path in (PHOTO_PORTRAIT, PHOTO_LANDSCAPE, other):
         assert f"{path}: " in captured.out
     assert "detection(s) in a 640x512 image" in captured.out
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [out, *out.iterdir()]:  # the umask's modes
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
     written = sorted(p.name for p in out.iterdir())
     stem = PHOTO_PORTRAIT.stem
     assert written == sorted([f"{stem}.png", f"{stem}-1.png", f"{PHOTO_LANDSCAPE.stem}.png"])
