@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import stat
 import sys
 
 import jax
@@ -171,6 +172,10 @@ def test_exported_variant_runs_outside_this_package(variant, tmp_path):
     kwargs = dict(height=HEIGHT, width=WIDTH, batch=BATCH)
     onnx_path = export_onnx(detector, tmp_path / f"{variant}.onnx", **kwargs)
     stablehlo_path = export_stablehlo(detector, tmp_path / f"{variant}.stablehlo", **kwargs)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (onnx_path, stablehlo_path):  # as open() makes files, not mkstemp's 0600
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
     logits = _check_onnx(onnx_path, detector, truth, EXPORT_TOL)
     _check_stablehlo(stablehlo_path, tmp_path, expected, truth)
     if variant == "box_refine":

@@ -4,7 +4,9 @@ image reported without stopping the others, exit status."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import sys
 
 import numpy as np
@@ -46,6 +48,11 @@ def test_cli_reports_bad_images_and_goes_on(model_folder, tmp_path, capsys):
     for path in (PHOTO_PORTRAIT, PHOTO_LANDSCAPE, other):
         assert f"{path}: " in captured.out
     assert "detection(s) in a 640x512 image" in captured.out
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [out, *out.iterdir()]:  # the umask's modes
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
     written = sorted(p.name for p in out.iterdir())
     stem = PHOTO_PORTRAIT.stem
     assert written == sorted([f"{stem}.png", f"{stem}-1.png", f"{PHOTO_LANDSCAPE.stem}.png"])
@@ -64,6 +71,37 @@ def test_cli_json_and_success_status(model_folder, capsys):
     assert (record["height"], record["width"]) == (640, 512)
     assert record["detections"] and all(d["score"] > 0.03 for d in record["detections"])
     assert {d["label"] for d in record["detections"]} <= {"cat", "dog", "bicycle", "person", "car"}
+
+
+def test_cli_takes_the_images_of_a_folder(model_folder, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(PHOTO_PORTRAIT, folder / "b_portrait.png")
+    shutil.copy(PHOTO_LANDSCAPE, folder / "a_landscape.JPG")  # any case of the suffix
+    shutil.copy(PHOTO_PORTRAIT, folder / "sub" / "0_inside.jpg")  # not recursive
+    (folder / "notes.txt").write_text("not an image")
+    status = main(["--model", str(model_folder), str(folder), "--json", "--threshold", "0.03"])
+    assert status == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in records] == [
+        str(folder / "a_landscape.JPG"),
+        str(folder / "b_portrait.png"),
+    ]
+    assert [(r["height"], r["width"]) for r in records] == [(336, 448), (640, 512)]
+
+
+def test_cli_folder_without_images_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "empty"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "photo.jpg").write_bytes(b"")
+    (folder / "readme.md").write_text("no images here")
+    # checked before the model is loaded (this one does not exist)
+    assert main(["--model", str(tmp_path / "no_model"), str(PHOTO_PORTRAIT), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {folder}: no images in this folder (it takes .jpg, .jpeg, .png, .bmp, .gif, "
+        ".tif, .tiff, .webp files, not subfolders)"
+    ]
 
 
 @pytest.mark.parametrize("threshold", ["1.5", "-0.2", "nan", "high"])

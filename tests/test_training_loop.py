@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from deformable_detr_jax.training import Checkpoints, NonFiniteLossError, train
+from deformable_detr_jax.training import metrics as metrics_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training.metrics import read_jsonl, read_tfrecords
 from deformable_detr_jax.training.train_state import (
@@ -20,7 +21,18 @@ from tests.training_workers import SyntheticBatches, get_config, tiny_model_conf
 STEPS = 100
 
 
-def test_overfit_fixed_batch_then_nan_stops_with_last_good_checkpoint(tmp_path):
+def test_overfit_fixed_batch_then_nan_stops_with_last_good_checkpoint(
+    tmp_path, monkeypatch, caplog
+):
+    # the progress line's rate is measured from the step after the compiling one
+    restarts = []
+    restart = metrics_lib.ProgressBar.restart
+    monkeypatch.setattr(
+        metrics_lib.ProgressBar,
+        "restart",
+        lambda self, step: (restarts.append(step), restart(self, step))[1],
+    )
+    caplog.set_level("INFO", logger="deformable_detr_jax.training.loop")
     config = get_config()
     config.data.batch_size = 2
     config.train.num_steps = STEPS + 5
@@ -36,6 +48,10 @@ def test_overfit_fixed_batch_then_nan_stops_with_last_good_checkpoint(tmp_path):
         train(config, tmp_path, train_data=data, model_config=model)
     message = str(error.value)
     assert f"at step {STEPS}" in message and f"step {STEPS} in" in message, message
+    assert restarts == [1]
+    said = [r.getMessage() for r in caplog.records]
+    compiling = said.index("compiling the train step (the first step)...")
+    assert said[compiling + 1].startswith("first training step traced and compiled in"), said
 
     records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     losses = {r["step"]: r["loss"] for r in records}

@@ -18,10 +18,11 @@ import math
 import struct
 import types
 
+import numpy as np
 import pytest
 
 from deformable_detr_jax.training import metrics
-from deformable_detr_jax.training.metrics import MetricsWriter, ProgressBar
+from deformable_detr_jax.training.metrics import EvalProgress, MetricsWriter, ProgressBar
 
 # ----------------------------------------------------------------------------- a reader
 
@@ -211,6 +212,36 @@ def test_progress_line_hours_unknown_rate_and_terminal(clock):
     assert line == "step 200/10000 [..........] 0.50 steps/s 1.0 img/s ETA 5h26m40s loss 0.1235"
     bar.close()
     assert stream.getvalue() == f"\r{before}\x1b[K\r{line}\x1b[K\n"  # redrawn in place
+
+
+def test_progress_rate_after_a_restart_leaves_the_compiling_out(clock):
+    stream = io.StringIO()
+    bar = ProgressBar(1000, 8, stream=stream)
+    clock.now += 40.0  # step 1: tracing and compiling
+    bar.restart(1)
+    clock.now += 4.9  # steps 2..50 at 10 steps/s: 950 left take 95 s
+    line = bar.update(50)
+    assert line == "step 50/1000 [#...................] 10.00 steps/s 80.0 img/s ETA 1m35s"
+    clock.now += 10.0  # later lines: the interval since the previous line, as before
+    assert bar.update(100).startswith("step 100/1000 [##..................] 5.00 steps/s")
+
+
+def test_evaluation_progress_says_what_it_does_every_few_seconds(clock):
+    said = []
+    batches = [{"index": i, "value": np.random.default_rng(i).random(3)} for i in range(6)]
+    progress = EvalProgress(44, 8, lambda *args: said.append(args[0] % args[1:]), every=5.0)
+    seen = []
+    for batch in progress.wrap(iter(batches)):
+        seen.append(batch)
+        clock.now += 3.0  # each batch takes 3 s
+    assert seen == batches  # passed through, in order
+    assert said == [
+        "evaluating 44 images (6 batches of 8; the first compiles the evaluation step)...",
+        "evaluated 16/44 images (6 s)",  # after 2 batches: 6 s since the start
+        "evaluated 32/44 images (12 s)",  # 6 s since the previous line
+    ]
+    quiet = EvalProgress(44, 8, None)
+    assert list(quiet.wrap(iter(batches))) == batches
 
 
 def test_inactive_progress_prints_nothing(clock):

@@ -4,11 +4,12 @@ Loads a model folder (a hub download: config.json + model.safetensors | pytorch_
 preprocessor_config.json, or a folder saved by this package), detects objects in every image,
 prints them, and with `--out DIR` writes each image with its labelled boxes to
 `DIR/<name>.png`. A bad image (unreadable, empty, ...) is reported on stderr and the others are
-still processed.
+still processed. A folder stands for its images (sorted by name, not its subfolders).
 
 Exit statuses: the table in `deformable_detr_jax/cli/exits.py`.
 
     python -m deformable_detr_jax.predict --model deformable-detr photos/*.jpg --out detected
+    python -m deformable_detr_jax.predict --model deformable-detr photos/ --out detected
     python -m deformable_detr_jax.predict --model deformable-detr a.jpg --threshold 0.7 --json
 """
 
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from deformable_detr_jax.cli import exits
 
 PROG = "python -m deformable_detr_jax.predict"
+# what a folder given as IMAGE contributes (the formats PIL reads that photos come in)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def _threshold(text: str) -> float:
@@ -54,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m deformable_detr_jax.predict",
         description="Detect objects in images with a Deformable DETR model folder.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, or folders: a folder's images ("
+        + ", ".join(IMAGE_SUFFIXES)
+        + "), sorted by name, not its subfolders",
+    )
     parser.add_argument(
         "--model",
         required=True,
@@ -71,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="keep detections with score > T, in [0, 1] (default 0.5)",
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype of the model (default float32; bfloat16 is faster on GPU and TPU)",
+    )
     parser.add_argument(
         "--batch-size",
         type=_positive,
@@ -96,8 +111,39 @@ def _output_path(out: pathlib.Path, image: str, taken: set[str]) -> pathlib.Path
     return out / name
 
 
+class NoImagesError(ValueError):
+    """A folder given as IMAGE holds no image file."""
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+    """`paths` with each folder replaced by its image files (`IMAGE_SUFFIXES`, any case), sorted
+    by name, not recursive; anything else is kept as given (a missing file is reported with the
+    other bad images). Raises NoImagesError for a folder without images."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(
+            entry.path
+            for entry in os.scandir(path)
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES)
+        )
+        if not found:
+            raise NoImagesError(
+                f"{path}: no images in this folder (it takes {', '.join(IMAGE_SUFFIXES)} files, "
+                "not subfolders)"
+            )
+        files.extend(found)
+    return files
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.images = image_files(args.images)
+    except NoImagesError as err:
+        return exits.report(PROG, str(err), exits.BAD_INPUT)
     exits.quiet_orbax()
     return exits.guarded(PROG, lambda: _predict(args))
 

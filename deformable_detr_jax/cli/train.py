@@ -18,14 +18,18 @@ Exit statuses: the table in `deformable_detr_jax/cli/exits.py`.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
+import os
+import re
+import shlex
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from deformable_detr_jax.cli import exits
+from deformable_detr_jax.cli import exits, logs
 
 PROG = "train.py"
 
@@ -104,6 +108,100 @@ def _train(captured: exits.CapturedLogs) -> int:
     return exits.OK
 
 
+def config_argument(argv) -> str | None:
+    """The value of `--config` (`--config PATH`, `--config=PATH`, one dash too), or None."""
+    args = list(argv[1:])
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in ("--config", "-config") and index + 1 < len(args):
+            return args[index + 1]
+        for prefix in ("--config=", "-config="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+def nearest_recipe(path: str) -> str:
+    """`; did you mean configs/x.py?` for the recipe nearest `path`'s name in its folder (or in
+    `configs/`), the recipes there when none is near, else nothing."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.isdir(folder or "."):
+        folder = "configs" if os.path.isdir("configs") else None
+    if folder is None:
+        return ""
+    names = sorted(
+        n for n in os.listdir(folder or ".") if n.endswith(".py") and not n.startswith("_")
+    )
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {os.path.join(folder, close[0])}?"
+    if names:
+        return f" (the recipes in {os.path.join(folder or '.', '')}: {', '.join(names)})"
+    return ""
+
+
+def check_config_file(argv) -> None:
+    """`--config PATH` must name a file (after `:` come the recipe's arguments): else one error
+    line naming it and the nearest recipe, exit 2, before anything is loaded or written."""
+    value = config_argument(argv)
+    if value is None or os.path.isfile(value):
+        return
+    path = value.split(":", 1)[0]
+    if os.path.isfile(path):
+        return
+    what = "is a folder, not a recipe file" if os.path.isdir(path) else "no such file"
+    exits.report(PROG, f"--config {path}: {what}{nearest_recipe(path)}", exits.BAD_INPUT)
+    sys.exit(exits.BAD_INPUT)
+
+
+# absl's words for an override whose value does not convert: `flag --config.NAME=VALUE: why`
+_BAD_VALUE = re.compile(r"flag --config\.([\w.]+)=(.*?): ", re.DOTALL)
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "text"}
+_EXAMPLES = {"int": 10, "float": 0.5, "bool": True, "str": "name"}
+
+
+def _kind(hint) -> str:
+    """A field's annotation (`"int"`, `"tuple[int, ...] | None"`, `int`) without `| None`."""
+    hint = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
+    parts = [p.strip() for p in hint.split("|") if p.strip() != "None"]
+    return " | ".join(parts)
+
+
+def _recipe_value(name: str):
+    """The recipe's value of the setting `name` when the recipe was loaded, else None."""
+    try:
+        value = FLAGS["config"].value
+        for part in name.split("."):
+            value = value[part]
+        return value
+    except Exception:  # not loaded, or not there: no example from the recipe
+        return None
+
+
+def bad_value_message(text: str) -> str | None:
+    """One line for a `--config.NAME=VALUE` whose value is not of the setting's type: the
+    setting, the value given, the type it takes and an example; None for any other error."""
+    from deformable_detr_jax.training import settings
+
+    match = _BAD_VALUE.match(text)
+    field = settings.field_of(match.group(1)) if match else None
+    if field is None:
+        return None
+    name, value = match.groups()
+    kind = _kind(field.type)
+    tuple_kind = kind.startswith("tuple")
+    expected = "a tuple" if tuple_kind else _KINDS.get(kind, f"a {kind}")
+    example = _recipe_value(name)
+    if example is None or isinstance(example, bool) != (kind == "bool"):
+        example = (1, 2) if tuple_kind else _EXAMPLES.get(kind)
+    line = f"--config.{name}={value}: {name} takes {expected} ({kind}), not {value!r}"
+    if example is None:
+        return line
+    shown = f"--config.{name}={example}"
+    return f"{line}; e.g. {shlex.quote(shown) if isinstance(example, tuple) else shown}"
+
+
 def check_overrides(argv) -> None:
     """Each `--config.group.key=value` must name a setting: else one error line naming it and
     the nearest one (or where a model loss field belongs), exit 2."""
@@ -120,12 +218,18 @@ def check_overrides(argv) -> None:
 
 
 def parse_flags(argv):
-    """absl parsing, with a one-line error for an override of a setting the recipe lacks."""
+    """absl parsing, with a one-line error for a recipe file that is not there, an override of
+    a setting the recipe lacks and a value of the wrong type."""
+    check_config_file(argv)
     check_overrides(argv)
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-        text = str(err).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"")
+        message = bad_value_message(str(err))
+        if message is not None:
+            exits.report(PROG, message, exits.BAD_INPUT)
+            sys.exit(exits.BAD_INPUT)
+        text = str(err).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip()
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         exits.report(
             PROG,
@@ -138,6 +242,7 @@ def parse_flags(argv):
 
 def run() -> None:
     """The console script `deformable-detr-train` and `python train.py`."""
+    logs.quiet_backend_discovery()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

@@ -32,7 +32,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from deformable_detr_jax import file_modes
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.convert.errors import (
     CheckpointError,
@@ -344,12 +344,13 @@ def save_pytorch_checkpoint(
     Raises:
       FileExistsError: `folder` exists and is not empty (unless `overwrite`).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     arrays = export_transformers_checkpoint(model)
     config = model.config.to_hf()
     with write_folder_atomically(folder, overwrite=overwrite) as tmp:
-        save_file(arrays, os.fspath(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        # written by open(), whose mode the umask sets (safetensors' save_file makes it 0600)
+        (tmp / SAFETENSORS_NAME).write_bytes(save(arrays, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (processor if processor is not None else ImageProcessor()).save_pretrained(tmp)
     return pathlib.Path(folder)
@@ -374,15 +375,12 @@ def write_folder_atomically(
         )
     created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent)
-    )
+    # not tempfile.mkdtemp: the folder keeps this mode, and it should be the umask's
+    tmp = file_modes.temporary_folder(folder.parent, f".{folder.name}.", ".tmp")
     try:
         yield tmp
         if folder.exists():
-            old = pathlib.Path(
-                tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent)
-            )
+            old = file_modes.temporary_folder(folder.parent, f".{folder.name}.", ".old")
             os.replace(folder, old)  # (onto the empty placeholder folder)
             try:
                 os.replace(tmp, folder)

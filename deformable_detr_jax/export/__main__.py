@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "hub-style model folder, one saved by deformable_detr_jax, or a weights file",
     )
     parser.add_argument("out", metavar="OUT", help="file to write (.onnx / .stablehlo)")
-    parser.add_argument("--format", required=True, metavar="onnx|stablehlo")
+    parser.add_argument(
+        "--format",
+        required=True,
+        metavar="onnx|stablehlo",
+        help="onnx (onnxruntime and other ONNX runtimes) or stablehlo (jax.export)",
+    )
     parser.add_argument(
         "--height",
         type=int,

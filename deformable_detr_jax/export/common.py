@@ -16,13 +16,13 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from deformable_detr_jax import file_modes
 from deformable_detr_jax.inference.detector import Detector
 from deformable_detr_jax.modeling import DeformableDetrForObjectDetection
 from deformable_detr_jax.processing.image_processor import MIN_SIDE
@@ -170,9 +170,8 @@ def atomic_output(path: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]
     no partial file behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
+    # not tempfile.mkstemp: the output keeps this file's mode, and it should be the umask's
+    tmp_path = file_modes.temporary_file(path.parent, f".{path.name}.", ".partial")
     try:
         yield tmp_path
         if path.exists() and not overwrite:  # appeared while exporting

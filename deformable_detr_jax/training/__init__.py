@@ -67,7 +67,6 @@ from deformable_detr_jax.training.mesh import initialize_distributed, make_data_
 from deformable_detr_jax.training.optimizer import Optimizer, param_group
 from deformable_detr_jax.training.recipes import base_config
 from deformable_detr_jax.training.settings import ConfigError, Settings
-from deformable_detr_jax.training.to_pretrained import export_model
 from deformable_detr_jax.training.train_state import (
     ModelSpec,
     TrainState,
@@ -75,6 +74,18 @@ from deformable_detr_jax.training.train_state import (
     model_from_weights,
     model_spec,
 )
+
+
+def __getattr__(name: str):
+    """`export_model`, imported when first asked for (PEP 562): imported here at start-up,
+    `python -m deformable_detr_jax.training.to_pretrained` would find its module already loaded
+    and runpy would warn that it runs it a second time."""
+    if name == "export_model":
+        from deformable_detr_jax.training.to_pretrained import export_model
+
+        return export_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointCorruptError",

@@ -204,7 +204,7 @@ def _steps(run: run_lib.Run, state, batches, train_step, actions: Actions, on_st
     """The loop, then the end of the run: `(state, step, stopped)`."""
     seed = run.settings.train.seed
     key = jax.jit(lambda: jax.random.key(seed), out_shardings=mesh_lib.replicated(run.mesh))()
-    step = int(jax.device_get(state.step))
+    step = first = int(jax.device_get(state.step))
     first_step = FirstStepLog(run)
     start_time, position, stopped = time.perf_counter(), None, "finished"
     while step < run.total_steps:
@@ -214,6 +214,8 @@ def _steps(run: run_lib.Run, state, batches, train_step, actions: Actions, on_st
         with first_step:
             state, metrics = train_step(state, device_batch, key)
         step += 1
+        if step == first + 1:  # compiled: the progress line's rate counts steps from here
+            actions.log.progress.restart(step)
         actions.log.record(metrics)
         if on_step is not None:
             on_step(step, state)
@@ -223,7 +225,7 @@ def _steps(run: run_lib.Run, state, batches, train_step, actions: Actions, on_st
     actions.log.progress.close()
     check_finite(state, actions.checkpoints)
     if stopped == "finished":
-        _finish(run, step, state, position, actions, time.perf_counter() - start_time)
+        _finish(run, (first, step), state, position, actions, time.perf_counter() - start_time)
     return state, step, stopped
 
 
@@ -249,13 +251,18 @@ def _between_steps(run: run_lib.Run, step: int, state, metrics, position, action
     return False
 
 
-def _finish(run: run_lib.Run, step: int, state, position, actions: Actions, seconds: float):
-    """The final checkpoint (unless this step has one) and the final evaluation."""
+def _finish(run: run_lib.Run, steps, state, position, actions: Actions, seconds: float):
+    """The final checkpoint (unless this step has one) and the final evaluation; `steps`: the
+    first and the last step of this process's part of the run."""
+    first, step = steps
     if step not in actions.checkpoints.all_steps():
         actions.checkpoint(step, state, position)
     actions.checkpoints.wait()
-    if run.primary:
-        logger.info("trained %d steps in %s", step, format_duration(seconds))
+    if run.primary and first == step:
+        logger.info("the run was complete already (step %d): nothing to train", step)
+    elif run.primary:
+        resumed = f" (steps {first + 1} to {step})" if first else ""
+        logger.info("trained %d steps%s in %s", step - first, resumed, format_duration(seconds))
     actions.evaluation.final(step, state)
 
 
@@ -270,6 +277,8 @@ class FirstStepLog:
 
     def __enter__(self):
         if not self.done:
+            if self.run.primary:
+                logger.info("compiling the train step (the first step)...")
             self.before, self.start = compile_cache.programs_read(), time.perf_counter()
 
     def __exit__(self, *exc_info):

@@ -191,9 +191,10 @@ def format_duration(seconds: float) -> str:
 class ProgressBar:
     """`step 120/1000 [#####.....] 2.31 steps/s 18.5 img/s ETA 6m21s loss 1.234`.
 
-    Rates are measured over the steps since the previous update (compilation excluded once the
-    first update has passed). On a terminal the line redraws in place; otherwise it prints one
-    line per update. `active=False` silences it (processes > 0).
+    Rates are measured over the steps since the previous update; the loop calls `restart(step)`
+    once the first step has compiled, so the first rate (and ETA) counts steps, not compiling. On
+    a terminal the line redraws in place; otherwise it prints one line per update.
+    `active=False` silences it (processes > 0).
     """
 
     def __init__(
@@ -212,6 +213,11 @@ class ProgressBar:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_step, self._last_time = int(start_step), time.perf_counter()
         self.steps_per_second = float("nan")
+
+    def restart(self, step: int) -> None:
+        """Measures the next rate from `step` on (after a compile: the first update's ETA is
+        then the steps' own)."""
+        self._last_step, self._last_time = int(step), time.perf_counter()
 
     def update(self, step: int, values: Mapping[str, float] | None = None) -> str:
         now = time.perf_counter()
@@ -239,3 +245,33 @@ class ProgressBar:
         if self.active and self._tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class EvalProgress:
+    """What an evaluation is doing: `evaluating 200 images...` when it starts, then at most one
+    `evaluated 64/200 images (5 s)` line every `every` seconds while it runs (the first batch
+    also compiles the evaluation step), through `log` (a `logging` call; None: silent)."""
+
+    def __init__(self, total_images: int, images_per_batch: int, log=None, every: float = 5.0):
+        self.total, self.per_batch = int(total_images), max(int(images_per_batch), 1)
+        self.log, self.every = log, every
+
+    def wrap(self, batches):
+        """Yields `batches`, logging the progress as they are consumed."""
+        if self.log is not None:
+            batches_count = -(-self.total // self.per_batch)
+            self.log(
+                "evaluating %d images (%d batches of %d; the first compiles the evaluation "
+                "step)...",
+                self.total,
+                batches_count,
+                self.per_batch,
+            )
+        start = last = time.perf_counter()
+        for done, batch in enumerate(batches):
+            now = time.perf_counter()
+            if self.log is not None and done and now - last >= self.every:
+                images = min(done * self.per_batch, self.total)
+                self.log("evaluated %d/%d images (%.0f s)", images, self.total, now - start)
+                last = now
+            yield batch

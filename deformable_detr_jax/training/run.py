@@ -29,6 +29,7 @@ from deformable_detr_jax.training import mesh as mesh_lib
 from deformable_detr_jax.training import optimizer as optimizer_lib
 from deformable_detr_jax.training import train_state as state_lib
 from deformable_detr_jax.training.checkpointing import Checkpoints
+from deformable_detr_jax.training.metrics import EvalProgress
 from deformable_detr_jax.training.settings import AugmentSettings, ConfigError, Settings
 
 # the run is logged under the loop's name (one logger to follow a run by)
@@ -172,6 +173,8 @@ def restore_or_initialise(run: Run, checkpoints: Checkpoints) -> tuple[state_lib
         state, position, _ = restored
         logger.info("resumed from checkpoint %d in %s", int(state.step), checkpoints.directory)
         return state, position
+    if run.primary:
+        logger.info("initialising the weights (seed %d)...", run.settings.train.seed)
     params, frozen = initial_weights(run, dtype)
     return state_lib.create_train_state(params, frozen, run.optimizer.tx, run.mesh), None
 
@@ -253,10 +256,15 @@ def make_evaluator(run: Run) -> Callable[[state_lib.TrainState], dict[str, float
             label_names=getattr(source, "label_names", None),
             ground_truth_json=None if annotations is None else os.fspath(annotations),
         )
+        progress = EvalProgress(
+            len(source),
+            run.layout.eval_per_process * jax.process_count(),
+            logger.info if run.primary else None,
+        )
         try:
             metrics = coco_evaluate_stream(
                 lambda batch: eval_step(state.params, state.frozen, batch),
-                batches,
+                progress.wrap(batches),
                 evaluator,
                 to_device=lambda local: batches_lib.global_eval_batch(local, run.mesh),
                 gather=mesh_lib.gather_to_host,

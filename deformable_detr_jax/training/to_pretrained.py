@@ -59,11 +59,19 @@ def export_model(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdir")
-    parser.add_argument("folder")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--overwrite", action="store_true")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", help="the training run's workdir (its checkpoints/ is read)")
+    parser.add_argument(
+        "folder", help="the model folder to write (Detector.from_pretrained reads it)"
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the checkpoint of step N (default: the newest)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty FOLDER")
     args = parser.parse_args(argv)
     exits.quiet_orbax()
     return exits.guarded(PROG, lambda: _main(args))
