@@ -18,6 +18,7 @@ from deformable_detr_jax.convert import __main__ as convert_cli
 from deformable_detr_jax.inference.detector import Detector
 from deformable_detr_jax.processing.image_processor import ImageProcessor
 from deformable_detr_jax.training.train_state import model_from_weights, model_spec, param_name
+from tests.subprocess_utils import run
 from tests.training_workers import tiny_model_config
 
 PHOTO = os.path.join(os.path.dirname(__file__), "fixtures", "000000000086.jpg")
@@ -114,7 +115,6 @@ def test_report_falls_back_to_the_temporary_folder(tmp_path, capsys):
 def test_what_a_failed_command_prints_while_shutting_down_goes_to_its_report(tmp_path):
     """After the `error:` line nothing more reaches the terminal (Python or C-level writes on
     either stream); it lands at the end of the report file instead."""
-    import subprocess
     import sys
 
     script = (
@@ -126,7 +126,7 @@ def test_what_a_failed_command_prints_while_shutting_down_goes_to_its_report(tmp
         "print('late stdout'); print('late stderr', file=sys.stderr)\n"
         "os.write(2, b'late fd 2\\n')\n"
     )
-    done = subprocess.run(
+    done = run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,

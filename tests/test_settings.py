@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 
 import pytest
 
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.training import ConfigError, recipes, settings
+from tests.subprocess_utils import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +135,7 @@ def test_what_may_change_on_resume_is_a_property_of_the_field():
 
 
 def _train_py(tmp_path, *overrides):
-    return subprocess.run(
+    return run(
         [sys.executable, "train.py", "--config", "configs/shapes_tiny.py"]
         + ["--workdir", str(tmp_path / "run"), *overrides],
         cwd=ROOT,
