@@ -280,6 +280,11 @@ def test_revision_token_and_renamed_repository(hub, files, tmp_path_factory, mon
     assert_same_model(tagged, seed=6)
     assert {auth for method, _, auth in hub.requests if method == "HEAD"} == {"Bearer hf_argument"}
 
+    # the revision in the name, as a command line or a recipe gives it
+    assert_same_model(Detector.from_pretrained(f"{REPO}@v1", compile_cache=None), seed=6)
+    with pytest.raises(ValueError, match="names revision 'v1' and revision='main' another"):
+        Detector.from_pretrained(f"{REPO}@v1", revision="main", compile_cache=None)
+
     monkeypatch.setenv("HF_TOKEN", "hf_environment")
     before = len(hub.requests)
     assert_same_model(Detector.from_pretrained("SenseTime/old-name", compile_cache=None))
@@ -329,7 +334,7 @@ def test_hub_errors_are_one_typed_line(hub, files):
         load_pytorch_checkpoint(REPO, revision="v9")
     assert one_line(error.value) == (
         f"the hub model {REPO!r} has no revision 'v9': pass an existing branch, tag or commit "
-        "hash (revision=...)"
+        "hash (revision=... or 'org/name@REVISION')"
     )
 
     with pytest.raises(HubFileNotFoundError) as error:

@@ -6,7 +6,9 @@ takes a model calls it (`Detector.from_pretrained`, `load_pytorch_checkpoint`, `
 
 - an existing local path (a folder or a weights file; `~` expanded) wins;
 - otherwise a string shaped like a hub repo id, `name` or `org/name` (letters, digits, `-`, `_`,
-  `.`; not a weights or json file name), is looked up on the hub;
+  `.`; not a weights or json file name), is looked up on the hub, at the revision given as
+  `org/name@REVISION` (a branch, tag or commit: how a command line or a recipe names one) or
+  `revision=`;
 - anything else is a `FileNotFoundError`.
 
 Only the files a model needs are downloaded (`hf_hub_download`, one file at a time): config.json,
@@ -80,7 +82,7 @@ def resolve_model(
     folder of the repo id it names, downloaded when not cached (see the module docstring).
 
     Args:
-      name_or_path: a folder, a weights file, or a hub id (`org/name`).
+      name_or_path: a folder, a weights file, or a hub id (`org/name`, or `org/name@REVISION`).
       revision: a branch, tag or commit of the hub repository (default: `main`); hub ids only.
       cache_dir: huggingface_hub's cache folder (default: `$HF_HUB_CACHE`, `~/.cache/huggingface/
         hub`); hub ids only.
@@ -96,12 +98,27 @@ def resolve_model(
     path = pathlib.Path(name_or_path).expanduser()
     if path.exists():
         return path
+    name_or_path, revision = _split_revision(name_or_path, revision)
     if not is_hub_id(name_or_path):
         raise FileNotFoundError(
             f"no model folder or weights file at {os.fspath(name_or_path)!r}, and it is not a "
             "Hugging Face hub id ('org/name'); check the path"
         )
     return download_model(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+
+
+def _split_revision(name: str | os.PathLike, revision: str | None) -> tuple:
+    """`("org/name", "REVISION")` of `"org/name@REVISION"`; anything else unchanged."""
+    if not isinstance(name, str) or "@" not in name:
+        return name, revision
+    repo_id, _, named = name.rpartition("@")
+    if not (is_hub_id(repo_id) and named):
+        return name, revision
+    if revision is not None and revision != named:
+        raise ValueError(
+            f"{name!r} names revision {named!r} and revision={revision!r} another: give one"
+        )
+    return repo_id, named
 
 
 def download_model(
@@ -206,7 +223,7 @@ class _Fetcher:
         except errors.RevisionNotFoundError as err:
             raise HubRevisionNotFoundError(
                 f"the hub model {self.repo_id!r} has no revision {self.asked!r}: pass an "
-                "existing branch, tag or commit hash (revision=...)"
+                "existing branch, tag or commit hash (revision=... or 'org/name@REVISION')"
             ) from err
         except errors.EntryNotFoundError as err:
             raise HubFileNotFoundError(self._missing_message(what)) from err
