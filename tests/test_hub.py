@@ -10,6 +10,7 @@ a one-line message naming the id, and one `error:` line from each command line.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import pathlib
@@ -439,3 +440,30 @@ def test_environment_variables_reach_a_new_process(hub, files, tmp_path):
     assert saved == tiny_processor()
     assert (tmp_path / "hf-cache" / f"models--{REPO.replace('/', '--')}").is_dir()
     assert [p.rsplit("/", 1)[-1] for p in hub.paths("HEAD")][0] == "config.json"
+
+
+def test_the_readmes_first_snippet_runs_as_written(files, tmp_path, monkeypatch):
+    """The README's quick start (the model card's snippet in JAX), executed as written against
+    a cached hub model, offline; the photo it downloads is a fixture photo."""
+    import urllib.request
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    repo = "SenseTime/deformable-detr-with-box-refine-two-stage"
+    assert f'Detector.from_pretrained("{repo}")' in snippet
+    write_hub_cache(tmp_path / "cache", repo, files, commit=git_blob_sha1(b"readme"))
+    point_hub_at(monkeypatch, "http://127.0.0.1:9", tmp_path / "cache", offline=True)
+    photo_bytes = pathlib.Path(PHOTO_LANDSCAPE).read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url: io.BytesIO(photo_bytes))
+    monkeypatch.chdir(tmp_path)
+
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+
+    assert_same_model(namespace["detector"])
+    want = Detector(tiny_model(), tiny_processor(), compile_cache=None)(
+        [namespace["image"]], threshold=0.7
+    )[0]
+    np.testing.assert_allclose(namespace["detections"].scores, want.scores, rtol=0, atol=1e-6)
+    drawn = PIL.Image.open(tmp_path / "detected.png")
+    assert drawn.size == namespace["image"].size
