@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu, xla
+from pallas_kernels.ms_deform_attn import api, pallas_gpu, pallas_tpu, pallas_tpu_layout, xla
 from pallas_kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from tests import msda_oracle
 
@@ -590,9 +590,9 @@ class TestPallasTpu(MSDASuite):
         loc = ref_xy[None, :, None, None, None, :] + rng.normal(0, 0.05, (1, 300, 2, 3, 2, 2))
         loc = jnp.asarray(_nudge_off_kinks(loc, case.spatial_shapes, jnp.float32), jnp.float32)
         block_sizes = pallas_tpu.BlockSizes(block_q=128, block_v=128)
-        level_blocks = pallas_tpu._level_blocks(case.spatial_shapes, 128)
+        level_blocks = pallas_tpu_layout.level_blocks(case.spatial_shapes, 128)
         ranges = np.asarray(
-            pallas_tpu._block_ranges(case.spatial_shapes, loc, level_blocks, 128, 128, 384)
+            pallas_tpu_layout.block_ranges(case.spatial_shapes, loc, level_blocks, 128, 128, 384)
         ).reshape(-1, 2)
         computed = sum(max(0, hi - lo + 1) for lo, hi in ranges)
         # 3 query blocks x 8 pixel blocks; local sampling needs 17 of them.

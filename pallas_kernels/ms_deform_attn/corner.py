@@ -1,6 +1,6 @@
 """The bilinear corner of a sampling point, decided without a contractible multiply-add.
 
-Shared by the Pallas TPU kernels (`pallas_tpu.py`, on a location loaded from memory); the
+Shared by the Pallas TPU kernels (`pallas_tpu_kernels.py`, on a location loaded from memory); the
 "xla" core (`xla.py`) computes the same corner through `xla._shared_corner`, which also makes
 every fusion of a jitted program read one value of it.
 """

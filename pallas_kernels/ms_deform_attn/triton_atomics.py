@@ -11,7 +11,8 @@ emits the same operation with relaxed semantics, which is what CUDA's `atomicAdd
 It is a primitive of our own with a Triton lowering rule, so it leans on Pallas' private
 lowering API (`jax._src.pallas.triton.lowering`). `AVAILABLE` is False when that API is not
 where this file expects it; the kernels then use `plgpu.atomic_add`. It has no interpret
-rule: in interpret mode the kernels scatter with `jax.ref.addupdate` (see `pallas_gpu.py`).
+rule: in interpret mode the kernels scatter with `jax.ref.addupdate` (see `pallas_gpu.py`,
+`pallas_gpu_kernels._scatter_add`).
 """
 
 from __future__ import annotations
