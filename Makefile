@@ -13,7 +13,8 @@ PY := $(VENV)/bin/python
 PY_NEWEST := $(VENV_NEWEST)/bin/python
 # pytest-xdist workers; the parity suite is CPU-bound and the CI machine has 2 cores.
 TEST_WORKERS ?= 2
-PYTEST_ARGS ?=
+# --durations: the 20 slowest tests of each lane in the log, to keep CI well inside its limit.
+PYTEST_ARGS ?= --durations=20
 # The ONNX converter, installed without its dependencies (see pyproject's `export` extra).
 JAX2ONNX ?= jax2onnx==0.17.1
 
