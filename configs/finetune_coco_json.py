@@ -15,27 +15,15 @@ is copied. Lower learning rates than from scratch, 30 epochs with a drop at 20, 
         --config.data.coco_json.eval_annotations=my_data/annotations/val.json
 """
 
-from deformable_detr_jax.config import preset
-from deformable_detr_jax.training.recipes import base_config
+from deformable_detr_jax.training import recipes
 
 
 def get_config():
-    config = base_config(preset("deformable-detr"))
-    config.model.init_from = "SenseTime/deformable-detr"
-    data = config.data
-    data.source = "coco_json"
-    data.batch_size = 8
-    data.coco_json.train_images = "my_data/train"
-    data.coco_json.train_annotations = "my_data/annotations/train.json"
-    data.coco_json.eval_images = "my_data/val"
-    data.coco_json.eval_annotations = "my_data/annotations/val.json"
-    data.coco_json.label_mode = "contiguous"
-    opt = config.optimizer
-    opt.lr = 1e-4
-    opt.lr_backbone = 1e-5
-    opt.lr_drop_epochs = (20,)
-    train = config.train
-    train.num_epochs = 30.0
-    train.checkpoint_every = 1000
-    train.log_every = 50
+    config = recipes.finetune("coco_json")
+    data = config.data.coco_json
+    data.train_images = "my_data/train"
+    data.train_annotations = "my_data/annotations/train.json"
+    data.eval_images = "my_data/val"
+    data.eval_annotations = "my_data/annotations/val.json"
+    data.label_mode = "contiguous"
     return config

@@ -17,25 +17,13 @@ other splits: `--config.data.hf_datasets.train_split=...`, `...eval_split=...`; 
 branch, tag or commit: `--config.data.hf_datasets.revision=...`.
 """
 
-from deformable_detr_jax.config import preset
-from deformable_detr_jax.training.recipes import base_config
+from deformable_detr_jax.training import recipes
 
 
 def get_config():
-    config = base_config(preset("deformable-detr"))
-    config.model.init_from = "SenseTime/deformable-detr"
-    data = config.data
-    data.source = "hf_datasets"
-    data.batch_size = 8
-    data.hf_datasets.path = "cppe-5"
-    data.hf_datasets.train_split = "train"
-    data.hf_datasets.eval_split = "test"
-    opt = config.optimizer
-    opt.lr = 1e-4
-    opt.lr_backbone = 1e-5
-    opt.lr_drop_epochs = (20,)
-    train = config.train
-    train.num_epochs = 30.0
-    train.checkpoint_every = 1000
-    train.log_every = 50
+    config = recipes.finetune("hf_datasets")
+    data = config.data.hf_datasets
+    data.path = "cppe-5"
+    data.train_split = "train"
+    data.eval_split = "test"
     return config

@@ -52,6 +52,25 @@ def base_config(model: DeformableDetrConfig | None = None, *, loss_preset: str =
     return settings_lib.to_config_dict(run)
 
 
+def finetune(source: str, init_from: str = "SenseTime/deformable-detr"):
+    """The fine-tuning recipes (configs/finetune_*.py): the paper's model from a detection
+    checkpoint (`init_from`, class heads re-initialised for the data's labels), on `source`, at
+    batch 8, learning rates 1e-4 / 1e-5 (backbone) dropped at epoch 20 of 30."""
+    config = base_config()
+    config.model.init_from = init_from
+    config.data.source = source
+    config.data.batch_size = 8
+    opt = config.optimizer
+    opt.lr = 1e-4
+    opt.lr_backbone = 1e-5
+    opt.lr_drop_epochs = (20,)
+    train = config.train
+    train.num_epochs = 30.0
+    train.checkpoint_every = 1000
+    train.log_every = 50
+    return config
+
+
 def shapes_tiny():
     """configs/shapes_tiny.py: the embedded default that `make demo` trains (see its docstring)."""
     model = DeformableDetrConfig(
