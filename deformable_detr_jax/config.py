@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from deformable_detr_jax import backbone_config as other_backbones
+
 # ResNet depth -> (block type, blocks per stage). Widths are the torchvision ones.
 RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -71,9 +73,12 @@ _HF_FIELDS = (
 class DeformableDetrConfig:
     """Configuration of `DeformableDetrForObjectDetection` (defaults: `SenseTime/deformable-detr`).
 
-    The backbone is a ResNet described by `backbone_layer_type`, `backbone_depths`,
-    `backbone_hidden_sizes` and `backbone_embedding_size` (defaults: ResNet-50); use
-    `DeformableDetrConfig.with_resnet(depth)` or `preset(...)` rather than setting them by hand.
+    The backbone (`backbone_type`) is a ResNet described by `backbone_layer_type`,
+    `backbone_depths`, `backbone_hidden_sizes` and `backbone_embedding_size` (defaults:
+    ResNet-50); use `DeformableDetrConfig.with_resnet(depth)` or `preset(...)` rather than setting
+    them by hand. A ConvNeXt or Swin backbone (`backbone_type="convnext"` / `"swin"`, transformers'
+    `ConvNextBackbone` / `SwinBackbone`) uses `backbone_depths`, `backbone_hidden_sizes` and the
+    fields below them (see `backbone_config.py`; `with_convnext` / `with_swin` give the tiny ones).
     `id2label` is stored as a tuple of `(id, name)` pairs so that the config stays hashable
     (it is static data of the compiled model); `config.id2label_dict` gives the mapping.
     """
@@ -107,6 +112,15 @@ class DeformableDetrConfig:
     backbone_hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
     backbone_embedding_size: int = 64
     dilation: bool = False
+    # Backbone kind; ConvNeXt and Swin fields (backbone_config.py; unused by the ResNet).
+    backbone_type: str = "resnet"
+    backbone_patch_size: int = 4
+    backbone_num_heads: tuple[int, ...] = ()
+    backbone_window_size: int = 7
+    backbone_mlp_ratio: float = 4.0
+    backbone_layer_scale_init_value: float = 1e-6
+    backbone_drop_path_rate: float = 0.0
+    backbone_out_indices: tuple[int, ...] = ()
     # Loss and matching as transformers' config.json has them (its defaults), kept only for
     # `from_hf` / `to_hf` round trips: no setting of a run. Training reads the recipe's
     # `model.loss.*` (`criterion.loss.LossConfig`); `--config.model.bbox_loss_coefficient` is an
@@ -136,9 +150,13 @@ class DeformableDetrConfig:
                     "give one name per label or leave id2label unset"
                 )
         object.__setattr__(self, "backbone_depths", tuple(int(d) for d in self.backbone_depths))
-        object.__setattr__(
-            self, "backbone_hidden_sizes", tuple(int(d) for d in self.backbone_hidden_sizes)
-        )
+        for name in ("backbone_hidden_sizes", "backbone_num_heads", "backbone_out_indices"):
+            object.__setattr__(self, name, tuple(int(d) for d in getattr(self, name)))
+        if self.backbone_type != "resnet" and self.backbone_out_indices:
+            # out_indices that name the default stages are the default (one config, one value)
+            default = other_backbones.out_stages(self.replace(backbone_out_indices=()))
+            if tuple(i - 1 for i in self.backbone_out_indices) == default:
+                object.__setattr__(self, "backbone_out_indices", ())
         self._validate()
 
     def _validate(self) -> None:
@@ -182,7 +200,21 @@ class DeformableDetrConfig:
             )
 
     def _validate_backbone(self) -> None:
-        """The ResNet's block type, four stage depths and four widths."""
+        """The ResNet's block type, four stage depths and four widths (ConvNeXt and Swin:
+        `backbone_config.validate`)."""
+        if self.backbone_type not in other_backbones.BACKBONE_TYPES:
+            raise ValueError(
+                f"backbone_type must be one of {other_backbones.BACKBONE_TYPES}, got "
+                f"{self.backbone_type!r}"
+            )
+        if self.backbone_type != "resnet":
+            other_backbones.validate(self)
+            return
+        if self.backbone_out_indices:
+            raise ValueError(
+                "backbone_out_indices is for ConvNeXt and Swin; the ResNet's stages follow "
+                f"num_feature_levels, got {self.backbone_out_indices}"
+            )
         if self.backbone_layer_type not in _HIDDEN_SIZES:
             raise ValueError(
                 f"backbone_layer_type must be 'basic' or 'bottleneck', got "
@@ -229,6 +261,8 @@ class DeformableDetrConfig:
     @property
     def backbone_depth(self) -> int | None:
         """18/34/50/101 when the backbone is a standard ResNet, else None."""
+        if self.backbone_type != "resnet":
+            return None
         for depth, (layer_type, depths) in RESNET_DEPTHS.items():
             if (layer_type, depths, _HIDDEN_SIZES[layer_type]) == (
                 self.backbone_layer_type,
@@ -240,7 +274,10 @@ class DeformableDetrConfig:
 
     @property
     def backbone_out_stages(self) -> tuple[int, ...]:
-        """ResNet stages (0-based) whose outputs feed the transformer: C3..C5, or C5 alone."""
+        """Backbone stages (0-based) whose outputs feed the transformer: ResNet C3..C5, or C5
+        alone; ConvNeXt and Swin `backbone_out_indices` (default: the last three, or the last)."""
+        if self.backbone_type != "resnet":
+            return other_backbones.out_stages(self)
         return (1, 2, 3) if self.num_feature_levels > 1 else (3,)
 
     @property
@@ -263,6 +300,17 @@ class DeformableDetrConfig:
     def with_resnet(cls, depth: int, **kwargs: Any) -> DeformableDetrConfig:
         """A config whose backbone is the standard ResNet-`depth` (18, 34, 50 or 101)."""
         return cls(**resnet_fields(depth), **kwargs)
+
+    @classmethod
+    def with_convnext(cls, **kwargs: Any) -> DeformableDetrConfig:
+        """A ConvNeXt-T backbone (`facebook/convnext-tiny-224`'s); `kwargs` replace fields."""
+        return cls(**{**CONVNEXT_TINY, **kwargs})
+
+    @classmethod
+    def with_swin(cls, **kwargs: Any) -> DeformableDetrConfig:
+        """A Swin-T backbone (`microsoft/swin-tiny-patch4-window7-224`'s); `kwargs` replace
+        fields."""
+        return cls(**{**SWIN_TINY, **kwargs})
 
     # ----------------------------------------------------------------------------------
     # transformers config.json.
@@ -305,7 +353,7 @@ class DeformableDetrConfig:
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
-        """The transformers 5 `config.json` dict (HF ResNet backbone config)."""
+        """The transformers 5 `config.json` dict (HF ResNet, ConvNeXt or Swin backbone config)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _HF_FIELDS}
         for name in _HF_INT_FIELDS:
             if float(out[name]).is_integer():
@@ -319,6 +367,9 @@ class DeformableDetrConfig:
             id2label={str(k): v for k, v in self.id2label_dict.items()},
             label2id={v: k for k, v in self.id2label_dict.items()},
         )
+        if self.backbone_type != "resnet":
+            out["backbone_config"] = other_backbones.to_hf(self)
+            return out
         stages = [f"stage{i + 1}" for i in self.backbone_out_stages]
         out["backbone_config"] = {
             "model_type": "resnet",
@@ -365,10 +416,12 @@ def _backbone_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
         if (backbone_config or {}).get("output_stride") == 16:
             fields["dilation"] = True
         return fields
+    if backbone_config.get("model_type") in ("convnext", "swin"):
+        return other_backbones.from_hf(backbone_config)
     if backbone_config.get("model_type") != "resnet":
         raise ValueError(
             f"backbone_config model_type {backbone_config.get('model_type')!r} is not "
-            "supported; only 'resnet' (or a timm resnet name) is"
+            "supported; only 'resnet' (or a timm resnet name), 'convnext' and 'swin' are"
         )
     if backbone_config.get("downsample_in_bottleneck", False):
         raise ValueError(
@@ -396,6 +449,25 @@ def _backbone_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     return fields
 
+
+# The tiny ImageNet backbones (transformers' ConvNextConfig() / SwinConfig() defaults; Swin's
+# drop path as the Swin-T classification recipe).
+CONVNEXT_TINY: dict[str, Any] = dict(
+    backbone_type="convnext",
+    backbone_depths=(3, 3, 9, 3),
+    backbone_hidden_sizes=(96, 192, 384, 768),
+    backbone_patch_size=4,
+    backbone_layer_scale_init_value=1e-6,
+)
+SWIN_TINY: dict[str, Any] = dict(
+    backbone_type="swin",
+    backbone_depths=(2, 2, 6, 2),
+    backbone_hidden_sizes=(96, 192, 384, 768),
+    backbone_num_heads=(3, 6, 12, 24),
+    backbone_patch_size=4,
+    backbone_window_size=7,
+    backbone_drop_path_rate=0.1,
+)
 
 # The published SenseTime checkpoints (COCO, 91 label ids as in the hub configs).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -54,6 +54,41 @@ def hf_config(depth_layout=((3, 4, 6, 3), "bottleneck", (256, 512, 1024, 2048)),
     return HFConfig(use_timm_backbone=False, backbone_config=backbone, **kwargs)
 
 
+# Tiny ConvNeXt and Swin backbones (transformers' ConvNextConfig / SwinConfig field names):
+# two blocks in one stage, 3 / 5 windows and patches that the test images are no multiples of.
+TINY_BACKBONES = {
+    "convnext": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], patch_size=4),
+    "swin": dict(embed_dim=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=5),
+    "swin_patch3": dict(
+        embed_dim=8,
+        depths=[2, 1, 1],
+        num_heads=[2, 2, 4],
+        window_size=3,
+        patch_size=3,
+        mlp_ratio=2.0,
+    ),
+}
+
+
+def hf_config_with_backbone(kind: str, out_features=None, **kwargs):
+    """transformers' config with a `TINY_BACKBONES[kind]` ConvNeXt or Swin backbone
+    (`out_features` default: the last three stages, or the last with one level)."""
+    from transformers import ConvNextConfig, SwinConfig
+    from transformers import DeformableDetrConfig as HFConfig
+
+    kwargs = {**FULL_SIZE, **kwargs}
+    fields = TINY_BACKBONES[kind]
+    stages = len(fields["depths"])
+    if out_features is None:
+        last = [f"stage{i}" for i in range(1, stages + 1)]
+        out_features = last[-3:] if kwargs["num_feature_levels"] > 1 else last[-1:]
+    factory = ConvNextConfig if kind == "convnext" else SwinConfig
+    backbone = factory(**fields, out_features=list(out_features))
+    return HFConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, **kwargs
+    )
+
+
 def random_hf_model(config, seed: int = 0):
     """`transformers.DeformableDetrForObjectDetection(config)` in eval mode, every weight random."""
     import torch

@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.convnext import ConvNextBackbone
+from deformable_detr_jax.modeling.swin import SwinBackbone
 
 
 class FrozenBatchNorm2d(nnx.Module):
@@ -316,23 +318,41 @@ def downsample_mask(pixel_mask: jax.Array, height: int, width: int) -> jax.Array
     return pixel_mask[:, rows][:, :, cols]
 
 
+BACKBONES = {"resnet": ResNetBackbone, "convnext": ConvNextBackbone, "swin": SwinBackbone}
+
+
 class DeformableDetrConvEncoder(nnx.Module):
     """Backbone feature maps plus the pixel mask downsampled to each of them."""
 
     def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
-        self.model = ResNetBackbone(config, rngs=rngs)
+        self.model = BACKBONES[config.backbone_type](config, rngs=rngs)
+        self.backbone_type = config.backbone_type
         self.intermediate_channel_sizes = tuple(
             config.backbone_hidden_sizes[i] for i in config.backbone_out_stages
         )
 
     def __call__(
-        self, pixel_values: jax.Array, pixel_mask: jax.Array, padding_invariant: bool = False
+        self,
+        pixel_values: jax.Array,
+        pixel_mask: jax.Array,
+        padding_invariant: bool = False,
+        deterministic: bool = True,
     ) -> list[tuple[jax.Array, jax.Array]]:
         """`(bs, H, W, 3)`, `(bs, H, W)` -> [(features `(bs, h, w, c)`, mask `(bs, h, w)`)].
 
         Masks are the pixel mask resized by nearest neighbour (transformers), or with
         `padding_invariant` strided (`mask_pyramid`) and applied inside the ResNet.
+        `deterministic=False` applies ConvNeXt's and Swin's drop path (the ResNet has none).
         """
+        if self.backbone_type != "resnet":
+            if padding_invariant:
+                raise NotImplementedError(
+                    f"padding_invariant=True is not implemented for the {self.backbone_type} "
+                    "backbone yet (only the ResNet masks its padding); call the model with "
+                    "padding_invariant=False"
+                )
+            features = self.model(pixel_values, deterministic)
+            return [(f, downsample_mask(pixel_mask, f.shape[1], f.shape[2])) for f in features]
         if padding_invariant:
             masks = mask_pyramid(pixel_mask)
             features = self.model(pixel_values, masks)

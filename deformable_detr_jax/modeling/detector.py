@@ -200,7 +200,9 @@ class DeformableDetrModel(nnx.Module):
         config = self.config
         dtype = pixel_values.dtype
         # (named scopes: the parts of a profile, benchmarks/train_parts.py)
-        sources, masks = self._project_features(pixel_values, pixel_mask, padding_invariant)
+        sources, masks = self._project_features(
+            pixel_values, pixel_mask, padding_invariant, deterministic
+        )
         source_flatten, mask_flatten, pos_flatten, spatial_shapes, valid_ratios = (
             self._flatten_levels(sources, masks, dtype)
         )
@@ -247,12 +249,16 @@ class DeformableDetrModel(nnx.Module):
         )
 
     def _project_features(
-        self, pixel_values: jax.Array, pixel_mask: jax.Array, padding_invariant: bool
+        self,
+        pixel_values: jax.Array,
+        pixel_mask: jax.Array,
+        padding_invariant: bool,
+        deterministic: bool = True,
     ) -> tuple[list[jax.Array], list[jax.Array]]:
         """Backbone + `input_proj`: per level `(bs, h, w, d_model)` features and `(bs, h, w)`
         bool masks, the extra stride-2 levels computed from the last backbone level."""
         with jax.named_scope("backbone"):
-            features = self.backbone(pixel_values, pixel_mask, padding_invariant)
+            features = self.backbone(pixel_values, pixel_mask, padding_invariant, deterministic)
 
         sources, masks = [], []
         with jax.named_scope("input_proj"):

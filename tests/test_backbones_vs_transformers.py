@@ -1,0 +1,140 @@
+"""ConvNeXt and Swin backbones against transformers' `ConvNextBackbone` / `SwinBackbone` inside
+`DeformableDetrForObjectDetection`, every weight perturbed: the backbone's feature maps, logits
+and boxes on a padded batch of two images whose sizes are no multiples of the patch or window
+size, float32 to 1e-4 and float64 to 1e-9; the state dict both ways; the backbone's gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deformable_detr_jax import DeformableDetrConfig, convert_state_dict, export_state_dict
+from tests import hf_reference as ref
+from tests.random_models import SMALL
+
+pytestmark = pytest.mark.torch
+
+SIZES = ((130, 170), (97, 161))  # not multiples of 3, 4 or 5 (nor of 32)
+CASES = [
+    ("convnext", "box_refine", {}),
+    ("convnext", "two_stage", {"num_feature_levels": 5}),
+    ("swin", "box_refine", {}),
+    ("swin", "two_stage", {}),
+]
+
+
+@pytest.fixture
+def float64_proposals(monkeypatch):
+    """transformers' proposal position embedding in the model's dtype (it casts to float32)."""
+    from transformers.models.deformable_detr import modeling_deformable_detr as hf_modeling
+
+    from tests.test_parity import torch_proposal_pos_embed
+
+    monkeypatch.setattr(
+        hf_modeling.DeformableDetrModel,
+        "get_proposal_pos_embed",
+        lambda self, proposals: torch_proposal_pos_embed(proposals, self.config.d_model),
+    )
+
+
+def _hf_model(kind, variant, seed, **kwargs):
+    hf_cfg = ref.hf_config_with_backbone(kind, **{**SMALL, **ref.VARIANTS[variant], **kwargs})
+    return hf_cfg, ref.random_hf_model(hf_cfg, seed=seed)
+
+
+def _theirs(model, pixels, mask, dtype):
+    import torch
+
+    model = model.to(dtype)
+    x = torch.from_numpy(pixels).to(dtype)
+    m = torch.from_numpy(mask)
+    with torch.no_grad():
+        out = model(pixel_values=x, pixel_mask=m)
+        features = [f.numpy() for f, _ in model.model.backbone(x, m)]
+    return out.logits.numpy(), out.pred_boxes.numpy(), features
+
+
+def _ours(config, state_dict, pixels, mask, dtype):
+    model = convert_state_dict(state_dict, config, dtype=dtype)
+    x, m = jnp.asarray(pixels.transpose(0, 2, 3, 1), dtype), jnp.asarray(mask, bool)
+    out = model(x, m)
+    # NHWC -> NCHW as transformers'
+    features = [np.asarray(f).transpose(0, 3, 1, 2) for f, _ in model.model.backbone(x, m)]
+    return np.asarray(out.logits), np.asarray(out.pred_boxes), features
+
+
+def _compare(ours, theirs, tol, what):
+    (logits, boxes, features), (want_logits, want_boxes, want_features) = ours, theirs
+    assert len(features) == len(want_features)
+    for i, (a, b) in enumerate(zip(features, want_features)):
+        assert a.shape == b.shape, f"{what} feature map {i}: {a.shape} vs {b.shape}"
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f"{what} features {i}")
+    np.testing.assert_allclose(logits, want_logits, rtol=tol, atol=tol, err_msg=f"{what} logits")
+    np.testing.assert_allclose(boxes, want_boxes, rtol=tol, atol=tol, err_msg=f"{what} boxes")
+    return max(
+        float(np.max(np.abs(logits - want_logits))), float(np.max(np.abs(boxes - want_boxes)))
+    )
+
+
+@pytest.mark.parametrize("kind, variant, kwargs", CASES)
+def test_backbone_parity(kind, variant, kwargs, float64_proposals):
+    """float32 to 1e-4 and float64 to 1e-9 (feature maps, logits, boxes)."""
+    import torch
+
+    hf_cfg, model = _hf_model(kind, variant, seed=31, **kwargs)
+    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    assert config.backbone_type == kind
+    state_dict = ref.state_dict_numpy(model)
+    pixels, mask = ref.two_images(seed=5, sizes=SIZES)
+
+    got = _ours(config, state_dict, pixels, mask, jnp.float32)
+    diff32 = _compare(got, _theirs(model, pixels, mask, torch.float32), 1e-4, "float32")
+    with jax.enable_x64(True):
+        got = _ours(config, state_dict, pixels, mask, jnp.float64)
+    diff64 = _compare(got, _theirs(model, pixels, mask, torch.float64), 1e-9, "float64")
+    print(f"{kind} {variant}: max |diff| float32 {diff32:.2e}, float64 {diff64:.2e}")
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("convnext", {"num_feature_levels": 4, "out_features": ["stage1", "stage2", "stage3"]}),
+        (
+            "swin",
+            {"num_feature_levels": 5, "out_features": ["stage1", "stage2", "stage3", "stage4"]},
+        ),
+        ("swin_patch3", {"num_feature_levels": 1}),
+    ],
+)
+def test_out_features_parity(kind, kwargs):
+    """Other out_features (four stages: strides 4..32; not the last stage), patch size 3,
+    window 3, three Swin stages, a single level: float32 to 1e-4."""
+    import torch
+
+    hf_cfg, model = _hf_model(kind, "plain", seed=41, **kwargs)
+    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    pixels, mask = ref.two_images(seed=6, sizes=SIZES)
+    got = _ours(config, ref.state_dict_numpy(model), pixels, mask, jnp.float32)
+    _compare(got, _theirs(model, pixels, mask, torch.float32), 1e-4, "float32")
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_state_dict_both_ways(kind):
+    """transformers' state dict -> ours -> the same keys and values, which transformers loads;
+    the config survives `to_hf` -> transformers -> `from_hf`."""
+    import torch
+    from transformers import DeformableDetrConfig as HFConfig
+
+    hf_cfg, model = _hf_model(kind, "two_stage", seed=51)
+    state_dict = ref.state_dict_numpy(model)
+    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    exported = export_state_dict(convert_state_dict(state_dict, config))
+    assert set(exported) == set(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()})
+    again = HFConfig.from_dict(config.to_hf())
+    assert again.backbone_config.model_type == kind
+    assert DeformableDetrConfig.from_hf(again.to_dict()) == config
