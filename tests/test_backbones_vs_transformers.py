@@ -138,3 +138,56 @@ def test_state_dict_both_ways(kind):
     again = HFConfig.from_dict(config.to_hf())
     assert again.backbone_config.model_type == kind
     assert DeformableDetrConfig.from_hf(again.to_dict()) == config
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_pytorch_folders_both_ways(kind, tmp_path):
+    """A folder transformers saved loads (with its config.json, and from the weights alone: the
+    backbone read off the keys); `save_pytorch_checkpoint` writes the keys transformers writes
+    (Swin: transformers 4 names), which transformers loads with nothing missing or unexpected;
+    a transformers-4 Swin file (`relative_position_index` buffers, no `swin.layernorm`) loads."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
+    from deformable_detr_jax import load_pytorch_checkpoint, save_pytorch_checkpoint
+
+    hf_cfg, model = _hf_model(kind, "box_refine", seed=61)
+    model.save_pretrained(tmp_path / "theirs")
+    pixels, mask = ref.two_images(seed=7, sizes=SIZES)
+    x, m = jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask, bool)
+    with torch.no_grad():
+        want = model(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask))
+    want = want.logits.numpy()
+
+    ours = load_pytorch_checkpoint(tmp_path / "theirs")
+    np.testing.assert_allclose(np.asarray(ours(x, m).logits), want, rtol=1e-4, atol=1e-4)
+    theirs_file = load_file(tmp_path / "theirs" / "model.safetensors")
+    alone = load_pytorch_checkpoint(tmp_path / "theirs" / "model.safetensors", num_heads=2)
+    for name in (
+        "backbone_type",
+        "backbone_depths",
+        "backbone_hidden_sizes",
+        "backbone_out_indices",
+    ):
+        assert getattr(alone.config, name) == getattr(ours.config, name), name
+    assert (alone.config.backbone_num_heads, alone.config.backbone_window_size) == (
+        ours.config.backbone_num_heads,
+        ours.config.backbone_window_size,
+    )
+
+    save_pytorch_checkpoint(ours, tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "model.safetensors")) == set(theirs_file)
+    again, info = HFModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        got = again.eval()(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask))
+    np.testing.assert_array_equal(got.logits.numpy(), want)
+
+    if kind == "swin":  # transformers 4: index buffers, no classifier norm
+        old = {k: v for k, v in theirs_file.items() if ".swin.layernorm." not in k}
+        table = next(k for k in old if k.endswith("relative_position_bias_table"))
+        old[table.replace("_bias_table", "_index")] = np.zeros((25 * 25,), np.int64)
+        save_file(old, tmp_path / "v4.safetensors")
+        v4 = load_pytorch_checkpoint(tmp_path / "v4.safetensors", tmp_path / "theirs")
+        np.testing.assert_allclose(np.asarray(v4(x, m).logits), want, rtol=1e-4, atol=1e-4)

@@ -104,8 +104,40 @@ RESNET_TIMM_TO_HF = _table(
     HUB_BACKBONE_PREFIX,
 )
 
+# Swin backbone: transformers 4 names (what transformers 5 `save_pretrained` writes too; no
+# `swin.` level, `attention.self.query`, `intermediate.dense`, ...)  <->  transformers 5 in memory.
+# Before the generic backbone row below; ConvNeXt's names are the same in both.
+_SWIN_BLOCK_V4, _SWIN_BLOCK_V5 = (
+    "encoder.layers.{s}.blocks.{b}.",
+    "swin.encoder.layers.{s}.blocks.{b}.",
+)
+SWIN_V4_TO_V5 = _table(
+    (
+        ("embeddings.patch_embeddings.projection.", "swin.embeddings.patch_embeddings.projection."),
+        ("embeddings.norm.", "swin.embeddings.norm."),
+        *(
+            (f"{_SWIN_BLOCK_V4}{v4}", f"{_SWIN_BLOCK_V5}{v5}")
+            for v4, v5 in (
+                ("attention.self.query.", "attention.q_proj."),
+                ("attention.self.key.", "attention.k_proj."),
+                ("attention.self.value.", "attention.v_proj."),
+                (
+                    "attention.self.relative_position_bias_table",
+                    "attention.relative_position_bias.relative_position_bias_table",
+                ),
+                ("attention.output.dense.", "attention.o_proj."),
+                ("intermediate.dense.", "mlp.fc1."),
+                ("output.dense.", "mlp.fc2."),
+            )
+        ),
+        ("encoder.layers.{s}.", "swin.encoder.layers.{s}."),
+    ),
+    HUB_BACKBONE_PREFIX,
+    "model.backbone.model.",
+)
+
 # transformers 4 / saved-file module names  <->  transformers 5 in-memory module names.
-TRANSFORMERS_V4_TO_V5 = _table(
+TRANSFORMERS_V4_TO_V5 = SWIN_V4_TO_V5 + _table(
     (
         ("model.backbone.conv_encoder.model.", "model.backbone.model."),
         ("model.backbone.position_embedding.", "model.position_embedding."),
@@ -169,8 +201,9 @@ ORIGINAL_FUSED: tuple[tuple[KeyTemplate, tuple[KeyTemplate, ...]], ...] = tuple(
     for kind in ("weight", "bias")
 )
 
-# Keys that carry no weights (BatchNorm step counters); dropped by every conversion.
-DROPPED = re.compile(r"(^|\.)num_batches_tracked$")
+# Keys that carry no weights (BatchNorm step counters, transformers 4 Swin's relative position
+# index, a function of the window size); dropped by every conversion.
+DROPPED = re.compile(r"(^|\.)(num_batches_tracked|relative_position_index)$")
 
 # detect_format: the first format with a key matching its markers wins.
 _FORMAT_MARKERS = (

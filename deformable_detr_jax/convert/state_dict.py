@@ -35,6 +35,14 @@ NNX_TO_TRANSFORMERS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Parameters nothing uses, which a file may leave out (transformers 4's SwinBackbone had no
+# `swin.layernorm`, transformers 5 ignores it missing): their initial value when absent.
+UNUSED_DEFAULTS = {
+    "model.backbone.model.swin.layernorm.weight": 1.0,
+    "model.backbone.model.swin.layernorm.bias": 0.0,
+}
+
+
 def nnx_path_to_key(path: tuple) -> str:
     key = ".".join(str(p) for p in path)
     for pattern, replacement in NNX_TO_TRANSFORMERS:
@@ -133,6 +141,9 @@ def convert_state_dict(
         key = nnx_path_to_key(path)
         name = str(path[-1])
         expected = tuple(variable.shape)
+        if key not in weights and key in UNUSED_DEFAULTS:
+            values.append((path, variable, np.full(expected, UNUSED_DEFAULTS[key])))
+            continue
         if key not in weights:
             missing.append(key)
             continue

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from deformable_detr_jax.convert.backbone_variant import backbone_kind, backbone_variant
 from deformable_detr_jax.convert.errors import CheckpointKeyError, ConfigMismatchError
 from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX as _BODY
 from deformable_detr_jax.convert.formats import to_hub
@@ -67,12 +68,13 @@ def infer_variant(
     class_heads = [
         k for k in keys if re.fullmatch(r"(model\.decoder\.)?class_embed\.\d+\.weight", k)
     ]
-    _require_keys(shapes, two_stage=two_stage, class_heads=class_heads)
+    kind = backbone_kind(shapes)
+    _require_keys(shapes, two_stage=two_stage, class_heads=class_heads, resnet=kind == "resnet")
     num_levels, d_model = shapes["model.level_embed"]
-    heads_points, labels, stages, layer_counts = _read_shapes(shapes, class_heads, num_levels)
+    heads_points, labels, stages, layer_counts = _read_shapes(
+        shapes, class_heads, num_levels, resnet=kind == "resnet"
+    )
     _check_heads(heads_points, d_model, num_heads)
-    bottleneck = f"{_BODY}layer1.0.conv3.weight" in shapes
-    last_conv = "conv3" if bottleneck else "conv2"
     variant = {
         "d_model": d_model,
         "encoder_layers": len(layer_counts["encoder"]),
@@ -91,6 +93,20 @@ def infer_variant(
         "position_embedding_type": "learned"
         if "model.backbone.position_embedding.row_embeddings.weight" in shapes
         else "sine",
+    }
+    if kind == "resnet":
+        variant.update(_resnet_variant(shapes, stages))
+    else:
+        variant.update(backbone_variant(shapes, kind, num_levels))
+    if not two_stage:
+        variant["num_queries"] = shapes["model.query_position_embeddings.weight"][0]
+    return variant
+
+
+def _resnet_variant(shapes: Mapping[str, tuple], stages: list[list[int]]) -> dict[str, Any]:
+    bottleneck = f"{_BODY}layer1.0.conv3.weight" in shapes
+    last_conv = "conv3" if bottleneck else "conv2"
+    return {
         "backbone_layer_type": "bottleneck" if bottleneck else "basic",
         "backbone_depths": tuple(len(blocks) for blocks in stages),
         "backbone_hidden_sizes": tuple(
@@ -98,13 +114,13 @@ def infer_variant(
         ),
         "backbone_embedding_size": shapes[_BODY + "conv1.weight"][0],
     }
-    if not two_stage:
-        variant["num_queries"] = shapes["model.query_position_embeddings.weight"][0]
-    return variant
 
 
-def _require_keys(shapes: Mapping[str, tuple], *, two_stage: bool, class_heads: list[str]):
-    """The keys every variant has; one CheckpointKeyError listing the missing ones."""
+def _require_keys(
+    shapes: Mapping[str, tuple], *, two_stage: bool, class_heads: list[str], resnet: bool = True
+):
+    """The keys every variant has (with a ResNet backbone: its stem and stages); one
+    CheckpointKeyError listing the missing ones."""
     required = [
         "model.level_embed",
         "model.encoder.layers.0.fc1.weight",
@@ -113,8 +129,8 @@ def _require_keys(shapes: Mapping[str, tuple], *, two_stage: bool, class_heads: 
         "model.decoder.layers.0.encoder_attn.attention_weights.weight",
         "model.encoder.layers.0.self_attn.sampling_offsets.weight",
         "model.decoder.layers.0.encoder_attn.sampling_offsets.weight",
-        _BODY + "conv1.weight",
-        *[f"{_BODY}layer{s}.0.conv1.weight" for s in range(1, 5)],
+        *([_BODY + "conv1.weight"] if resnet else []),
+        *([f"{_BODY}layer{s}.0.conv1.weight" for s in range(1, 5)] if resnet else []),
         *([] if two_stage else ["model.query_position_embeddings.weight"]),
         *([] if class_heads else ["class_embed.0.weight"]),
     ]
@@ -127,7 +143,9 @@ def _require_keys(shapes: Mapping[str, tuple], *, two_stage: bool, class_heads: 
         )
 
 
-def _read_shapes(shapes: Mapping[str, tuple], class_heads: list[str], num_levels: int):
+def _read_shapes(
+    shapes: Mapping[str, tuple], class_heads: list[str], num_levels: int, resnet: bool = True
+):
     """heads*points per attention side, the class heads' label counts, the backbone's block
     indices per stage and the layer indices per side; one CheckpointKeyError listing every
     shape or numbering that disagrees."""
@@ -147,11 +165,13 @@ def _read_shapes(shapes: Mapping[str, tuple], class_heads: list[str], num_levels
     if len(labels) > 1:
         mis_shaped.append(f"class heads disagree on num_labels: {labels}")
     stages = [_indices(keys, rf"{re.escape(_BODY)}layer{s}\.(\d+)\.") for s in range(1, 5)]
+    if not resnet:  # ConvNeXt / Swin: backbone_variant reads the stages
+        stages = []
     layer_counts = {
         side: _indices(keys, rf"model\.{side}\.layers\.(\d+)\.") for side in ("encoder", "decoder")
     }
     for name, found in [
-        *zip(("layer1", "layer2", "layer3", "layer4"), stages, strict=True),
+        *zip(("layer1", "layer2", "layer3", "layer4"), stages),
         *layer_counts.items(),
     ]:
         if found != list(range(len(found))):

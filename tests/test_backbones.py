@@ -1,0 +1,203 @@
+"""ConvNeXt and Swin backbones without torch: their config fields and transformers' config.json
+form, the bad configs, feature map sizes at image sizes no multiple of the patch or window,
+drop path, and the architecture read back off the exported weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deformable_detr_jax import DeformableDetrConfig, export_state_dict
+from deformable_detr_jax.convert import infer_variant
+from deformable_detr_jax.modeling.stochastic_depth import drop_path
+from tests.random_models import SMALL, random_model
+
+CONVNEXT = dict(
+    backbone_type="convnext",
+    backbone_depths=(1, 2, 1, 1),
+    backbone_hidden_sizes=(8, 16, 24, 32),
+    backbone_patch_size=4,
+)
+SWIN = dict(
+    backbone_type="swin",
+    backbone_depths=(1, 2, 1, 1),
+    backbone_hidden_sizes=(8, 16, 32, 64),
+    backbone_num_heads=(1, 2, 2, 4),
+    backbone_window_size=5,
+)
+
+
+def test_config_json_round_trip():
+    for config in (
+        DeformableDetrConfig.with_convnext(),
+        DeformableDetrConfig.with_swin(two_stage=True, with_box_refine=True),
+        DeformableDetrConfig(**SWIN, num_feature_levels=5, backbone_out_indices=(1, 2, 3, 4)),
+        DeformableDetrConfig(**CONVNEXT, num_feature_levels=1, backbone_out_indices=(3,)),
+    ):
+        assert DeformableDetrConfig.from_hf(config.to_hf()) == config
+
+
+def test_config_json_in_transformers_names():
+    hf = DeformableDetrConfig.with_swin().to_hf()["backbone_config"]
+    assert hf["model_type"] == "swin"
+    assert (hf["embed_dim"], hf["depths"], hf["num_heads"]) == (96, [2, 2, 6, 2], [3, 6, 12, 24])
+    assert (hf["window_size"], hf["patch_size"], hf["drop_path_rate"]) == (7, 4, 0.1)
+    assert hf["out_features"] == ["stage2", "stage3", "stage4"] and hf["out_indices"] == [2, 3, 4]
+    hf = DeformableDetrConfig(**CONVNEXT, num_feature_levels=1).to_hf()["backbone_config"]
+    assert hf["model_type"] == "convnext" and hf["hidden_sizes"] == [8, 16, 24, 32]
+    assert hf["out_features"] == ["stage4"] and hf["layer_scale_init_value"] == 1e-6
+    # a transformers default: no out_features means the last stage alone
+    config = DeformableDetrConfig.from_hf(
+        {
+            "use_timm_backbone": False,
+            "num_feature_levels": 4,
+            "backbone_config": {"model_type": "convnext"},
+        }
+    )
+    assert config.backbone_out_stages == (3,) and config.backbone_hidden_sizes == (
+        96,
+        192,
+        384,
+        768,
+    )
+
+
+def test_resnet_config_json_unchanged():
+    """The ResNet's config.json has no field of the new backbones."""
+    hf = DeformableDetrConfig().to_hf()
+    assert sorted(hf["backbone_config"]) == sorted(
+        [
+            "model_type",
+            "num_channels",
+            "embedding_size",
+            "hidden_sizes",
+            "depths",
+            "layer_type",
+            "hidden_act",
+            "downsample_in_first_stage",
+            "downsample_in_bottleneck",
+            "out_features",
+            "out_indices",
+        ]
+    )
+    assert not [k for k in hf if k.startswith("backbone_") and k != "backbone_config"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"backbone_type": "vit"}, "backbone_type must be one of"),
+        ({**SWIN, "backbone_hidden_sizes": (8, 16, 24, 32)}, "embed_dim \\* 2\\*\\*stage"),
+        ({**SWIN, "backbone_num_heads": (3, 2, 2, 4)}, "backbone_num_heads"),
+        ({**SWIN, "backbone_num_heads": (1, 2)}, "backbone_num_heads"),
+        ({**CONVNEXT, "backbone_hidden_sizes": (8, 16)}, "one positive width per stage"),
+        ({**CONVNEXT, "backbone_out_indices": (0, 1)}, "backbone_out_indices"),
+        ({**CONVNEXT, "backbone_out_indices": (3, 2)}, "backbone_out_indices"),
+        ({**CONVNEXT, "backbone_out_indices": (1, 2, 3, 4), "num_feature_levels": 3}, "at most"),
+        ({**CONVNEXT, "dilation": True}, "dilation"),
+        ({**CONVNEXT, "backbone_drop_path_rate": 1.0}, "backbone_drop_path_rate"),
+        ({"backbone_out_indices": (2, 3, 4)}, "the ResNet's stages follow"),
+    ],
+)
+def test_bad_backbone_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DeformableDetrConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "backbone, message",
+    [
+        ({"model_type": "vit"}, "'vit' is not supported; only 'resnet'.*'convnext' and 'swin'"),
+        ({"model_type": "swin", "use_absolute_embeddings": True}, "use_absolute_embeddings"),
+        ({"model_type": "swin", "qkv_bias": False}, "qkv_bias"),
+        ({"model_type": "convnext", "hidden_act": "relu"}, "hidden_act='relu'"),
+        ({"model_type": "convnext", "out_features": ["stem", "stage4"]}, "stem"),
+        ({"model_type": "convnext", "out_features": ["stage9"]}, "stage9"),
+        ({"model_type": "convnext", "num_stages": 3}, "num_stages=3"),
+    ],
+)
+def test_bad_backbone_config_json(backbone, message):
+    with pytest.raises(ValueError, match=message):
+        DeformableDetrConfig.from_hf({"use_timm_backbone": False, "backbone_config": backbone})
+
+
+@pytest.mark.parametrize(
+    "fields, levels, sizes",
+    [
+        # floor(67 / 4) = 16, floor(93 / 4) = 23, halved with floor
+        (CONVNEXT, 4, [(8, 11), (4, 5), (2, 2)]),
+        # ceil(67 / 4) = 17, ceil(93 / 4) = 24, halved with ceil
+        (SWIN, 4, [(9, 12), (5, 6), (3, 3)]),
+        ({**SWIN, "backbone_out_indices": (1, 2, 3, 4)}, 5, [(17, 24), (9, 12), (5, 6), (3, 3)]),
+        ({**CONVNEXT, "backbone_out_indices": (1, 3)}, 4, [(16, 23), (4, 5)]),
+    ],
+)
+def test_feature_map_sizes(fields, levels, sizes):
+    config = DeformableDetrConfig(**{**SMALL, **fields, "num_feature_levels": levels})
+    model = random_model(config, seed=3)
+    pixels = jax.random.normal(jax.random.key(0), (2, 67, 93, 3))
+    mask = jnp.ones((2, 67, 93), bool).at[1, 50:].set(False)
+    features = model.model.backbone(pixels, mask)
+    out_sizes = [f.shape[1:3] for f, _ in features]
+    assert out_sizes == sizes
+    assert [f.shape[-1] for f, _ in features] == [
+        fields["backbone_hidden_sizes"][s] for s in config.backbone_out_stages
+    ]
+    out = model(pixels, mask)
+    assert out.logits.shape == (2, SMALL["num_queries"], SMALL["num_labels"])
+    assert np.isfinite(np.asarray(out.pred_boxes)).all()
+
+
+def test_drop_path_is_per_sample_and_only_in_training():
+    layer = drop_path(0.5, 4, nnx.Rngs(dropout=1))
+    x = jnp.ones((64, 3, 3, 2))
+    y = np.asarray(layer(x, deterministic=False))
+    per_sample = y.reshape(64, -1)
+    assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
+    assert set(np.unique(per_sample)) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / 0.5
+    np.testing.assert_array_equal(np.asarray(layer(x, deterministic=True)), np.asarray(x))
+    assert drop_path(0.0, 4, nnx.Rngs(dropout=1)) is None
+
+
+@pytest.mark.parametrize("fields", [CONVNEXT, SWIN])
+def test_drop_path_in_the_model(fields):
+    config = DeformableDetrConfig(
+        **{**SMALL, **fields, "backbone_drop_path_rate": 0.5, "dropout": 0.0}
+    )
+    model = random_model(config, seed=4)
+    pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    eval_a, eval_b = (np.asarray(model(pixels).logits) for _ in range(2))
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = np.asarray(model(pixels, deterministic=False).logits)
+    assert np.abs(train - eval_a).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "fields", [CONVNEXT, SWIN, {**SWIN, "backbone_mlp_ratio": 2.0, "backbone_out_indices": (1, 4)}]
+)
+def test_variant_read_off_the_weights(fields):
+    """The backbone fields `infer_variant` reads off exported weights are the config's."""
+    config = DeformableDetrConfig(**{**SMALL, **fields})
+    weights = export_state_dict(random_model(config, seed=5))
+    variant = infer_variant(weights, num_heads=SMALL["decoder_attention_heads"])
+    for name in (
+        "backbone_type",
+        "backbone_depths",
+        "backbone_hidden_sizes",
+        "backbone_out_indices",
+    ):
+        assert variant[name] == getattr(config, name), name
+    if config.backbone_type == "swin":
+        assert variant["backbone_num_heads"] == config.backbone_num_heads
+        assert variant["backbone_window_size"] == config.backbone_window_size
+        assert variant["backbone_mlp_ratio"] == config.backbone_mlp_ratio
+    assert variant["backbone_patch_size"] == config.backbone_patch_size
+
+
+def test_padding_invariant_not_yet():
+    model = random_model(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=6)
+    with pytest.raises(NotImplementedError, match="padding_invariant=False"):
+        model(jnp.ones((1, 64, 64, 3)), padding_invariant=True)
