@@ -191,3 +191,62 @@ def test_pytorch_folders_both_ways(kind, tmp_path):
         save_file(old, tmp_path / "v4.safetensors")
         v4 = load_pytorch_checkpoint(tmp_path / "v4.safetensors", tmp_path / "theirs")
         np.testing.assert_allclose(np.asarray(v4(x, m).logits), want, rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_gradients_float64():
+    """The gradient of a random linear function of logits and boxes with respect to every Swin
+    backbone parameter (box refinement, the padded batch), float64: equal to torch's to 1e-9
+    of the largest; `swin.layernorm`, which nothing uses, gets none in torch and zero here."""
+    import torch
+    from flax import nnx
+
+    from deformable_detr_jax.convert.state_dict import nnx_path_to_key, to_torch_layout
+
+    hf_cfg, model = _hf_model("swin", "box_refine", seed=71)
+    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    state_dict = ref.state_dict_numpy(model)
+    model = model.double()
+    pixels, mask = ref.two_images(seed=8, sizes=SIZES)
+    rng = np.random.default_rng(9)
+    shape = (2, SMALL["num_queries"])
+    w_logits = rng.standard_normal((*shape, SMALL["num_labels"]))
+    w_boxes = rng.standard_normal((*shape, 4))
+
+    out = model(pixel_values=torch.from_numpy(pixels).double(), pixel_mask=torch.from_numpy(mask))
+    loss = (out.logits * torch.from_numpy(w_logits)).sum() + (
+        out.pred_boxes * torch.from_numpy(w_boxes)
+    ).sum()
+    loss.backward()
+    theirs = {
+        name: p.grad.numpy()
+        for name, p in model.named_parameters()
+        if name.startswith("model.backbone.") and p.grad is not None
+    }
+
+    with jax.enable_x64(True):
+        ours = convert_state_dict(state_dict, config, dtype=jnp.float64)
+        graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+        x = jnp.asarray(pixels.transpose(0, 2, 3, 1), jnp.float64)
+        m = jnp.asarray(mask, bool)
+
+        def objective(params):
+            out = nnx.merge(graphdef, params, rest)(x, m)
+            return jnp.sum(out.logits * w_logits) + jnp.sum(out.pred_boxes * w_boxes)
+
+        grads = {
+            nnx_path_to_key(path): to_torch_layout(str(path[-1]), np.asarray(var[...]))
+            for path, var in nnx.to_flat_state(jax.grad(objective)(params))
+        }
+    backbone = {k: v for k, v in grads.items() if k.startswith("model.backbone.")}
+    unused = set(backbone) - set(theirs)
+    assert unused == {
+        "model.backbone.model.swin.layernorm.weight",
+        "model.backbone.model.swin.layernorm.bias",
+    }
+    assert all(not backbone[k].any() for k in unused)
+    scale = max(float(np.abs(g).max()) for g in theirs.values())
+    worst = 0.0
+    for name, want in theirs.items():
+        np.testing.assert_allclose(backbone[name], want, rtol=0, atol=1e-9 * scale, err_msg=name)
+        worst = max(worst, float(np.abs(backbone[name] - want).max()))
+    print(f"swin backbone gradients: max |diff| {worst:.2e} (largest gradient {scale:.2e})")
