@@ -250,3 +250,73 @@ def test_backbone_gradients_float64():
         np.testing.assert_allclose(backbone[name], want, rtol=0, atol=1e-9 * scale, err_msg=name)
         worst = max(worst, float(np.abs(backbone[name] - want).max()))
     print(f"swin backbone gradients: max |diff| {worst:.2e} (largest gradient {scale:.2e})")
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_imagenet_backbone_weights(kind, tmp_path):
+    """A transformers ImageNet classifier's file through `model.backbone_weights`: our backbone's
+    feature maps equal those of transformers' `ConvNextBackbone` / `SwinBackbone.from_pretrained`
+    of the same folder
+    (its output norms fresh in both); a ResNet's file is refused naming what is missing."""
+    import torch
+    from flax import nnx
+    from transformers import (
+        ConvNextBackbone,
+        ConvNextForImageClassification,
+        SwinBackbone,
+        SwinForImageClassification,
+    )
+
+    from deformable_detr_jax.training.initialization import backbone_weights_from_resnet
+    from tests.random_models import random_model
+
+    hf_cfg = ref.hf_config_with_backbone(kind, **SMALL)
+    factory = ConvNextForImageClassification if kind == "convnext" else SwinForImageClassification
+    classifier = factory(hf_cfg.backbone_config)
+    gen = torch.Generator().manual_seed(81)
+    with torch.no_grad():
+        for tensor in classifier.parameters():
+            tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.02)
+    classifier.save_pretrained(tmp_path / "imagenet")
+    backbone_class = ConvNextBackbone if kind == "convnext" else SwinBackbone
+    backbone = backbone_class.from_pretrained(
+        tmp_path / "imagenet", out_features=hf_cfg.backbone_config.out_features
+    ).eval()
+
+    model = random_model(DeformableDetrConfig.from_hf(hf_cfg.to_dict()), seed=82)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    shapes = {".".join(map(str, p)): v.shape for p, v in flat if isinstance(v, nnx.Param)}
+    loaded = backbone_weights_from_resnet(tmp_path / "imagenet" / "model.safetensors", shapes)
+    assert not any("hidden_states_norms" in name for name in loaded)
+    flat = [
+        (p, v.replace(jnp.asarray(loaded[".".join(map(str, p))])))
+        if ".".join(map(str, p)) in loaded
+        else (p, v)
+        for p, v in flat
+    ]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    # the output norms: fresh in both (ones and zeros)
+    for norm in model.model.backbone.model.hidden_states_norms.values():
+        norm.scale[...] = jnp.ones_like(norm.scale[...])
+        norm.bias[...] = jnp.zeros_like(norm.bias[...])
+
+    pixels, mask = ref.two_images(seed=9, sizes=SIZES)
+    with torch.no_grad():
+        want = [f.numpy() for f in backbone(torch.from_numpy(pixels)).feature_maps]
+    got = model.model.backbone(jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask, bool))
+    assert len(got) == len(want)
+    for (feature, _), expected in zip(got, want):
+        np.testing.assert_allclose(
+            np.asarray(feature).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4
+        )
+
+    resnet = export_state_dict(random_model(DeformableDetrConfig(**SMALL), seed=83))
+    from safetensors.numpy import save_file
+
+    save_file(
+        {k.removeprefix("model.backbone.model."): v for k, v in resnet.items() if "backbone" in k},
+        tmp_path / "resnet.safetensors",
+    )
+    with pytest.raises(ValueError, match="does not fit the backbone"):
+        backbone_weights_from_resnet(tmp_path / "resnet.safetensors", shapes)

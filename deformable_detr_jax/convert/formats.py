@@ -10,6 +10,12 @@
   `save_pretrained` writes a mix ("saved layout"): HF ResNet names under
   `model.backbone.conv_encoder.model.`, with `out_proj` and `layers.N.fc1`.
   `transformers_to_hub` accepts every mix; `detect_format` calls them all "transformers".
+- ConvNeXt and Swin backbones (`backbone_config` model_type "convnext" / "swin") have one
+  naming under each prefix, transformers' module names, except that transformers 5 writes (and
+  transformers 4 had) a Swin's under their old names: no `swin.` level for `embeddings` /
+  `encoder`, `attention.self.query|key|value|relative_position_bias_table`,
+  `attention.output.dense`, `intermediate.dense`, `output.dense` (`SWIN_V4_TO_V5`); the "hub"
+  naming keeps those.
 - **original**: fundamentalvision/Deformable-DETR `checkpoint["model"]`
   (`backbone.0.body.*`, `transformer.*`, `query_embed`, `cross_attn`, `linear1/2`,
   `norm1/2/3`, fused decoder self-attention `in_proj_weight`/`in_proj_bias`).

@@ -4,7 +4,12 @@
 - `model.backbone_weights`: a torchvision / timm ResNet state dict (`resnet50-*.pth`,
   `model.safetensors`; read without PyTorch by `convert.readers`) loaded into
   `model.backbone.model` (convolutions and frozen batch-norm statistics; `fc.*` ignored), as
-  the paper starts from ImageNet weights. Every backbone weight must be found.
+  the paper starts from ImageNet weights. Every backbone weight must be found. For ConvNeXt and
+  Swin: a transformers checkpoint of the classifier or the backbone alone
+  (`facebook/convnext-tiny-224`'s, `microsoft/swin-tiny-patch4-window7-224`'s
+  `model.safetensors`; its `convnext.` / `swin.` level dropped); the backbone's output norms
+  (`hidden_states_norms`), which such files lack, keep their fresh initialisation, as in
+  transformers. timm's ConvNeXt and Swin namings are not read yet.
 - `model.init_from`: a detection checkpoint to fine-tune: a folder written by
   `checkpoint.save_pretrained`, a Hugging Face hub-style folder, a PyTorch file
   (`convert.load_pytorch_checkpoint`), or a hub id (`SenseTime/deformable-detr`, downloaded into
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +39,9 @@ from deformable_detr_jax.config import DeformableDetrConfig
 logger = logging.getLogger(__name__)
 
 _BACKBONE = "model.backbone."
+# Backbone parameters an ImageNet classifier's file lacks (new in the detector, as transformers'
+# `load_backbone` makes them) or that nothing uses.
+_NOT_IN_IMAGENET = re.compile(r"\.hidden_states_norms\.|\.swin\.layernorm\.")
 
 
 def checkpoint_path(path: str | os.PathLike) -> pathlib.Path:
@@ -86,11 +95,19 @@ def transplant(
     return merged, kept
 
 
+def _imagenet_key(key: str) -> str:
+    """A classifier's key without its wrapper levels (`module.`, `model.`, `convnext.`, `swin.`)."""
+    for prefix in ("module.", "model.", "convnext.", "swin."):
+        key = key.removeprefix(prefix)
+    return key
+
+
 def backbone_weights_from_resnet(
     path: str | os.PathLike, names_and_shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, np.ndarray]:
     """The backbone entries of `names_and_shapes` (NNX names under `model.backbone.`) read from a
-    torchvision / timm ResNet state dict, in NNX layout.
+    torchvision / timm ResNet state dict, or a transformers ConvNeXt / Swin checkpoint (see the
+    module docstring), in NNX layout.
 
     Raises:
       FileNotFoundError: no file at `path`.
@@ -104,16 +121,19 @@ def backbone_weights_from_resnet(
     if not path.is_file():
         raise FileNotFoundError(
             f"model.backbone_weights={str(path)!r} does not exist; point it at an ImageNet "
-            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors)"
+            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), or a "
+            "transformers ConvNeXt / Swin model.safetensors"
         )
     state = read_state_dict(path)
-    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    state = {_imagenet_key(k): v for k, v in state.items()}
     renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
     out, missing, misshaped = {}, [], []
     for name, shape in names_and_shapes.items():
         if not name.startswith(_BACKBONE):
             continue
         key = nnx_path_to_key(name.split("."))
+        if key not in renamed and _NOT_IN_IMAGENET.search(key):
+            continue
         if key not in renamed:
             missing.append(key)
             continue
