@@ -240,6 +240,12 @@ class Detector:
         self.top_k = int(top_k)
         if not isinstance(padding_invariant, bool):
             raise TypeError(f"padding_invariant must be True or False, got {padding_invariant!r}")
+        if padding_invariant and self.config.backbone_type != "resnet":
+            raise ValueError(
+                f"padding_invariant=True is not implemented for the {self.config.backbone_type} "
+                "backbone yet; pass padding_invariant=False (detections then depend slightly on "
+                "the padding of the bucket, as in transformers)"
+            )
         self.padding_invariant = padding_invariant
         self.id2label = self.config.id2label_dict
 

@@ -348,8 +348,8 @@ class DeformableDetrConvEncoder(nnx.Module):
             if padding_invariant:
                 raise NotImplementedError(
                     f"padding_invariant=True is not implemented for the {self.backbone_type} "
-                    "backbone yet (only the ResNet masks its padding); call the model with "
-                    "padding_invariant=False"
+                    "backbone yet (only the ResNet masks its padding); call the model (or "
+                    "Detector) with padding_invariant=False"
                 )
             features = self.model(pixel_values, deterministic)
             return [(f, downsample_mask(pixel_mask, f.shape[1], f.shape[2])) for f in features]

@@ -130,6 +130,8 @@ class ConvNextBackbone(nnx.Module):
         self.embeddings = ConvNextEmbeddings(config, rngs=rngs)
         self.encoder = ConvNextEncoder(config, rngs=rngs)
         self.out_stages = config.backbone_out_stages
+        self.patch_size = config.backbone_patch_size
+        self.num_stages = len(config.backbone_depths)
         self.hidden_states_norms = nnx.Dict(
             {
                 f"stage{i + 1}": convnext_layer_norm(config.backbone_hidden_sizes[i], rngs)
@@ -139,5 +141,12 @@ class ConvNextBackbone(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> list[jax.Array]:
         """`(bs, H, W, 3)` -> per out stage i `(bs, H // (p 2**i), W // (p 2**i), width_i)`."""
+        side = self.patch_size * 2 ** (self.num_stages - 1)
+        if min(pixel_values.shape[1:3]) < side:
+            raise ValueError(
+                f"pixel_values of {pixel_values.shape[1]}x{pixel_values.shape[2]} are too small for "
+                f"this ConvNeXt (patch size {self.patch_size}, {self.num_stages} stages): height "
+                f"and width must be at least {side}"
+            )
         stages = self.encoder(self.embeddings(pixel_values), deterministic)
         return [self.hidden_states_norms[f"stage{i + 1}"](stages[i]) for i in self.out_stages]
