@@ -252,3 +252,11 @@ def test_jitted_training_forward(fields):
         "model.backbone.model.swin.layernorm.scale",
     ]
     assert zero == (expected if fields is SWIN else [])
+
+
+def test_no_original_naming_for_these_backbones():
+    from deformable_detr_jax.convert import CheckpointFormatError, hub_to_original
+
+    weights = export_state_dict(random_model(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=10))
+    with pytest.raises(CheckpointFormatError, match="only ResNet backbones, this model's is swin"):
+        hub_to_original(weights)

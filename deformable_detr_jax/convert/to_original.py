@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from deformable_detr_jax.convert.errors import CheckpointKeyError
+from deformable_detr_jax.convert.backbone_variant import backbone_kind
+from deformable_detr_jax.convert.errors import CheckpointFormatError, CheckpointKeyError
 from deformable_detr_jax.convert.formats import (
     ORIGINAL_FUSED,
     ORIGINAL_TO_HUB,
@@ -34,8 +35,15 @@ def hub_to_original(
 
     Raises:
       CheckpointKeyError: keys with no original name, incomplete q/k/v triples.
+      CheckpointFormatError: a ConvNeXt or Swin backbone (the original has only ResNets).
     """
     hub = transformers_to_hub(state_dict)
+    kind = backbone_kind(hub)
+    if kind != "resnet":
+        raise CheckpointFormatError(
+            f"the original (fundamentalvision) naming has only ResNet backbones, this model's is "
+            f"{kind}; write it in transformers' naming (save_pytorch_checkpoint)"
+        )
     if variant is None:
         variant = infer_variant(hub)
     hub = fill_tied_heads(hub, variant)
