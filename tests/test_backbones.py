@@ -224,9 +224,8 @@ def test_jitted_training_forward(fields):
     """Jitted: evaluation equals the eager model; with drop path (`deterministic=False`) the
     gradients of every backbone parameter are finite and reach all but Swin's unused norm."""
     config = DeformableDetrConfig(
-        **{**SMALL, **fields, "backbone_drop_path_rate": 0.2},
-        encoder_layers=1,
-        decoder_layers=1,
+        **{**SMALL, **fields, "backbone_drop_path_rate": 0.2, "encoder_layers": 1},
+        with_box_refine=True,
     )
     model = random_model(config, seed=9)
     pixels = jax.random.normal(jax.random.key(2), (2, 64, 72, 3))

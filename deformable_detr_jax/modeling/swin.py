@@ -17,8 +17,8 @@ What transformers computes, and so this module (tokens are `(bs, h * w, c)`, row
   when shifted, the -100 mask between regions that the shift brought together; the padding takes
   part in attention unmasked;
 - drop path applies to the attention branch only (transformers' `SwinLayer`), in training;
-- stage i > last: patch merging (zero pad to even sizes, 2x2 neighbours concatenated as
-  (0,0), (1,0), (0,1), (1,1), layer norm, Linear(4c, 2c) without bias);
+- after every stage but the last: patch merging (zero pad to even sizes, 2x2 neighbours
+  concatenated as (0,0), (1,0), (0,1), (1,1), layer norm, Linear(4c, 2c) without bias);
 - a backbone output is a stage's tokens before merging, through its own layer norm.
 Every layer norm has epsilon 1e-5.
 """
