@@ -259,3 +259,30 @@ def test_no_original_naming_for_these_backbones():
     weights = export_state_dict(random_model(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=10))
     with pytest.raises(CheckpointFormatError, match="only ResNet backbones, this model's is swin"):
         hub_to_original(weights)
+
+
+def test_resnet_imagenet_weights_still_load(tmp_path):
+    """A timm-named ResNet file (the hub's backbone keys without their prefix) still fills every
+    ResNet backbone weight through `model.backbone_weights`."""
+    from safetensors.numpy import save_file
+
+    from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, to_hub
+    from deformable_detr_jax.training.initialization import backbone_weights_from_resnet
+
+    model = random_model(DeformableDetrConfig(**SMALL), seed=11)
+    hub = to_hub(export_state_dict(model))
+    timm = {
+        k[len(HUB_BACKBONE_PREFIX) :]: np.ascontiguousarray(v)  # safetensors writes the buffer
+        for k, v in hub.items()
+        if k.startswith(HUB_BACKBONE_PREFIX)
+    }
+    assert "conv1.weight" in timm and "layer1.0.conv1.weight" in timm
+    save_file({**timm, "fc.weight": np.ones((3, 2), np.float32)}, tmp_path / "resnet.safetensors")
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    arrays = {".".join(map(str, p)): np.asarray(v[...]) for p, v in flat}
+    shapes = {name: a.shape for name, a in arrays.items()}
+    loaded = backbone_weights_from_resnet(tmp_path / "resnet.safetensors", shapes)
+    backbone = [name for name in arrays if name.startswith("model.backbone.")]
+    assert sorted(loaded) == sorted(backbone)
+    for name in backbone:
+        np.testing.assert_array_equal(loaded[name], arrays[name], err_msg=name)
