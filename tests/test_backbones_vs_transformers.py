@@ -61,11 +61,14 @@ def _theirs(model, pixels, mask, dtype):
 
 
 def _ours(config, state_dict, pixels, mask, dtype):
+    from flax import nnx
+
     model = convert_state_dict(state_dict, config, dtype=dtype)
     x, m = jnp.asarray(pixels.transpose(0, 2, 3, 1), dtype), jnp.asarray(mask, bool)
-    out = model(x, m)
+    # jitted: one compile instead of the eager op-by-op compiles (seconds, not half a minute)
+    out, maps = nnx.jit(lambda model, x, m: (model(x, m), model.model.backbone(x, m)))(model, x, m)
     # NHWC -> NCHW as transformers'
-    features = [np.asarray(f).transpose(0, 3, 1, 2) for f, _ in model.model.backbone(x, m)]
+    features = [np.asarray(f).transpose(0, 3, 1, 2) for f, _ in maps]
     return np.asarray(out.logits), np.asarray(out.pred_boxes), features
 
 
@@ -239,7 +242,7 @@ def test_backbone_gradients_float64():
 
         grads = {
             nnx_path_to_key(path): to_torch_layout(str(path[-1]), np.asarray(var[...]))
-            for path, var in nnx.to_flat_state(jax.grad(objective)(params))
+            for path, var in nnx.to_flat_state(jax.jit(jax.grad(objective))(params))
         }
     backbone = {k: v for k, v in grads.items() if k.startswith("model.backbone.")}
     unused = set(backbone) - set(theirs)

@@ -111,9 +111,13 @@ class SwinRelativePositionBias(nnx.Module):
 
     def __call__(self) -> jax.Array:
         """`(heads, window**2, window**2)`."""
-        index = relative_position_index(self.window)
-        # (w*w, w*w, heads) -> (heads, w*w, w*w)
-        return self.relative_position_bias_table[...][index].transpose(2, 0, 1)
+        area = self.window * self.window
+        index = relative_position_index(self.window).reshape(-1)
+        table = self.relative_position_bias_table[...]
+        # (w*w, w*w, heads) -> (heads, w*w, w*w); `take`, not `table[index]`: jitted with x64
+        # on, jax's indexing fails on the numpy int64 index (int32 vs int64 in its bounds fix)
+        bias = jnp.take(table, index, axis=0, mode="clip").reshape(area, area, -1)
+        return bias.transpose(2, 0, 1)
 
 
 class SwinAttention(nnx.Module):
