@@ -66,3 +66,21 @@ def random_model(config: DeformableDetrConfig, seed: int = 0) -> DeformableDetrF
             var = var.replace(jnp.asarray(new, value.dtype))
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def random_state_dict(config: DeformableDetrConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """`export_state_dict` of a model of `config` whose every weight and statistic is N(0, 1)
+    (float32), without building the model: the names and shapes come from tracing it. For
+    tests that need a state dict's names, shapes and distinct values, not a working model."""
+    from deformable_detr_jax import export_state_dict
+    from deformable_detr_jax.convert.state_dict import abstract_model
+
+    graphdef, state = nnx.split(abstract_model(config))
+    rng = np.random.default_rng(seed)
+    flat = [
+        (path, var.replace(rng.standard_normal(var.shape).astype(np.float32)))
+        if isinstance(var, (nnx.Param, nnx.BatchStat))
+        else (path, var)
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return export_state_dict(nnx.merge(graphdef, nnx.from_flat_state(flat)))

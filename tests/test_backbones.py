@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deformable_detr_jax import DeformableDetrConfig, export_state_dict
+from deformable_detr_jax import DeformableDetrConfig
 from deformable_detr_jax.convert import infer_variant
 from deformable_detr_jax.modeling.stochastic_depth import drop_path
-from tests.random_models import SMALL, random_model
+from tests.random_models import SMALL, random_model, random_state_dict, small_config
 
 CONVNEXT = dict(
     backbone_type="convnext",
@@ -187,7 +187,7 @@ def test_drop_path_in_the_model(fields):
 def test_variant_read_off_the_weights(fields):
     """The backbone fields `infer_variant` reads off exported weights are the config's."""
     config = DeformableDetrConfig(**{**SMALL, **fields})
-    weights = export_state_dict(random_model(config, seed=5))
+    weights = random_state_dict(config, seed=5)
     variant = infer_variant(weights, num_heads=SMALL["decoder_attention_heads"])
     for name in (
         "backbone_type",
@@ -226,43 +226,32 @@ def test_detector_needs_padding_invariant_false():
 
 
 @pytest.mark.parametrize("fields", [CONVNEXT, SWIN])
-def test_jitted_training_forward(fields):
-    """Jitted: evaluation equals the eager model; with drop path (`deterministic=False`) the
-    gradients of every backbone parameter are finite and reach all but Swin's unused norm."""
-    config = DeformableDetrConfig(
-        **{**SMALL, **fields, "backbone_drop_path_rate": 0.2, "encoder_layers": 1},
-        with_box_refine=True,
-    )
-    model = random_model(config, seed=9)
+def test_jitted_training_gradients_reach_the_backbone(fields):
+    """Jitted, with drop path (`deterministic=False`, as training runs the model): the gradients
+    of every backbone parameter are finite and non-zero, but for Swin's unused final norm
+    (values are checked against transformers in tests/test_backbones_vs_transformers.py)."""
+    from deformable_detr_jax.modeling.backbone import DeformableDetrConvEncoder
+
+    config = DeformableDetrConfig(**{**SMALL, **fields, "backbone_drop_path_rate": 0.2})
+    encoder = DeformableDetrConvEncoder(config, rngs=nnx.Rngs(9))
     pixels = jax.random.normal(jax.random.key(2), (2, 64, 72, 3))
     mask = jnp.ones((2, 64, 72), bool).at[0, :, 50:].set(False)
-    eager = np.asarray(model(pixels, mask).logits)
-    jitted = nnx.jit(lambda m, x, k: m(x, k).logits)(model, pixels, mask)
-    np.testing.assert_allclose(np.asarray(jitted), eager, rtol=1e-5, atol=1e-5)
 
     def loss(m, x, k):
-        out = m(x, k, deterministic=False)
-        return jnp.sum(out.logits**2) + jnp.sum(out.pred_boxes)
+        return sum(jnp.sum(f * jnp.cos(f)) for f, _ in m(x, k, deterministic=False))
 
-    grads = nnx.jit(nnx.grad(loss))(model, pixels, mask)
-    flat = {
-        ".".join(map(str, p)): np.asarray(v[...])
-        for p, v in nnx.to_flat_state(grads)
-        if p[:2] == ("model", "backbone")
-    }
+    grads = nnx.jit(nnx.grad(loss))(encoder, pixels, mask)
+    flat = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
     assert all(np.isfinite(g).all() for g in flat.values())
     zero = sorted(name for name, g in flat.items() if not g.any())
-    expected = [
-        "model.backbone.model.swin.layernorm.bias",
-        "model.backbone.model.swin.layernorm.scale",
-    ]
+    expected = ["model.swin.layernorm.bias", "model.swin.layernorm.scale"]
     assert zero == (expected if fields is SWIN else [])
 
 
 def test_no_original_naming_for_these_backbones():
     from deformable_detr_jax.convert import CheckpointFormatError, hub_to_original
 
-    weights = export_state_dict(random_model(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=10))
+    weights = random_state_dict(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=10)
     with pytest.raises(CheckpointFormatError, match="only ResNet backbones, this model's is swin"):
         hub_to_original(weights)
 
@@ -273,10 +262,26 @@ def test_resnet_imagenet_weights_still_load(tmp_path):
     from safetensors.numpy import save_file
 
     from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, to_hub
+    from deformable_detr_jax.convert.state_dict import (
+        abstract_model,
+        nnx_path_to_key,
+        to_torch_layout,
+    )
     from deformable_detr_jax.training.initialization import backbone_weights_from_resnet
 
-    model = random_model(DeformableDetrConfig(**SMALL), seed=11)
-    hub = to_hub(export_state_dict(model))
+    abstract = abstract_model(small_config())  # traced, not built: the names and shapes
+    rng = np.random.default_rng(11)
+    arrays = {
+        ".".join(map(str, p)): rng.standard_normal(v.shape).astype(np.float32)
+        for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Any(nnx.Param, nnx.BatchStat)))
+        if p[:2] == ("model", "backbone")
+    }
+    hub = to_hub(
+        {
+            nnx_path_to_key(tuple(name.split("."))): to_torch_layout(name.rsplit(".")[-1], a)
+            for name, a in arrays.items()
+        }
+    )
     timm = {
         k[len(HUB_BACKBONE_PREFIX) :]: np.ascontiguousarray(v)  # safetensors writes the buffer
         for k, v in hub.items()
@@ -284,8 +289,6 @@ def test_resnet_imagenet_weights_still_load(tmp_path):
     }
     assert "conv1.weight" in timm and "layer1.0.conv1.weight" in timm
     save_file({**timm, "fc.weight": np.ones((3, 2), np.float32)}, tmp_path / "resnet.safetensors")
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
-    arrays = {".".join(map(str, p)): np.asarray(v[...]) for p, v in flat}
     shapes = {name: a.shape for name, a in arrays.items()}
     loaded = backbone_weights_from_resnet(tmp_path / "resnet.safetensors", shapes)
     backbone = [name for name in arrays if name.startswith("model.backbone.")]

@@ -261,6 +261,17 @@ def test_backbone_gradients_float64():
     print(f"swin backbone gradients: max |diff| {worst:.2e} (largest gradient {scale:.2e})")
 
 
+def _param_shapes(config):
+    """{name: shape} of every weight of `config`'s model (traced, not built)."""
+    from flax import nnx
+
+    from deformable_detr_jax import DeformableDetrForObjectDetection
+
+    abstract = nnx.eval_shape(lambda: DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {".".join(map(str, p)): v.shape for p, v in flat}
+
+
 @pytest.mark.parametrize("kind", ["convnext", "swin"])
 def test_imagenet_backbone_weights(kind, tmp_path):
     """A transformers ImageNet classifier's file through `model.backbone_weights`: our backbone's
@@ -276,8 +287,8 @@ def test_imagenet_backbone_weights(kind, tmp_path):
         SwinForImageClassification,
     )
 
+    from deformable_detr_jax.modeling.backbone import DeformableDetrConvEncoder
     from deformable_detr_jax.training.initialization import backbone_weights_from_resnet
-    from tests.random_models import random_model
 
     hf_cfg = ref.hf_config_with_backbone(kind, **SMALL)
     factory = ConvNextForImageClassification if kind == "convnext" else SwinForImageClassification
@@ -292,29 +303,34 @@ def test_imagenet_backbone_weights(kind, tmp_path):
         tmp_path / "imagenet", out_features=hf_cfg.backbone_config.out_features
     ).eval()
 
-    model = random_model(DeformableDetrConfig.from_hf(hf_cfg.to_dict()), seed=82)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    shapes = {".".join(map(str, p)): v.shape for p, v in flat if isinstance(v, nnx.Param)}
+    config = DeformableDetrConfig.from_hf(hf_cfg.to_dict())
+    shapes = _param_shapes(config)
     loaded = backbone_weights_from_resnet(tmp_path / "imagenet" / "model.safetensors", shapes)
-    assert not any("hidden_states_norms" in name for name in loaded)
+    prefix = "model.backbone."
+    encoder = DeformableDetrConvEncoder(config, rngs=nnx.Rngs(82))
+    graphdef, state = nnx.split(encoder)
+    flat = nnx.to_flat_state(state)
+    names = [prefix + ".".join(map(str, p)) for p, v in flat if isinstance(v, nnx.Param)]
+    # every backbone weight comes from the file but the output norms, which stay fresh (ones and
+    # zeros) as in transformers' backbone, and Swin's final norm, which the backbone never uses
+    fresh = ("hidden_states_norms", "swin.layernorm")
+    assert sorted(loaded) == sorted(n for n in names if not any(f in n for f in fresh))
     flat = [
-        (p, v.replace(jnp.asarray(loaded[".".join(map(str, p))])))
-        if ".".join(map(str, p)) in loaded
+        (p, v.replace(jnp.asarray(loaded[prefix + ".".join(map(str, p))])))
+        if prefix + ".".join(map(str, p)) in loaded
         else (p, v)
         for p, v in flat
     ]
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    # the output norms: fresh in both (ones and zeros)
-    for norm in model.model.backbone.model.hidden_states_norms.values():
-        norm.scale[...] = jnp.ones_like(norm.scale[...])
-        norm.bias[...] = jnp.zeros_like(norm.bias[...])
+    encoder = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    for norm in encoder.model.hidden_states_norms.values():
+        np.testing.assert_array_equal(np.asarray(norm.scale[...]), 1.0)
+        np.testing.assert_array_equal(np.asarray(norm.bias[...]), 0.0)
 
     pixels, mask = ref.two_images(seed=9, sizes=SIZES)
     with torch.no_grad():
         want = [f.numpy() for f in backbone(torch.from_numpy(pixels)).feature_maps]
     got = nnx.jit(lambda b, x, m: b(x, m))(
-        model.model.backbone, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask, bool)
+        encoder, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask, bool)
     )
     assert len(got) == len(want)
     for (feature, _), expected in zip(got, want):
@@ -322,12 +338,12 @@ def test_imagenet_backbone_weights(kind, tmp_path):
             np.asarray(feature).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4
         )
 
-    resnet = export_state_dict(random_model(DeformableDetrConfig(**SMALL), seed=83))
-    from safetensors.numpy import save_file
+    # a transformers ResNet classifier's file
+    from transformers import ResNetConfig, ResNetForImageClassification
 
-    save_file(
-        {k.removeprefix("model.backbone.model."): v for k, v in resnet.items() if "backbone" in k},
-        tmp_path / "resnet.safetensors",
+    resnet = ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
     )
+    resnet.save_pretrained(tmp_path / "resnet")
     with pytest.raises(ValueError, match="does not fit the backbone"):
-        backbone_weights_from_resnet(tmp_path / "resnet.safetensors", shapes)
+        backbone_weights_from_resnet(tmp_path / "resnet" / "model.safetensors", shapes)
