@@ -12,10 +12,9 @@ from flax import nnx
 from deformable_detr_jax import (
     DeformableDetrForObjectDetection,
     convert_state_dict,
-    export_state_dict,
 )
 from deformable_detr_jax.convert.errors import CheckpointKeyError
-from tests.random_models import random_model, small_config
+from tests.random_models import random_model, random_state_dict, small_config
 
 
 def _tiny_model(**kwargs):
@@ -86,7 +85,7 @@ def test_bad_input(images, mask, message):
 def _state_dict(config, seed):
     """A transformers-named state dict of random weights (the exporter's output: these tests
     are about the converter's errors, not its values)."""
-    return export_state_dict(random_model(config, seed=seed))
+    return random_state_dict(config, seed=seed)
 
 
 def test_key_errors_listed_together():
