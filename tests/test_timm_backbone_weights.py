@@ -249,14 +249,17 @@ def timm_modules():
             "https://github.com/huggingface/pytorch-image-models; TIMM_SOURCE=<that folder>)"
         )
     before = set(sys.modules)
+    # the stubs only while timm is imported: transformers, imported later in this process,
+    # must not find a torchvision
     with pytest.MonkeyPatch.context() as patch:
         if not installed:
             patch.syspath_prepend(source)
             for name in _TORCHVISION:
                 patch.setitem(sys.modules, name, mock.MagicMock(name=name))
         from timm.models import convnext, swin_transformer
-
+    try:
         yield types.SimpleNamespace(convnext=convnext, swin=swin_transformer)
+    finally:
         for name in set(sys.modules) - before:
             if name == "timm" or name.startswith("timm."):
                 del sys.modules[name]
