@@ -7,6 +7,9 @@ see `formats.SWIN_V4_TO_V5`): blocks per stage, widths from `layernorm_before`, 
 from the relative position bias table `((2 window - 1)**2, heads)`, the MLP ratio from
 `intermediate.dense`. Both: `out_indices` from `hidden_states_norms.stageN`, left out (the
 default) when they are the default stages of the number of feature levels.
+
+`backbone_file_fields` describes an ImageNet backbone file the same way (a ResNet's too), and
+`backbone_mismatches` lists where it and a config disagree (`model.backbone_weights`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def backbone_kind(shapes: Mapping[str, tuple]) -> str:
     return "resnet"
 
 
-def _counts(keys, pattern: str) -> dict[int, int]:
-    """Stage index -> number of distinct block indices, from `pattern` with groups (s, b)."""
+def _counts(keys, pattern: str, first: int = 0) -> dict[int, int]:
+    """Stage index -> number of distinct block indices, from `pattern` with groups (s, b); the
+    stages numbered from `first`."""
     regex = re.compile(re.escape(_BODY) + pattern)
     blocks: dict[int, set[int]] = {}
     for key in keys:
@@ -45,7 +49,7 @@ def _counts(keys, pattern: str) -> dict[int, int]:
             blocks.setdefault(int(m[1]), set()).add(int(m[2]))
     stages = sorted(blocks)
     bad = [s for s in stages if sorted(blocks[s]) != list(range(len(blocks[s])))]
-    if stages != list(range(len(stages))) or bad or not stages:
+    if stages != list(range(first, first + len(stages))) or bad or not stages:
         raise CheckpointKeyError.from_problems(
             "state dict (reading the backbone)",
             mis_shaped=[f"backbone stages/blocks are numbered {dict(sorted(blocks.items()))}"],
@@ -102,3 +106,48 @@ def _swin(shapes: Mapping[str, tuple]) -> dict:
         "backbone_window_size": window,
         "backbone_mlp_ratio": hidden / widths[0],
     }
+
+
+def backbone_file_fields(shapes: Mapping[str, tuple]) -> dict | None:
+    """The backbone fields of an ImageNet backbone's weights in hub names (under
+    `HUB_BACKBONE_PREFIX`): a ConvNeXt or Swin (`backbone_variant`'s fields, with
+    `layer_scale` for a ConvNeXt) or a timm / torchvision ResNet; None when none is there."""
+    kind = backbone_kind(shapes)
+    if kind != "resnet":
+        fields = _convnext(shapes) if kind == "convnext" else _swin(shapes)
+        if kind == "convnext":
+            fields["layer_scale"] = fields.pop("backbone_layer_scale_init_value", None) is None
+        return fields
+    if not {_BODY + "conv1.weight", _BODY + "layer1.0.conv1.weight"} <= set(shapes):
+        return None
+    depths = _counts(shapes, r"layer(\d+)\.(\d+)\.", first=1)
+    last = "conv3" if _BODY + "layer1.0.conv3.weight" in shapes else "conv2"
+    return {
+        "backbone_type": "resnet",
+        "backbone_layer_type": "bottleneck" if last == "conv3" else "basic",
+        "backbone_depths": tuple(depths.values()),
+        "backbone_hidden_sizes": tuple(
+            shapes[f"{_BODY}layer{s}.0.{last}.weight"][0] for s in depths
+        ),
+        "backbone_embedding_size": shapes[_BODY + "conv1.weight"][0],
+    }
+
+
+def backbone_mismatches(fields: Mapping, config) -> list[str]:
+    """`"name: file X, config Y"` for each `backbone_file_fields` entry the config (a
+    `DeformableDetrConfig`) contradicts; only the type when that differs."""
+    if fields["backbone_type"] != config.backbone_type:
+        return [f"backbone_type: file {fields['backbone_type']!r}, config {config.backbone_type!r}"]
+    out = []
+    for name, value in fields.items():
+        if name == "layer_scale":
+            wanted = config.backbone_layer_scale_init_value > 0
+            if value != wanted:
+                file, conf = ("yes", "no") if value else ("no", "yes")
+                out.append(
+                    f"layer scale: file {file}, config {conf} "
+                    f"(backbone_layer_scale_init_value={config.backbone_layer_scale_init_value})"
+                )
+        elif name != "backbone_type" and value != getattr(config, name):
+            out.append(f"{name}: file {value!r}, config {getattr(config, name)!r}")
+    return out

@@ -1,4 +1,4 @@
-"""Where the first weights come from: random, an ImageNet ResNet, or a detection checkpoint.
+"""Where the first weights come from: random, an ImageNet backbone, or a detection checkpoint.
 
 - Random (`model.init_from = ""`): `train_state.init_weights`, created replicated under `jit`.
 - `model.backbone_weights`: a torchvision / timm ResNet state dict (`resnet50-*.pth`,
@@ -9,7 +9,13 @@
   (`facebook/convnext-tiny-224`'s, `microsoft/swin-tiny-patch4-window7-224`'s
   `model.safetensors`; its `convnext.` / `swin.` level dropped); the backbone's output norms
   (`hidden_states_norms`), which such files lack, keep their fresh initialisation, as in
-  transformers. timm's ConvNeXt and Swin namings are not read yet.
+  transformers. Or timm's ConvNeXt / Swin state dict (`convnext_tiny`'s,
+  `swin_tiny_patch4_window7_224`'s `model.safetensors` or `pytorch_model.bin`; the
+  facebookresearch ConvNeXt and Microsoft Swin `.pth` files too: `convert.timm_backbones`).
+  With the model's config, the file's backbone (type, depths, widths, heads, window, patch
+  size, ...) is read off its shapes first and a file of another backbone is one
+  `ConfigMismatchError` naming both; a training run reads and checks the file before the
+  model's initialisation is traced (`run.initial_weights`, which makes it a `ConfigError`).
 - `model.init_from`: a detection checkpoint to fine-tune: a folder written by
   `checkpoint.save_pretrained`, a Hugging Face hub-style folder, a PyTorch file
   (`convert.load_pytorch_checkpoint`), or a hub id (`SenseTime/deformable-detr`, downloaded into
@@ -102,19 +108,65 @@ def _imagenet_key(key: str) -> str:
     return key
 
 
+def _check_backbone(
+    path: str, renamed: Mapping[str, Any], naming: str, config: DeformableDetrConfig
+) -> None:
+    """Raises `ConfigMismatchError` when the file's backbone is not the config's."""
+    from deformable_detr_jax.convert.backbone_variant import (
+        backbone_file_fields,
+        backbone_mismatches,
+    )
+    from deformable_detr_jax.convert.errors import ConfigMismatchError
+    from deformable_detr_jax.convert.formats import transformers_to_hub
+
+    shapes = {k: tuple(np.shape(v)) for k, v in transformers_to_hub(renamed).items()}
+    fields = backbone_file_fields(shapes)
+    if fields is None:
+        raise ConfigMismatchError(
+            f"model.backbone_weights={path!r} holds no ResNet, ConvNeXt or Swin backbone in a "
+            "naming this reads (timm, torchvision, transformers; facebookresearch ConvNeXt, "
+            f"Microsoft Swin); its first keys, renamed: {sorted(renamed)[:4]}"
+        )
+    problems = backbone_mismatches(fields, config)
+    if problems:
+        held = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        raise ConfigMismatchError(
+            f"model.backbone_weights={path!r} holds a {fields['backbone_type']} backbone "
+            f"({naming} names: {held}), not the model's: {'; '.join(problems)}. Point "
+            "model.backbone_weights at an ImageNet checkpoint of the configured backbone, or "
+            "set model.backbone_* to the file's"
+        )
+
+
+def _read_backbone_file(path: pathlib.Path) -> tuple[dict[str, Any], str]:
+    """The file's backbone in transformers' names (under `model.backbone.model.`), and what
+    naming it came in."""
+    from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, hub_to_transformers
+    from deformable_detr_jax.convert.readers import read_state_dict
+    from deformable_detr_jax.convert.timm_backbones import NAMINGS, timm_naming, timm_to_hub
+
+    state = {_imagenet_key(k): v for k, v in read_state_dict(path).items()}
+    naming = timm_naming(state)
+    if naming is not None:
+        state = timm_to_hub(state, naming)
+    renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
+    return renamed, NAMINGS.get(naming, "timm / torchvision / transformers")
+
+
 def backbone_weights_from_resnet(
-    path: str | os.PathLike, names_and_shapes: Mapping[str, tuple[int, ...]]
+    path: str | os.PathLike,
+    names_and_shapes: Mapping[str, tuple[int, ...]],
+    config: DeformableDetrConfig | None = None,
 ) -> dict[str, np.ndarray]:
-    """The backbone entries of `names_and_shapes` (NNX names under `model.backbone.`) read from a
-    torchvision / timm ResNet state dict, or a transformers ConvNeXt / Swin checkpoint (see the
-    module docstring), in NNX layout.
+    """The backbone entries of `names_and_shapes` (NNX names under `model.backbone.`) read from
+    an ImageNet backbone's state dict (see the module docstring), in NNX layout.
 
     Raises:
       FileNotFoundError: no file at `path`.
+      ConfigMismatchError: (with `config`) the file holds another backbone than the config's.
+      CheckpointKeyError: a timm ConvNeXt / Swin file with keys of no backbone weight.
       ValueError: a backbone weight is missing from the file or has another shape.
     """
-    from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, hub_to_transformers
-    from deformable_detr_jax.convert.readers import read_state_dict
     from deformable_detr_jax.convert.state_dict import nnx_path_to_key, to_nnx_layout
 
     path = pathlib.Path(path).expanduser()
@@ -122,11 +174,11 @@ def backbone_weights_from_resnet(
         raise FileNotFoundError(
             f"model.backbone_weights={str(path)!r} does not exist; point it at an ImageNet "
             "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), or a "
-            "transformers ConvNeXt / Swin model.safetensors"
+            "transformers or timm ConvNeXt / Swin model.safetensors"
         )
-    state = read_state_dict(path)
-    state = {_imagenet_key(k): v for k, v in state.items()}
-    renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
+    renamed, naming = _read_backbone_file(path)
+    if config is not None:
+        _check_backbone(str(path), renamed, naming, config)
     out, missing, misshaped = {}, [], []
     for name, shape in names_and_shapes.items():
         if not name.startswith(_BACKBONE):
@@ -148,5 +200,5 @@ def backbone_weights_from_resnet(
             f"(model.backbone_depths / backbone_hidden_sizes): {len(missing)} missing "
             f"{sorted(missing)[:5]}, {len(misshaped)} of another shape {misshaped[:3]}"
         )
-    logger.info("loaded %d backbone weights from %s", len(out), path)
+    logger.info("loaded %d backbone weights (%s names) from %s", len(out), naming, path)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from deformable_detr_jax import compile_cache
 from deformable_detr_jax.config import DeformableDetrConfig
@@ -185,6 +186,7 @@ def initial_weights(run: Run, dtype: Any = None) -> tuple[dict, dict]:
     from deformable_detr_jax.training import initialization
 
     model = run.settings.model
+    backbone = _imagenet_backbone(run) if model.backbone_weights else {}
     params, frozen = state_lib.init_weights(run.spec, run.settings.train.seed, run.mesh, dtype)
     if not model.init_from and not model.backbone_weights:
         return params, frozen
@@ -199,15 +201,25 @@ def initial_weights(run: Run, dtype: Any = None) -> tuple[dict, dict]:
                 len(kept),
                 ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""),
             )
-    if model.backbone_weights:
-        shapes = {name: value.shape for name, value in weights.items()}
-        try:
-            weights.update(
-                initialization.backbone_weights_from_resnet(model.backbone_weights, shapes)
-            )
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(str(err)) from err
+    weights.update(backbone)
     return state_lib.split_weights(run.spec, state_lib.place_weights(weights, run.mesh))
+
+
+def _imagenet_backbone(run: Run) -> dict[str, np.ndarray]:
+    """`model.backbone_weights` read and checked against the model (before anything is traced)."""
+    from deformable_detr_jax.training import initialization
+
+    shapes = {
+        state_lib.param_name(path): tuple(variable.shape)
+        for path, variable in run.spec.variables
+        if not isinstance(variable, nnx.RngState)
+    }
+    try:
+        return initialization.backbone_weights_from_resnet(
+            run.settings.model.backbone_weights, shapes, run.model
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from err
 
 
 def open_batches(run: Run, train_data, position: Any):

@@ -80,7 +80,16 @@ ModelSettings = _derived(
                 "", may_change=True, doc="a detection checkpoint: folder, weights file or hub id"
             ),
         ),
-        ("backbone_weights", str, setting("", may_change=True, doc="an ImageNet ResNet")),
+        (
+            "backbone_weights",
+            str,
+            setting(
+                "",
+                may_change=True,
+                doc="an ImageNet backbone state dict: ResNet, ConvNeXt or Swin (timm, "
+                "torchvision or transformers names)",
+            ),
+        ),
         ("loss", LossSettings, dataclasses.field(default_factory=LossSettings)),
     ],
 )
