@@ -203,26 +203,11 @@ def test_variant_read_off_the_weights(fields):
     assert variant["backbone_patch_size"] == config.backbone_patch_size
 
 
-def test_padding_invariant_not_yet():
-    model = random_model(DeformableDetrConfig(**{**SMALL, **SWIN}), seed=6)
-    with pytest.raises(NotImplementedError, match="padding_invariant=False"):
-        model(jnp.ones((1, 64, 64, 3)), padding_invariant=True)
-
-
 def test_convnext_image_too_small():
     config = DeformableDetrConfig(**{**SMALL, **CONVNEXT, "backbone_patch_size": 8})
     model = random_model(config, seed=7)
     with pytest.raises(ValueError, match="at least 64"):
         model(jnp.ones((1, 48, 96, 3)))
-
-
-def test_detector_needs_padding_invariant_false():
-    from deformable_detr_jax import Detector
-
-    model = random_model(DeformableDetrConfig(**{**SMALL, **CONVNEXT}), seed=8)
-    with pytest.raises(ValueError, match="pass padding_invariant=False"):
-        Detector(model, compile_cache=None)
-    assert not Detector(model, padding_invariant=False, compile_cache=None).padding_invariant
 
 
 @pytest.mark.parametrize("fields", [CONVNEXT, SWIN])

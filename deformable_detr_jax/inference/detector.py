@@ -16,10 +16,10 @@ over queries x classes, threshold, boxes (x0, y0, x1, y1) in pixels of the input
 
 Buckets and exactness. Padding is invisible: the model runs with `padding_invariant=True`
 (`DeformableDetrForObjectDetection.__call__`), which zeroes the padding before every backbone
-convolution that mixes neighbours, strides the masks exactly and keeps padded positions out of
-the GroupNorm statistics and of two-stage proposals. Each image's detections therefore equal
-transformers' on that image alone, unpadded, whatever bucket or batch it runs in (tested at the
-float32 rounding level, about 1e-6). `padding_invariant=False` computes what transformers
+convolution that mixes neighbours (Swin: pads and shifts its windows per image), strides the
+masks exactly and keeps padded positions out of the GroupNorm statistics and of two-stage
+proposals. Each image's detections therefore equal transformers' on that image alone, unpadded,
+whatever bucket or batch it runs in (tested at the float32 rounding level, about 1e-6). `padding_invariant=False` computes what transformers
 computes for a padded batch instead, where padding near the bottom/right border leaks into the
 features (with random full-size weights: scores move by up to 0.009 in the default buckets and
 0.025 on a 1333 x 1333 canvas; BENCHMARKS.md "Inference"). Without buckets (`buckets=None`) an
@@ -240,12 +240,6 @@ class Detector:
         self.top_k = int(top_k)
         if not isinstance(padding_invariant, bool):
             raise TypeError(f"padding_invariant must be True or False, got {padding_invariant!r}")
-        if padding_invariant and self.config.backbone_type != "resnet":
-            raise ValueError(
-                f"padding_invariant=True is not implemented for the {self.config.backbone_type} "
-                "backbone yet; pass padding_invariant=False (detections then depend slightly on "
-                "the padding of the bucket, as in transformers)"
-            )
         self.padding_invariant = padding_invariant
         self.id2label = self.config.id2label_dict
 

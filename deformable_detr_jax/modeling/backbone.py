@@ -22,7 +22,10 @@ With `padding_invariant=True` the input of every convolution wider than 1x1 (and
 is zeroed on padded positions, at its own resolution (`mask_pyramid`: the pixel mask strided by
 2 per stride-2 layer, which is exactly the set of positions an unpadded image has), so every
 real position sees what it would see without padding: outputs on real positions equal those of
-the unpadded image up to float rounding.
+the unpadded image up to float rounding. The ConvNeXt and Swin backbones do the same their own
+way (`convnext.py`, `swin.py`: their own masks per stage, `stage_masks`; Swin's windows padded
+and shifted per image); in every case a padded batch's image, top-left with a prefix pixel mask,
+gives on its real positions what it gives alone with an all-true mask.
 """
 
 from __future__ import annotations
@@ -341,16 +344,17 @@ class DeformableDetrConvEncoder(nnx.Module):
         """`(bs, H, W, 3)`, `(bs, H, W)` -> [(features `(bs, h, w, c)`, mask `(bs, h, w)`)].
 
         Masks are the pixel mask resized by nearest neighbour (transformers), or with
-        `padding_invariant` strided (`mask_pyramid`) and applied inside the ResNet.
+        `padding_invariant` each level's real positions: the pixel mask strided
+        (`mask_pyramid`) and applied inside the ResNet, or the ConvNeXt's / Swin's
+        `stage_masks`, applied inside them.
         `deterministic=False` applies ConvNeXt's and Swin's drop path (the ResNet has none).
         """
         if self.backbone_type != "resnet":
             if padding_invariant:
-                raise NotImplementedError(
-                    f"padding_invariant=True is not implemented for the {self.backbone_type} "
-                    "backbone yet (only the ResNet masks its padding); call the model (or "
-                    "Detector) with padding_invariant=False"
-                )
+                # each stage's real positions (ConvNeXt's floor, Swin's ceil), kept out inside
+                features = self.model(pixel_values, deterministic, pixel_mask)
+                masks = self.model.stage_masks(pixel_mask)
+                return [(f, masks[i]) for f, i in zip(features, self.model.out_stages)]
             features = self.model(pixel_values, deterministic)
             return [(f, downsample_mask(pixel_mask, f.shape[1], f.shape[2])) for f in features]
         if padding_invariant:

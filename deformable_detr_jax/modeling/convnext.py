@@ -12,6 +12,16 @@ without padding (the last partial patch row/column is dropped, as in torch); sta
 with layer norm + a 2x2 stride-2 convolution. Every layer norm has epsilon 1e-6 (the backbone's
 output norms too). Drop path (stochastic depth) scales from 0 to `backbone_drop_path_rate`
 linearly over all blocks and applies only when not `deterministic`.
+
+Padding (`masks`, from `stage_masks`; `padding_invariant=True`). Every layer but the depthwise
+7x7 convolution is per position or reads only its own patch (stem, 2x2 downsampling), so an
+output position whose patch lies inside the image sees only the image: stride-`p` position i is
+real when pixel `p i + p - 1` is (floor(h / p) of them, as the image alone gives), and each 2x2
+downsampling keeps position i when input `2 i + 1` is real (floor again). The 7x7 convolution's
+input is zeroed outside each stage's real positions, as the image alone pads it with zeros; the
+real positions then equal the image's alone, whatever the padding holds. An image under
+`p 2**(stages - 1)` pixels on a side has no real position at the last stage (alone it is refused
+as too small); in a larger padded batch its outputs depend on the padding.
 """
 
 from __future__ import annotations
@@ -60,8 +70,13 @@ class ConvNextLayer(nnx.Module):
         )
         self.drop_path = drop_path(rate, 4, rngs)
 
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """`mask (bs, h, w)`: real positions; the 7x7 convolution reads zeros elsewhere."""
         residual = x
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         x = self.layernorm(self.dwconv(x))
         x = self.pwconv2(jax.nn.gelu(self.pwconv1(x), approximate=False))
         if self.layer_scale_parameter is not None:
@@ -93,11 +108,14 @@ class ConvNextStage(nnx.Module):
             self.downsampling_layer = nnx.List([])
         self.layers = nnx.List([ConvNextLayer(config, out_channels, r, rngs=rngs) for r in rates])
 
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """`mask`: this stage's real positions (after its downsampling), or None."""
         for layer in self.downsampling_layer:
             x = layer(x)
         for layer in self.layers:
-            x = layer(x, deterministic)
+            x = layer(x, deterministic, mask)
         return x
 
 
@@ -114,11 +132,14 @@ class ConvNextEncoder(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> list[jax.Array]:
-        """Every stage's output `(bs, h_i, w_i, hidden_sizes[i])`, h_i = h_0 // 2**i."""
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, masks: list[jax.Array] | None = None
+    ) -> list[jax.Array]:
+        """Every stage's output `(bs, h_i, w_i, hidden_sizes[i])`, h_i = h_0 // 2**i; `masks`:
+        every stage's real positions (`stage_masks`), or None."""
         outputs = []
-        for stage in self.stages:
-            x = stage(x, deterministic)
+        for i, stage in enumerate(self.stages):
+            x = stage(x, deterministic, None if masks is None else masks[i])
             outputs.append(x)
         return outputs
 
@@ -139,8 +160,25 @@ class ConvNextBackbone(nnx.Module):
             }
         )
 
-    def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> list[jax.Array]:
-        """`(bs, H, W, 3)` -> per out stage i `(bs, H // (p 2**i), W // (p 2**i), width_i)`."""
+    def stage_masks(self, pixel_mask: jax.Array) -> list[jax.Array]:
+        """Every stage's real positions `(bs, H // (p 2**i), W // (p 2**i))` of top-left images
+        whose pixels are `pixel_mask (bs, H, W)`: the positions whose patch is all image."""
+        p = self.patch_size
+        masks = [pixel_mask[:, p - 1 :: p, p - 1 :: p]]
+        for _ in range(1, self.num_stages):
+            masks.append(masks[-1][:, 1::2, 1::2])
+        return masks
+
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        deterministic: bool = True,
+        pixel_mask: jax.Array | None = None,
+    ) -> list[jax.Array]:
+        """`(bs, H, W, 3)` -> per out stage i `(bs, H // (p 2**i), W // (p 2**i), width_i)`.
+
+        With `pixel_mask (bs, H, W)` the padding is kept out (`stage_masks`): real positions
+        equal those of each image alone, unpadded."""
         side = self.patch_size * 2 ** (self.num_stages - 1)
         if min(pixel_values.shape[1:3]) < side:
             raise ValueError(
@@ -148,5 +186,6 @@ class ConvNextBackbone(nnx.Module):
                 f"this ConvNeXt (patch size {self.patch_size}, {self.num_stages} stages): height "
                 f"and width must be at least {side}"
             )
-        stages = self.encoder(self.embeddings(pixel_values), deterministic)
+        masks = None if pixel_mask is None else self.stage_masks(pixel_mask)
+        stages = self.encoder(self.embeddings(pixel_values), deterministic, masks)
         return [self.hidden_states_norms[f"stage{i + 1}"](stages[i]) for i in self.out_stages]

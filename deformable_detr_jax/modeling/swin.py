@@ -21,6 +21,16 @@ What transformers computes, and so this module (tokens are `(bs, h * w, c)`, row
   concatenated as (0,0), (1,0), (0,1), (1,1), layer norm, Linear(4c, 2c) without bias);
 - a backbone output is a stage's tokens before merging, through its own layer norm.
 Every layer norm has epsilon 1e-5.
+
+Padding (`pixel_mask`; `padding_invariant=True`): each image of a padded batch computes what it
+computes alone, unpadded, on its real positions (`stage_masks`: patch i is real when its first
+pixel is, ceil(h / p) of them, and each merging keeps every other one, ceil again). The image
+alone sees zeros where the batch holds padding, so the pixels, every block's layer-normed
+tokens and the merging's input are zeroed outside the real positions; and it pads each block's
+map to ITS OWN multiple of the window (`own_extents`), so a shifted block rolls modulo that
+extent, per image (`own_cyclic_shift`: a gather; positions past the extent hold no real token
+and stay in place), with the -100 region mask built on that extent (`own_shift_mask`).
+Non-shifted windows tile from the origin, so the image's windows are the batch's.
 """
 
 from __future__ import annotations
@@ -77,6 +87,61 @@ def shift_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
     return np.where(windows[:, None, :] != windows[:, :, None], -100.0, 0.0)
 
 
+def own_extents(mask: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """Per image `(bs,)` the height and width its own map is padded to: its real rows and
+    columns (`mask (bs, h, w)`, top-left) rounded up to a multiple of `window`."""
+    rows = jnp.sum(mask[:, :, 0], 1, dtype=jnp.int32)
+    cols = jnp.sum(mask[:, 0, :], 1, dtype=jnp.int32)
+    return (rows + window - 1) // window * window, (cols + window - 1) // window * window
+
+
+def own_shift_indices(extent: jax.Array, size: int, shift: int) -> jax.Array:
+    """`(bs, size)` source of each position of a roll by `-shift` modulo each image's `extent`
+    `(bs,)`: `(j + shift) mod extent` below the extent, `j` past it (a negative `shift`
+    undoes a positive one)."""
+    j = jnp.arange(size, dtype=jnp.int32)[None]
+    extent = extent[:, None]
+    return jnp.where(j < extent, (j + shift) % jnp.maximum(extent, 1), j)
+
+
+def own_cyclic_shift(x: jax.Array, extents: tuple[jax.Array, jax.Array], shift: int) -> jax.Array:
+    """`(bs, H, W, c)` rolled by `(-shift, -shift)` within each image's own `extents` (rows,
+    columns): `jnp.roll` of each image's padded map, with positions past it unmoved."""
+    rows = own_shift_indices(extents[0], x.shape[1], shift)
+    cols = own_shift_indices(extents[1], x.shape[2], shift)
+
+    def one(image, r, c):  # (H, W, c) gathered by rows, then by columns
+        image = jnp.take(image, r, axis=0, mode="clip")
+        return jnp.take(image, c, axis=1, mode="clip")
+
+    return jax.vmap(one)(x, rows, cols)
+
+
+def own_shift_mask(
+    extents: tuple[jax.Array, jax.Array], height: int, width: int, window: int, shift: int
+) -> jax.Array:
+    """`(bs, nH * nW, window**2, window**2)`: `shift_mask` with each image's own padded
+    `extents` in place of the map's (`height`, `width`, multiples of `window`)."""
+
+    def regions(extent, size):  # (bs, size): 0, 1, 2 as transformers' slices of the extent
+        j = jnp.arange(size, dtype=jnp.int32)[None]
+        extent = extent[:, None]
+        return (j >= extent - window).astype(jnp.int32) + (j >= extent - shift)
+
+    ids = regions(extents[0], height)[:, :, None] * 3 + regions(extents[1], width)[:, None, :]
+    bs = ids.shape[0]
+    # (bs, nH * nW, window**2)
+    windows = window_partition(ids[..., None], window)[..., 0].reshape(bs, -1, window * window)
+    return jnp.where(windows[..., None, :] != windows[..., :, None], -100.0, 0.0)
+
+
+def zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`x (bs, h, w, c)` with zeros where `mask (bs, h, w)` is False (unchanged when None)."""
+    if mask is None:
+        return x
+    return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+
+
 class SwinPatchEmbeddings(nnx.Module):
     def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
         size, width = config.backbone_patch_size, config.backbone_hidden_sizes[0]
@@ -131,8 +196,9 @@ class SwinAttention(nnx.Module):
         self.o_proj = nnx.Linear(dim, dim, rngs=rngs)
         self.relative_position_bias = SwinRelativePositionBias(num_heads, window, rngs=rngs)
 
-    def __call__(self, windows: jax.Array, mask: np.ndarray | None, bs: int) -> jax.Array:
-        """`windows (bs * nwin, len_w, dim)`, `mask (nwin, len_w, len_w)` or None -> same."""
+    def __call__(self, windows: jax.Array, mask, bs: int) -> jax.Array:
+        """`windows (bs * nwin, len_w, dim)`, `mask` None, `(nwin, len_w, len_w)` (every
+        image's) or `(bs, nwin, len_w, len_w)` (each image's own) -> `windows`' shape."""
         n, length, dim = windows.shape
         head_dim = dim // self.num_heads
 
@@ -143,9 +209,12 @@ class SwinAttention(nnx.Module):
         scores = jnp.einsum("nhqd,nhkd->nhqk", q, k) * head_dim**-0.5
         scores = scores + self.relative_position_bias().astype(scores.dtype)[None]
         if mask is not None:
-            # (bs, nwin, nheads, len_w, len_w) + (nwin, 1, len_w, len_w)
+            mask = jnp.asarray(mask, scores.dtype)
+            if mask.ndim == 3:
+                mask = mask[None]
+            # (bs, nwin, nheads, len_w, len_w) + (bs or 1, nwin, 1, len_w, len_w)
             scores = scores.reshape(bs, -1, self.num_heads, length, length)
-            scores = scores + jnp.asarray(mask, scores.dtype)[None, :, None]
+            scores = scores + mask[:, :, None]
             scores = scores.reshape(n, self.num_heads, length, length)
         probs = jax.nn.softmax(scores, axis=-1)
         # (n, nheads, len_w, head_dim) -> (n, len_w, dim)
@@ -174,22 +243,36 @@ class SwinLayer(nnx.Module):
         self.mlp = SwinMLP(dim, config.backbone_mlp_ratio, rngs=rngs)
         self.drop_path = drop_path(rate, 3, rngs)
 
-    def __call__(self, x: jax.Array, height: int, width: int, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        height: int,
+        width: int,
+        deterministic: bool,
+        real: jax.Array | None = None,
+    ) -> jax.Array:
+        """`real (bs, h, w)`: the real positions, or None (see the module docstring)."""
         bs, _, dim = x.shape
         window, shift = self.window, self.shift
         shortcut = x
         # (bs, h * w, dim) -> (bs, h, w, dim), zero-padded to window multiples
-        x = self.layernorm_before(x).reshape(bs, height, width, dim)
+        x = zero_outside(self.layernorm_before(x).reshape(bs, height, width, dim), real)
         x = jnp.pad(x, ((0, 0), (0, -height % window), (0, -width % window), (0, 0)))
         padded_h, padded_w = x.shape[1:3]
-        mask = None
-        if shift > 0:
+        mask = extents = None
+        if shift > 0 and real is None:
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
             mask = shift_mask(padded_h, padded_w, window, shift)
+        elif shift > 0:
+            extents = own_extents(real, window)
+            x = own_cyclic_shift(x, extents, shift)
+            mask = own_shift_mask(extents, padded_h, padded_w, window, shift)
         x = self.attention(window_partition(x, window), mask, bs)
         x = window_reverse(x, window, padded_h, padded_w)
-        if shift > 0:
+        if shift > 0 and real is None:
             x = jnp.roll(x, (shift, shift), axis=(1, 2))
+        elif shift > 0:
+            x = own_cyclic_shift(x, extents, -shift)
         # (bs, h, w, dim) -> (bs, h * w, dim)
         x = x[:, :height, :width].reshape(bs, height * width, dim)
         if self.drop_path is not None:
@@ -205,9 +288,12 @@ class SwinPatchMerging(nnx.Module):
         self.reduction = nnx.Linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
         self.norm = layer_norm(4 * dim, rngs)
 
-    def __call__(self, x: jax.Array, height: int, width: int) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, height: int, width: int, real: jax.Array | None = None
+    ) -> jax.Array:
+        """`real (bs, h, w)`: the real positions (the rest read as zeros), or None."""
         bs, _, dim = x.shape
-        x = x.reshape(bs, height, width, dim)
+        x = zero_outside(x.reshape(bs, height, width, dim), real)
         x = jnp.pad(x, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
         # (bs, h / 2, w / 2, 4 dim): (row, col) offsets (0,0), (1,0), (0,1), (1,1)
         x = jnp.concatenate([x[:, r::2, c::2] for c in range(2) for r in range(2)], -1)
@@ -245,18 +331,21 @@ class SwinEncoder(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array, deterministic: bool) -> list[jax.Array]:
+    def __call__(
+        self, x: jax.Array, deterministic: bool, masks: list[jax.Array] | None = None
+    ) -> list[jax.Array]:
         """`(bs, h, w, embed_dim)` -> every stage's output before merging `(bs, h_i, w_i, c_i)`,
-        h_i = ceil(h_{i-1} / 2)."""
+        h_i = ceil(h_{i-1} / 2); `masks`: every stage's real positions, or None."""
         bs, height, width, dim = x.shape
         x = x.reshape(bs, height * width, dim)
         outputs = []
-        for stage in self.layers:
+        for i, stage in enumerate(self.layers):
+            real = None if masks is None else masks[i]
             for block in stage.blocks:
-                x = block(x, height, width, deterministic)
+                x = block(x, height, width, deterministic, real)
             outputs.append(x.reshape(bs, height, width, x.shape[-1]))
             if stage.downsample is not None:
-                x = stage.downsample(x, height, width)
+                x = stage.downsample(x, height, width, real)
                 height, width = (height + 1) // 2, (width + 1) // 2
         return outputs
 
@@ -275,6 +364,8 @@ class SwinBackbone(nnx.Module):
     def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
         self.swin = SwinModel(config, rngs=rngs)
         self.out_stages = config.backbone_out_stages
+        self.patch_size = config.backbone_patch_size
+        self.num_stages = len(config.backbone_depths)
         self.hidden_states_norms = nnx.Dict(
             {
                 f"stage{i + 1}": layer_norm(config.backbone_hidden_sizes[i], rngs)
@@ -282,8 +373,30 @@ class SwinBackbone(nnx.Module):
             }
         )
 
-    def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> list[jax.Array]:
+    def stage_masks(self, pixel_mask: jax.Array) -> list[jax.Array]:
+        """Every stage's real positions `(bs, h_i, w_i)` of top-left images whose pixels are
+        `pixel_mask (bs, H, W)`: a patch is real when its first pixel is, a merged one when its
+        first of four is."""
+        p = self.patch_size
+        masks = [pixel_mask[:, ::p, ::p]]
+        for _ in range(1, self.num_stages):
+            masks.append(masks[-1][:, ::2, ::2])
+        return masks
+
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        deterministic: bool = True,
+        pixel_mask: jax.Array | None = None,
+    ) -> list[jax.Array]:
         """`(bs, H, W, 3)` -> per out stage i `(bs, h_i, w_i, hidden_sizes[i])`, h_0 =
-        ceil(H / patch_size), h_i = ceil(h_{i-1} / 2)."""
-        stages = self.swin.encoder(self.swin.embeddings(pixel_values), deterministic)
+        ceil(H / patch_size), h_i = ceil(h_{i-1} / 2).
+
+        With `pixel_mask (bs, H, W)` the padding is kept out (module docstring): real positions
+        equal those of each image alone, unpadded."""
+        masks = None
+        if pixel_mask is not None:
+            masks = self.stage_masks(pixel_mask)
+            pixel_values = zero_outside(pixel_values, pixel_mask)
+        stages = self.swin.encoder(self.swin.embeddings(pixel_values), deterministic, masks)
         return [self.hidden_states_norms[f"stage{i + 1}"](stages[i]) for i in self.out_stages]
