@@ -98,18 +98,18 @@ def in_dtype(model, dtype):
     """The model with its floating weights cast to `dtype` (float64 under `enable_x64`)."""
     graphdef, state = nnx.split(model)
 
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    def cast(x):  # through NumPy: no program compiled per weight shape
+        return jnp.asarray(np.asarray(x), dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
-@nnx.jit
-def run(model, pixels, mask):
-    """As users run it, jitted: per `padding_invariant` (True, False) the backbone features
-    with their masks, every decoder layer's scores and boxes."""
+@nnx.jit(static_argnames="modes")
+def run(model, pixels, mask, modes=(True, False)):
+    """As users run it, jitted: per `padding_invariant` in `modes` the backbone features with
+    their masks, every decoder layer's scores and boxes."""
     results = []
-    for invariant in (True, False):
+    for invariant in modes:
         features = model.model.backbone(pixels, mask, invariant)
         out = model(pixels, mask, padding_invariant=invariant)
         results.append((features, jax.nn.sigmoid(out.intermediate_logits), out.intermediate_boxes))
@@ -161,7 +161,7 @@ def max_diff(a, b) -> float:
 def test_padded_batch_equals_each_image_alone(backbone):
     """float64: features on real positions, every decoder layer's scores and boxes to 1e-9 of
     each image alone (ConvNeXt: box refinement, an extra level; Swin: two-stage too); without
-    the invariance they are off by more than `LEAK_MIN`. Alone, the two settings agree."""
+    the invariance they are off by more than `LEAK_MIN`."""
     model = filled_model(DeformableDetrConfig(**BACKBONES[backbone]), seed=3)
     images = random_images()
     with jax.enable_x64(True):
@@ -171,10 +171,8 @@ def test_padded_batch_equals_each_image_alone(backbone):
         largest = 0.0
         for i, image in enumerate(images):
             ones = jnp.ones((1, *image.shape[:2]), bool)
-            # the oracle: padding_invariant=False alone (transformers' computation), which
-            # padding_invariant=True alone equals (nothing padded: the same computation)
-            same, alone = run(model, jnp.asarray(image[None]), ones)
-            assert max(diffs_of(same, alone, 0).values()) <= 1e-12
+            # the oracle: padding_invariant=False alone (transformers' computation)
+            (alone,) = run(model, jnp.asarray(image[None]), ones, modes=(False,))
             check_masks(padded[0], alone[0], i)
             diffs = diffs_of(padded, alone, i)
             assert max(diffs.values()) <= 1e-9, f"image {i}: {diffs}"
