@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.remat import call_stage, stage_flags
 from deformable_detr_jax.modeling.stochastic_depth import drop_path, drop_path_rates
 
 
@@ -113,12 +114,13 @@ class ConvNextEncoder(nnx.Module):
                 for i in range(len(sizes))
             ]
         )
+        self.remat = stage_flags(config.backbone_remat, len(sizes))
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> list[jax.Array]:
         """Every stage's output `(bs, h_i, w_i, hidden_sizes[i])`, h_i = h_0 // 2**i."""
         outputs = []
-        for stage in self.stages:
-            x = stage(x, deterministic)
+        for stage, remat in zip(self.stages, self.remat):
+            x = call_stage(stage, remat, x, deterministic=deterministic)
             outputs.append(x)
         return outputs
 

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.remat import call_stage, stage_flags
 from deformable_detr_jax.modeling.stochastic_depth import drop_path, drop_path_rates
 from deformable_detr_jax.modeling.transformer import layer_norm
 
@@ -225,6 +226,12 @@ class SwinStage(nnx.Module):
         )
         self.downsample = None if last else SwinPatchMerging(dim, rngs=rngs)
 
+    def __call__(self, x: jax.Array, height: int, width: int, deterministic: bool) -> jax.Array:
+        """The blocks (not the merging): `(bs, h * w, dim)` -> same."""
+        for block in self.blocks:
+            x = block(x, height, width, deterministic)
+        return x
+
 
 class SwinEncoder(nnx.Module):
     def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
@@ -244,6 +251,7 @@ class SwinEncoder(nnx.Module):
                 for i in range(len(depths))
             ]
         )
+        self.remat = stage_flags(config.backbone_remat, len(depths))
 
     def __call__(self, x: jax.Array, deterministic: bool) -> list[jax.Array]:
         """`(bs, h, w, embed_dim)` -> every stage's output before merging `(bs, h_i, w_i, c_i)`,
@@ -251,9 +259,8 @@ class SwinEncoder(nnx.Module):
         bs, height, width, dim = x.shape
         x = x.reshape(bs, height * width, dim)
         outputs = []
-        for stage in self.layers:
-            for block in stage.blocks:
-                x = block(x, height, width, deterministic)
+        for stage, remat in zip(self.layers, self.remat):
+            x = call_stage(stage, remat, x, height=height, width=width, deterministic=deterministic)
             outputs.append(x.reshape(bs, height, width, x.shape[-1]))
             if stage.downsample is not None:
                 x = stage.downsample(x, height, width)

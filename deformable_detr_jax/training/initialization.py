@@ -2,7 +2,10 @@
 
 - Random (`model.init_from = ""`): `train_state.init_weights`, created replicated under `jit`.
 - `model.backbone_weights`: a torchvision / timm ResNet state dict (`resnet50-*.pth`,
-  `model.safetensors`; read without PyTorch by `convert.readers`) loaded into
+  `model.safetensors`; read without PyTorch by `convert.readers`), a folder holding one
+  (`model.safetensors`, `pytorch_model.bin` or their shards), or a hub id of such a folder
+  (`microsoft/swin-tiny-patch4-window7-224`, resolved as every model name is:
+  `convert.hub.resolve_model`, an existing local path first), loaded into
   `model.backbone.model` (convolutions and frozen batch-norm statistics; `fc.*` ignored), as
   the paper starts from ImageNet weights. Every backbone weight must be found. For ConvNeXt and
   Swin: a transformers checkpoint of the classifier or the backbone alone
@@ -102,6 +105,32 @@ def _imagenet_key(key: str) -> str:
     return key
 
 
+def backbone_weights_files(name: str | os.PathLike) -> list[pathlib.Path]:
+    """The weights file(s) `model.backbone_weights` names: a file, a folder's weights
+    (`convert.loading.locate_weights`), or a hub id's (downloaded unless cached).
+
+    Raises:
+      FileNotFoundError: nothing there, and not a hub id.
+      HubError (a ValueError): a hub id that cannot be had.
+      CheckpointFormatError (a ValueError): a folder without weights.
+    """
+    from deformable_detr_jax.convert import HubError, resolve_model
+    from deformable_detr_jax.convert.loading import locate_weights
+
+    try:
+        path = resolve_model(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model.backbone_weights={os.fspath(name)!r} does not exist; point it at an ImageNet "
+            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), a "
+            "transformers ConvNeXt / Swin model.safetensors, its folder, or its hub id "
+            "(e.g. microsoft/swin-tiny-patch4-window7-224)"
+        ) from None
+    except HubError as err:
+        raise type(err)(f"model.backbone_weights: {err}") from None
+    return [pathlib.Path(file) for file in locate_weights(os.fspath(path))[0]]
+
+
 def backbone_weights_from_resnet(
     path: str | os.PathLike, names_and_shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, np.ndarray]:
@@ -110,22 +139,16 @@ def backbone_weights_from_resnet(
     module docstring), in NNX layout.
 
     Raises:
-      FileNotFoundError: no file at `path`.
+      FileNotFoundError, HubError, CheckpointFormatError: as `backbone_weights_files`.
       ValueError: a backbone weight is missing from the file or has another shape.
     """
     from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, hub_to_transformers
     from deformable_detr_jax.convert.readers import read_state_dict
     from deformable_detr_jax.convert.state_dict import nnx_path_to_key, to_nnx_layout
 
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.backbone_weights={str(path)!r} does not exist; point it at an ImageNet "
-            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), or a "
-            "transformers ConvNeXt / Swin model.safetensors"
-        )
-    state = read_state_dict(path)
-    state = {_imagenet_key(k): v for k, v in state.items()}
+    state = {}
+    for file in backbone_weights_files(path):
+        state.update({_imagenet_key(k): v for k, v in read_state_dict(file).items()})
     renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
     out, missing, misshaped = {}, [], []
     for name, shape in names_and_shapes.items():

@@ -69,7 +69,7 @@ ModelSettings = _derived(
     "ModelSettings",
     DeformableDetrConfig,
     skip=MODEL_LOSS_FIELDS + ("num_labels", "id2label"),
-    may_change=("msda_implementation",),
+    may_change=("msda_implementation", "backbone_remat"),
     extra=[
         ("num_labels", "int | None", setting(None, doc="None: the data's class count")),
         ("id2label", "tuple | None", setting(None, doc="None: the data's label names")),
@@ -80,7 +80,15 @@ ModelSettings = _derived(
                 "", may_change=True, doc="a detection checkpoint: folder, weights file or hub id"
             ),
         ),
-        ("backbone_weights", str, setting("", may_change=True, doc="an ImageNet ResNet")),
+        (
+            "backbone_weights",
+            str,
+            setting(
+                "",
+                may_change=True,
+                doc="an ImageNet backbone: a weights file, its folder or a hub id",
+            ),
+        ),
         ("loss", LossSettings, dataclasses.field(default_factory=LossSettings)),
     ],
 )
