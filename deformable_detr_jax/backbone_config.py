@@ -9,7 +9,9 @@ feature level), ConvNeXt's `backbone_layer_scale_init_value`, Swin's `backbone_n
 `backbone_window_size` and `backbone_mlp_ratio` (Swin's `embed_dim` is `backbone_hidden_sizes[0]`,
 each stage doubling it). This module checks those fields and translates them from and to
 transformers' `backbone_config` (`ConvNextConfig` / `SwinConfig` field names); the ResNet stays
-in `config.py`. It reads the config by attribute and does not import `config.py`.
+in `config.py`. `backbone_remat` (any backbone: which stages `modeling/remat.py` recomputes in the
+backward pass) is checked here too. It reads the config by attribute and does not import
+`config.py`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ def validate(config: Any) -> None:
             f"{config.backbone_layer_scale_init_value}"
         )
     _validate_out_indices(config)
+
+
+def validate_remat(config: Any) -> None:
+    """`backbone_remat` (any backbone): `()` or one True / False per stage."""
+    remat, stages = config.backbone_remat, len(config.backbone_depths)
+    if remat and (len(remat) != stages or not all(isinstance(r, bool) for r in remat)):
+        raise ValueError(
+            f"backbone_remat must be () (no stage recomputed) or one True/False per backbone "
+            f"stage ({stages} in backbone_depths), e.g. {(True,) * stages}; got {remat!r}"
+        )
 
 
 def _validate_swin(config: Any) -> None:

@@ -121,6 +121,9 @@ class DeformableDetrConfig:
     backbone_layer_scale_init_value: float = 1e-6
     backbone_drop_path_rate: float = 0.0
     backbone_out_indices: tuple[int, ...] = ()
+    # Backbone stages recomputed in the backward pass (`modeling/remat.py`): () = none, else one
+    # True / False per stage. Not part of what the model computes, nor of config.json.
+    backbone_remat: tuple[bool, ...] = ()
     # Loss and matching as transformers' config.json has them (its defaults), kept only for
     # `from_hf` / `to_hf` round trips: no setting of a run. Training reads the recipe's
     # `model.loss.*` (`criterion.loss.LossConfig`); `--config.model.bbox_loss_coefficient` is an
@@ -152,6 +155,7 @@ class DeformableDetrConfig:
         object.__setattr__(self, "backbone_depths", tuple(int(d) for d in self.backbone_depths))
         for name in ("backbone_hidden_sizes", "backbone_num_heads", "backbone_out_indices"):
             object.__setattr__(self, name, tuple(int(d) for d in getattr(self, name)))
+        object.__setattr__(self, "backbone_remat", tuple(self.backbone_remat))
         if self.backbone_type != "resnet" and self.backbone_out_indices:
             # out_indices that name the default stages are the default (one config, one value)
             default = other_backbones.out_stages(self.replace(backbone_out_indices=()))
@@ -207,6 +211,7 @@ class DeformableDetrConfig:
                 f"backbone_type must be one of {other_backbones.BACKBONE_TYPES}, got "
                 f"{self.backbone_type!r}"
             )
+        other_backbones.validate_remat(self)
         if self.backbone_type != "resnet":
             other_backbones.validate(self)
             return

@@ -68,19 +68,48 @@ def random_model(config: DeformableDetrConfig, seed: int = 0) -> DeformableDetrF
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def random_state_dict(config: DeformableDetrConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """`export_state_dict` of a model of `config` whose every weight and statistic is N(0, 1)
-    (float32), without building the model: the names and shapes come from tracing it. For
-    tests that need a state dict's names, shapes and distinct values, not a working model."""
-    from deformable_detr_jax import export_state_dict
-    from deformable_detr_jax.convert.state_dict import abstract_model
+def drawn_values(state: nnx.State, seed: int = 0) -> dict[tuple, object]:
+    """A value for every variable of a (possibly abstract) `state`, keyed by path, drawn with
+    NumPy instead of the initialisers (which run op by op, eagerly: seconds per model): kernels
+    N(0, 1 / fan_in), norm scales 1 + 0.1 N(0, 1), batch-norm variances U(0.5, 2), everything
+    else (biases, embeddings, Swin's bias tables, ConvNeXt's layer scales) 0.1 N(0, 1); dropout
+    streams keyed by `seed`, their counters at 0."""
+    import jax
 
-    graphdef, state = nnx.split(abstract_model(config))
     rng = np.random.default_rng(seed)
-    flat = [
-        (path, var.replace(rng.standard_normal(var.shape).astype(np.float32)))
-        if isinstance(var, (nnx.Param, nnx.BatchStat))
-        else (path, var)
-        for path, var in nnx.to_flat_state(state)
-    ]
-    return export_state_dict(nnx.merge(graphdef, nnx.from_flat_state(flat)))
+    values = {}
+    for index, (path, variable) in enumerate(nnx.to_flat_state(state)):
+        shape, leaf = tuple(variable.shape), path[-1]
+        if isinstance(variable, nnx.RngKey):
+            values[path] = jax.random.fold_in(jax.random.key(seed), index)
+            continue
+        if isinstance(variable, nnx.RngCount):
+            values[path] = jnp.zeros(shape, variable.dtype)
+            continue
+        if len(shape) >= 2:
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        elif leaf in ("scale", "weight"):
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif leaf == "running_var":
+            value = rng.uniform(0.5, 2.0, shape)
+        else:
+            value = 0.1 * rng.standard_normal(shape)
+        values[path] = jnp.asarray(value, variable.dtype)
+    return values
+
+
+def drawn_model(config: DeformableDetrConfig, seed: int = 0) -> DeformableDetrForObjectDetection:
+    """A model of `config` with `drawn_values` (built abstractly: no initialiser runs)."""
+    abstract = nnx.eval_shape(lambda: DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values = drawn_values(state, seed)
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def random_state_dict(config: DeformableDetrConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """`export_state_dict` of `drawn_model(config, seed)`: for tests that need a state dict's
+    names, shapes and distinct values without building a model."""
+    from deformable_detr_jax import export_state_dict
+
+    return export_state_dict(drawn_model(config, seed))

@@ -117,6 +117,7 @@ MAY_CHANGE = {
     "data.hf_datasets.path",
     "data.hf_datasets.eval_split",
     "model.msda_implementation",
+    "model.backbone_remat",
     "model.init_from",
     "model.backbone_weights",
     *(f"optimizer.{k}" for k in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay")),

@@ -27,6 +27,8 @@ RECIPES = (
     "deformable_detr_r50_coco",
     "box_refine_r50_coco",
     "two_stage_r50_coco",
+    "two_stage_swin_t_coco",
+    "two_stage_convnext_t_coco",
     "finetune_coco_json",
     "finetune_hf_datasets",
     "shapes_tiny",
@@ -147,7 +149,7 @@ def test_recipes_build(name):
     model = setup.model_config(run.model, source)
     loss = setup.loss_config(run.model, model)
     assert model.num_labels == labels and loss.num_labels == labels
-    if name.endswith("_coco"):
+    if name.endswith("_r50_coco"):  # the backbone recipes: tests/test_backbone_recipes.py
         opt = config.optimizer
         assert (opt.lr, opt.lr_backbone, opt.lr_linear_proj_mult) == (2e-4, 2e-5, 0.1)
         assert (opt.weight_decay, opt.clip_max_norm, tuple(opt.lr_drop_epochs)) == (

@@ -2,7 +2,7 @@
 
 `resolve_model(name)` is the one place a model name becomes a local path; every entry point that
 takes a model calls it (`Detector.from_pretrained`, `load_pytorch_checkpoint`, `model.init_from`,
-`predict --model`, `export MODEL`, `convert SRC`). The rule:
+`model.backbone_weights`, `predict --model`, `export MODEL`, `convert SRC`). The rule:
 
 - an existing local path (a folder or a weights file; `~` expanded) wins;
 - otherwise a string shaped like a hub repo id, `name` or `org/name` (letters, digits, `-`, `_`,

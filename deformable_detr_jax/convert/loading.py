@@ -148,7 +148,7 @@ def import_pytorch_checkpoint(
     with the folder's processor settings."""
     where = resolve_model(path_or_folder, revision=revision, cache_dir=cache_dir, token=token)
     path = os.fspath(where)
-    files, folder_config = _locate(path)
+    files, folder_config = locate_weights(path)
     state_dict, metadata = _read_all(files)
     key_format = detect_format(state_dict)
     if config is not None:
@@ -222,7 +222,7 @@ def _config_from_weights(
     return config
 
 
-def _locate(path: str) -> tuple[list[str], str | None]:
+def locate_weights(path: str) -> tuple[list[str], str | None]:
     """(weights files, config.json or None) of a file or a hub-style folder."""
     if not os.path.isdir(path):
         if not os.path.exists(path):

@@ -37,6 +37,7 @@ from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
 from deformable_detr_jax.modeling.convnext import ConvNextBackbone
+from deformable_detr_jax.modeling.remat import call_stage, stage_flags
 from deformable_detr_jax.modeling.swin import SwinBackbone
 
 
@@ -281,11 +282,12 @@ class ResNetEncoder(nnx.Module):
             )
             in_channels = out_channels
         self.stages = nnx.List(stages)
+        self.remat = stage_flags(config.backbone_remat, len(stages))
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> list[jax.Array]:
         outputs = []
-        for stage in self.stages:
-            x = stage(x, masks)
+        for stage, remat in zip(self.stages, self.remat):
+            x = call_stage(stage, remat, x, masks)
             outputs.append(x)
         return outputs
 

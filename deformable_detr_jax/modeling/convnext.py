@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.remat import call_stage, stage_flags
 from deformable_detr_jax.modeling.stochastic_depth import drop_path, drop_path_rates
 
 
@@ -109,7 +110,7 @@ class ConvNextStage(nnx.Module):
         self.layers = nnx.List([ConvNextLayer(config, out_channels, r, rngs=rngs) for r in rates])
 
     def __call__(
-        self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+        self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
     ) -> jax.Array:
         """`mask`: this stage's real positions (after its downsampling), or None."""
         for layer in self.downsampling_layer:
@@ -131,6 +132,7 @@ class ConvNextEncoder(nnx.Module):
                 for i in range(len(sizes))
             ]
         )
+        self.remat = stage_flags(config.backbone_remat, len(sizes))
 
     def __call__(
         self, x: jax.Array, deterministic: bool = True, masks: list[jax.Array] | None = None
@@ -138,8 +140,9 @@ class ConvNextEncoder(nnx.Module):
         """Every stage's output `(bs, h_i, w_i, hidden_sizes[i])`, h_i = h_0 // 2**i; `masks`:
         every stage's real positions (`stage_masks`), or None."""
         outputs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x, deterministic, None if masks is None else masks[i])
+        for i, (stage, remat) in enumerate(zip(self.stages, self.remat)):
+            mask = None if masks is None else masks[i]
+            x = call_stage(stage, remat, x, mask, deterministic=deterministic)
             outputs.append(x)
         return outputs
 

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from deformable_detr_jax.config import DeformableDetrConfig
+from deformable_detr_jax.modeling.remat import call_stage, stage_flags
 from deformable_detr_jax.modeling.stochastic_depth import drop_path, drop_path_rates
 from deformable_detr_jax.modeling.transformer import layer_norm
 
@@ -311,6 +312,21 @@ class SwinStage(nnx.Module):
         )
         self.downsample = None if last else SwinPatchMerging(dim, rngs=rngs)
 
+    def __call__(
+        self,
+        x: jax.Array,
+        real: jax.Array | None = None,
+        *,
+        height: int,
+        width: int,
+        deterministic: bool,
+    ) -> jax.Array:
+        """The blocks (not the merging): `(bs, h * w, dim)` -> same; `real`: the stage's real
+        positions `(bs, h, w)`, or None."""
+        for block in self.blocks:
+            x = block(x, height, width, deterministic, real)
+        return x
+
 
 class SwinEncoder(nnx.Module):
     def __init__(self, config: DeformableDetrConfig, *, rngs: nnx.Rngs):
@@ -330,6 +346,7 @@ class SwinEncoder(nnx.Module):
                 for i in range(len(depths))
             ]
         )
+        self.remat = stage_flags(config.backbone_remat, len(depths))
 
     def __call__(
         self, x: jax.Array, deterministic: bool, masks: list[jax.Array] | None = None
@@ -339,10 +356,11 @@ class SwinEncoder(nnx.Module):
         bs, height, width, dim = x.shape
         x = x.reshape(bs, height * width, dim)
         outputs = []
-        for i, stage in enumerate(self.layers):
+        for i, (stage, remat) in enumerate(zip(self.layers, self.remat)):
             real = None if masks is None else masks[i]
-            for block in stage.blocks:
-                x = block(x, height, width, deterministic, real)
+            x = call_stage(
+                stage, remat, x, real, height=height, width=width, deterministic=deterministic
+            )
             outputs.append(x.reshape(bs, height, width, x.shape[-1]))
             if stage.downsample is not None:
                 x = stage.downsample(x, height, width, real)

@@ -2,7 +2,10 @@
 
 - Random (`model.init_from = ""`): `train_state.init_weights`, created replicated under `jit`.
 - `model.backbone_weights`: a torchvision / timm ResNet state dict (`resnet50-*.pth`,
-  `model.safetensors`; read without PyTorch by `convert.readers`) loaded into
+  `model.safetensors`; read without PyTorch by `convert.readers`), a folder holding one
+  (`model.safetensors`, `pytorch_model.bin` or their shards), or a hub id of such a folder
+  (`microsoft/swin-tiny-patch4-window7-224`, resolved as every model name is:
+  `convert.hub.resolve_model`, an existing local path first), loaded into
   `model.backbone.model` (convolutions and frozen batch-norm statistics; `fc.*` ignored), as
   the paper starts from ImageNet weights. Every backbone weight must be found. For ConvNeXt and
   Swin: a transformers checkpoint of the classifier or the backbone alone
@@ -138,19 +141,47 @@ def _check_backbone(
         )
 
 
-def _read_backbone_file(path: pathlib.Path) -> tuple[dict[str, Any], str]:
-    """The file's backbone in transformers' names (under `model.backbone.model.`), and what
+def _read_backbone_file(files: list[pathlib.Path]) -> tuple[dict[str, Any], str]:
+    """The files' backbone in transformers' names (under `model.backbone.model.`), and what
     naming it came in."""
     from deformable_detr_jax.convert.formats import HUB_BACKBONE_PREFIX, hub_to_transformers
     from deformable_detr_jax.convert.readers import read_state_dict
     from deformable_detr_jax.convert.timm_backbones import NAMINGS, timm_naming, timm_to_hub
 
-    state = {_imagenet_key(k): v for k, v in read_state_dict(path).items()}
+    state = {}
+    for file in files:
+        state.update({_imagenet_key(k): v for k, v in read_state_dict(file).items()})
     naming = timm_naming(state)
     if naming is not None:
         state = timm_to_hub(state, naming)
     renamed = hub_to_transformers({HUB_BACKBONE_PREFIX + k: v for k, v in state.items()})
     return renamed, NAMINGS.get(naming, "timm / torchvision / transformers")
+
+
+def backbone_weights_files(name: str | os.PathLike) -> list[pathlib.Path]:
+    """The weights file(s) `model.backbone_weights` names: a file, a folder's weights
+    (`convert.loading.locate_weights`), or a hub id's (downloaded unless cached).
+
+    Raises:
+      FileNotFoundError: nothing there, and not a hub id.
+      HubError (a ValueError): a hub id that cannot be had.
+      CheckpointFormatError (a ValueError): a folder without weights.
+    """
+    from deformable_detr_jax.convert import HubError, resolve_model
+    from deformable_detr_jax.convert.loading import locate_weights
+
+    try:
+        path = resolve_model(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model.backbone_weights={os.fspath(name)!r} does not exist; point it at an ImageNet "
+            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), a "
+            "transformers ConvNeXt / Swin model.safetensors, its folder, or its hub id "
+            "(e.g. microsoft/swin-tiny-patch4-window7-224)"
+        ) from None
+    except HubError as err:
+        raise type(err)(f"model.backbone_weights: {err}") from None
+    return [pathlib.Path(file) for file in locate_weights(os.fspath(path))[0]]
 
 
 def backbone_weights_from_resnet(
@@ -162,23 +193,16 @@ def backbone_weights_from_resnet(
     an ImageNet backbone's state dict (see the module docstring), in NNX layout.
 
     Raises:
-      FileNotFoundError: no file at `path`.
+      FileNotFoundError, HubError, CheckpointFormatError: as `backbone_weights_files`.
       ConfigMismatchError: (with `config`) the file holds another backbone than the config's.
       CheckpointKeyError: a timm ConvNeXt / Swin file with keys of no backbone weight.
       ValueError: a backbone weight is missing from the file or has another shape.
     """
     from deformable_detr_jax.convert.state_dict import nnx_path_to_key, to_nnx_layout
 
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.backbone_weights={str(path)!r} does not exist; point it at an ImageNet "
-            "ResNet state dict (torchvision resnet50-*.pth or a timm model.safetensors), or a "
-            "transformers or timm ConvNeXt / Swin model.safetensors"
-        )
-    renamed, naming = _read_backbone_file(path)
+    renamed, naming = _read_backbone_file(backbone_weights_files(path))
     if config is not None:
-        _check_backbone(str(path), renamed, naming, config)
+        _check_backbone(os.fspath(path), renamed, naming, config)
     out, missing, misshaped = {}, [], []
     for name, shape in names_and_shapes.items():
         if not name.startswith(_BACKBONE):

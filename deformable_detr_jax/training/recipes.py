@@ -71,6 +71,37 @@ def finetune(source: str, init_from: str = "SenseTime/deformable-detr"):
     return config
 
 
+# The ImageNet backbones the two-stage ConvNeXt-T / Swin-T recipes start from (hub ids).
+IMAGENET_WEIGHTS = {
+    "convnext": "facebook/convnext-tiny-224",
+    "swin": "microsoft/swin-tiny-patch4-window7-224",
+}
+
+
+def two_stage_backbone_coco(model: DeformableDetrConfig):
+    """configs/two_stage_{swin,convnext}_t_coco.py: two-stage Deformable DETR with box refinement
+    on a ConvNeXt or Swin `model`, from its ImageNet weights (`IMAGENET_WEIGHTS`, a hub id), as
+    H-Deformable-DETR trains its Swin-T Deformable DETR baseline (see the recipes' docstrings):
+    AdamW lr 2e-4, backbone 2e-5, weight decay 1e-4 on every parameter, nothing frozen, total
+    batch 16, 12 epochs with the rates x0.1 from epoch 11."""
+    config = base_config(model)
+    config.model.backbone_weights = IMAGENET_WEIGHTS[model.backbone_type]
+    data = config.data
+    data.source = "coco_json"
+    data.batch_size = 16
+    opt = config.optimizer
+    opt.lr = 2e-4
+    opt.lr_backbone = 2e-5
+    opt.weight_decay = 1e-4
+    opt.frozen = ()  # DINO and H-DETR train every backbone parameter (stem included)
+    opt.lr_drop_epochs = (11,)
+    train = config.train
+    train.num_epochs = 12.0
+    train.checkpoint_every = 2000
+    train.log_every = 100
+    return config
+
+
 def shapes_tiny():
     """configs/shapes_tiny.py: the embedded default that `make demo` trains (see its docstring)."""
     model = DeformableDetrConfig(

@@ -240,6 +240,7 @@ def model_config(model: ModelSettings, source) -> DeformableDetrConfig:
                 num_labels=int(num_labels),
                 id2label=id2label,
                 msda_implementation=model.msda_implementation,
+                backbone_remat=model.backbone_remat,
             )
         fields = settings_lib.architecture(model)
         fields.update(num_labels=int(num_labels), id2label=id2label)

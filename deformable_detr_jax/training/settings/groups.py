@@ -69,7 +69,7 @@ ModelSettings = _derived(
     "ModelSettings",
     DeformableDetrConfig,
     skip=MODEL_LOSS_FIELDS + ("num_labels", "id2label"),
-    may_change=("msda_implementation",),
+    may_change=("msda_implementation", "backbone_remat"),
     extra=[
         ("num_labels", "int | None", setting(None, doc="None: the data's class count")),
         ("id2label", "tuple | None", setting(None, doc="None: the data's label names")),
@@ -86,8 +86,8 @@ ModelSettings = _derived(
             setting(
                 "",
                 may_change=True,
-                doc="an ImageNet backbone state dict: ResNet, ConvNeXt or Swin (timm, "
-                "torchvision or transformers names)",
+                doc="an ImageNet backbone: a weights file, its folder or a hub id; ResNet, "
+                "ConvNeXt or Swin (timm, torchvision or transformers names)",
             ),
         ),
         ("loss", LossSettings, dataclasses.field(default_factory=LossSettings)),
