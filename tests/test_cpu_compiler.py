@@ -3,8 +3,9 @@
 On jaxlib 0.10.x the CPU steps compile their convolutions with XLA's own emitter instead of
 YNNPACK, and keep YNNPACK's dots; the gradients stay those of the default compile to float32
 rounding. The CPU train step is compiled per batch shape with its temporaries split to fit
-glibc's heaps (tests/test_host_memory.py has what that buys). Elsewhere the options are None
-(the default compile).
+glibc's heaps (tests/test_host_memory.py has what that buys). A model with `backbone_remat`
+compiles with jax.checkpoint's barriers kept (XLA:CPU would undo the rematerialisation).
+Elsewhere the options are None (the default compile).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import pytest
 
 from deformable_detr_jax.training.cpu import host_memory
 from deformable_detr_jax.training.cpu.compiler import (
+    BARRIER_PASS,
     HEAP_BYTES,
     HEAP_FLAG,
+    PASSES_FLAG,
     YNN_FUSION_FLAG,
     cpu_compiler_options,
     step_compiler_options,
@@ -151,3 +154,79 @@ def test_the_cpu_train_step_splits_its_temporaries_for_its_batch_shape(monkeypat
         np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+def _mlp_gradient(ws, x, remat: bool):
+    """Gradients of four rematerialised (or not) blocks of eight tanh layers."""
+
+    def block(x, w):
+        for _ in range(8):
+            x = jnp.tanh(x @ w)
+        return x
+
+    def loss(ws, x):
+        for w in ws:
+            x = (jax.checkpoint(block) if remat else block)(x, w)
+        return jnp.sum(x)
+
+    return jax.grad(loss)(ws, x)
+
+
+def test_rematerialisation_keeps_its_barriers_on_cpu(monkeypatch):
+    """XLA:CPU's barrier pass undoes `jax.checkpoint` (no memory saved); the option for a
+    rematerialised model keeps the barriers: its temporaries shrink to about the blocks' inputs
+    and one block's activations, with the same gradients."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = cpu_compiler_options("cpu", rematerialised=True)
+    assert options[PASSES_FLAG] == BARRIER_PASS
+    assert PASSES_FLAG not in (cpu_compiler_options("cpu") or {})
+    assert cpu_compiler_options("gpu", rematerialised=True) is None
+    rng = np.random.default_rng(0)
+    ws = [jnp.asarray(rng.standard_normal((256, 256)) / 16, jnp.float32) for _ in range(4)]
+    x = jnp.asarray(rng.standard_normal((2048, 256)), jnp.float32)
+    activation = 2048 * 256 * 4  # one tanh layer's output: 2 MiB
+
+    def compiled(remat, options):
+        lowered = jax.jit(lambda ws, x: _mlp_gradient(ws, x, remat)).lower(ws, x)
+        return lowered.compile(compiler_options=options)
+
+    plain = compiled(False, None)
+    undone = compiled(True, None)
+    kept = compiled(True, {PASSES_FLAG: BARRIER_PASS})
+    temp = {
+        name: c.memory_analysis().temp_size_in_bytes / activation
+        for name, c in (("plain", plain), ("undone", undone), ("kept", kept))
+    }
+    # 32 activations kept without rematerialisation (and with it, undone); with the barriers
+    # kept: 4 block inputs and about one block's 8 recomputed activations
+    assert temp["plain"] >= 30 and temp["undone"] >= 30, temp
+    assert temp["kept"] <= 16, temp
+    for got, want in zip(kept(ws, x), plain(ws, x)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rematerialised_models_train_step_asks_for_the_barriers(monkeypatch):
+    """`make_train_step` compiles a model with `backbone_remat` with the option, others not."""
+    from deformable_detr_jax.criterion.loss import LossConfig
+    from deformable_detr_jax.training import mesh as mesh_lib
+    from deformable_detr_jax.training import optimizer as optimizer_lib
+    from deformable_detr_jax.training import recipes
+    from deformable_detr_jax.training import step as step_lib
+    from deformable_detr_jax.training.train_state import abstract_train_state, model_spec
+    from tests.training_workers import tiny_model_config
+
+    asked, real = [], step_lib.cpu.compiler_options
+    monkeypatch.setattr(
+        step_lib.cpu, "compiler_options", lambda mesh, **kw: asked.append(kw) or real(mesh, **kw)
+    )
+    mesh = mesh_lib.make_data_mesh(jax.local_devices()[:1])
+    opt = recipes.optimizer_group()
+    for remat in ((), (False, True, False, True)):
+        config = tiny_model_config(dropout=0.0, backbone_remat=remat)
+        spec = model_spec(config, tuple(opt.frozen))
+        labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
+        tx, _ = optimizer_lib.build_optimizer(opt, labels, 10)
+        state = abstract_train_state(spec, tx, mesh)
+        loss = LossConfig.preset("original", config.num_labels)
+        step_lib.make_train_step(spec, loss, tx, mesh, state)
+    assert [kw.get("rematerialised") for kw in asked] == [False, True]

@@ -88,7 +88,7 @@ def make_train_step(
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh, 1), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
-        compiler_options=cpu.compiler_options(mesh),
+        compiler_options=cpu.compiler_options(mesh, rematerialised=any(spec.config.backbone_remat)),
     )
     return cpu.sized_train_step(jitted, mesh) if on_cpu else jitted
 

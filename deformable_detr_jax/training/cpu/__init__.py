@@ -6,7 +6,9 @@
 - `prepare_model(model)`: the model merged inside the train step's trace computes its dense
   layers' and 1x1 convolutions' products with a filter gradient that YNNPACK runs
   (`filter_gradients`);
-- `compiler_options(mesh)`: the steps' XLA:CPU options (`compiler`);
+- `compiler_options(mesh)`: the steps' XLA:CPU options (`compiler`; with `rematerialised`,
+  the optimization barriers of `jax.checkpoint` kept, without which XLA:CPU undoes a
+  `backbone_remat`);
 - `sized_train_step(jitted, mesh)`: the jitted train step compiled once per batch shape with
   its temporaries split to fit glibc's heaps (`sized_step`);
 - `configure_process()`: process-wide, once, at a training entry point: glibc keeps the memory
@@ -39,9 +41,10 @@ def prepare_model(model: nnx.Module) -> nnx.Module:
     return use_filter_gradients(model)
 
 
-def compiler_options(mesh: Mesh) -> dict[str, str | int] | None:
-    """The XLA options for a step on `mesh`: None (the default compile) off the CPU."""
-    return step_compiler_options(mesh)
+def compiler_options(mesh: Mesh, *, rematerialised: bool = False) -> dict[str, str | int] | None:
+    """The XLA options for a step on `mesh` (`rematerialised`: of a model with
+    `backbone_remat`): None (the default compile) off the CPU."""
+    return step_compiler_options(mesh, rematerialised=rematerialised)
 
 
 def sized_train_step(jitted: Callable, mesh: Mesh) -> CpuTrainStep:

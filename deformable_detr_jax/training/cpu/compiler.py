@@ -1,6 +1,6 @@
 """Per-program XLA:CPU options for the training and evaluation steps.
 
-Two options, each given only where it was measured:
+Three options, each given only where it was measured:
 
 - Convolutions (jaxlib 0.10.x): XLA:CPU hands f32 convolutions to YNNPACK, and its convolutions
   are the slow part of the backbone's backward on CPU: a layer2-sized 3x3 filter gradient takes
@@ -14,6 +14,13 @@ Two options, each given only where it was measured:
   once `host_memory.configure_process()` has run every step reuses the memory of the one before.
   The split is given only when no single value of the program is larger than that
   (`largest_value_bytes` of its jaxpr); XLA would warn about each one that is.
+- Rematerialisation (a model with `backbone_remat`): `jax.checkpoint` keeps a recomputed stage
+  apart from its forward with optimization barriers, which XLA:CPU's `cse_barrier_expander`
+  removes early in its pipeline; the recomputation is then scheduled with (or merged into) the
+  forward and nothing is saved (a 4-block tanh MLP's gradient: 289 MiB of temporaries
+  rematerialised against 265 MiB without, 97 MiB with the pass off, the same gradients;
+  BENCHMARKS.md, "Backbone memory per rematerialisation setting"). So a rematerialised model's
+  steps compile without that pass.
 
     jax.jit(step, compiler_options=step_compiler_options(mesh))
 
@@ -45,15 +52,20 @@ MEASURED_JAXLIB = (0, 10)
 HEAP_FLAG = "xla_multiheap_size_constraint_per_heap"
 HEAP_BYTES = 56 * 2**20
 
+# XLA:CPU's pass that removes optimization barriers (`OptimizationBarrierExpander`'s name).
+PASSES_FLAG = "xla_disable_hlo_passes"
+BARRIER_PASS = "cse_barrier_expander"
+
 
 def cpu_compiler_options(
-    platform: str, largest_value_bytes: int | None = None
+    platform: str, largest_value_bytes: int | None = None, *, rematerialised: bool = False
 ) -> dict[str, str | int] | None:
     """The options for a program on `platform` ("cpu", "gpu", "tpu"), or None for none.
 
     Args:
       largest_value_bytes: the program's largest value (`largest_value_bytes`); None for a
         program whose temporaries are not split.
+      rematerialised: the program has `jax.checkpoint`s whose barriers must stay.
     """
     if platform != "cpu":
         return None
@@ -69,14 +81,18 @@ def cpu_compiler_options(
         and host_memory.applies()
     ):
         options[HEAP_FLAG] = HEAP_BYTES
+    if rematerialised and PASSES_FLAG not in flags:
+        options[PASSES_FLAG] = BARRIER_PASS
     return options or None
 
 
 def step_compiler_options(
-    mesh: Mesh, largest_value_bytes: int | None = None
+    mesh: Mesh, largest_value_bytes: int | None = None, *, rematerialised: bool = False
 ) -> dict[str, str | int] | None:
     """`cpu_compiler_options` for the platform of `mesh`'s devices."""
-    return cpu_compiler_options(mesh.devices.flat[0].platform, largest_value_bytes)
+    return cpu_compiler_options(
+        mesh.devices.flat[0].platform, largest_value_bytes, rematerialised=rematerialised
+    )
 
 
 def largest_value_bytes(jaxpr, platform: str = "cpu") -> int:
