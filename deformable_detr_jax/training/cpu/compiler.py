@@ -14,13 +14,14 @@ Three options, each given only where it was measured:
   once `host_memory.configure_process()` has run every step reuses the memory of the one before.
   The split is given only when no single value of the program is larger than that
   (`largest_value_bytes` of its jaxpr); XLA would warn about each one that is.
-- Rematerialisation (a model with `backbone_remat`): `jax.checkpoint` keeps a recomputed stage
-  apart from its forward with optimization barriers, which XLA:CPU's `cse_barrier_expander`
-  removes early in its pipeline; the recomputation is then scheduled with (or merged into) the
-  forward and nothing is saved (a 4-block tanh MLP's gradient: 289 MiB of temporaries
-  rematerialised against 265 MiB without, 97 MiB with the pass off, the same gradients;
-  BENCHMARKS.md, "Backbone memory per rematerialisation setting"). So a rematerialised model's
-  steps compile without that pass.
+- Rematerialisation (a model with `backbone_remat`, jaxlib 0.10.x): `jax.checkpoint` keeps a
+  recomputed stage apart from its forward with optimization barriers, which jaxlib 0.10's
+  XLA:CPU removes early in its pipeline (`cse_barrier_expander`); the recomputation is then
+  scheduled with the forward and nothing is saved (a 4-block tanh MLP's gradient: 289 MiB of
+  temporaries rematerialised against 265 MiB without, 97 MiB with the pass off, the same
+  gradients; BENCHMARKS.md, "Backbone memory per rematerialisation setting"). So there a
+  rematerialised model's steps compile without that pass. jaxlib 0.12.1 keeps the saving
+  without the option (97 MiB), and gets none.
 
     jax.jit(step, compiler_options=step_compiler_options(mesh))
 
@@ -81,7 +82,7 @@ def cpu_compiler_options(
         and host_memory.applies()
     ):
         options[HEAP_FLAG] = HEAP_BYTES
-    if rematerialised and PASSES_FLAG not in flags:
+    if rematerialised and jaxlib == MEASURED_JAXLIB and PASSES_FLAG not in flags:
         options[PASSES_FLAG] = BARRIER_PASS
     return options or None
 
