@@ -1,7 +1,8 @@
 """End-to-end inference: transformers eager PyTorch vs this package's `Detector` (jit, fp32, bf16).
 
-The same random full-size weights (ResNet-50 Deformable DETR, 300 queries, 91 labels; every
-parameter and batch-norm statistic perturbed, `tests/hf_reference.random_hf_model`) run in
+The same random full-size weights (`--model`: ResNet-50 Deformable DETR, or the two-stage + box
+refinement model on Swin-T or ConvNeXt-T; 300 queries, 91 labels; every parameter and batch-norm
+statistic perturbed, `tests/hf_reference.random_hf_model`) run in
 transformers (`DeformableDetrForObjectDetection`, eager, float32, with its image processor and
 `post_process_object_detection`) and in `Detector` (float32 and bfloat16) on real photos
 (`tests/fixtures`) resized to 800 x 1216, batch 1 and 4. Timed end to end: uint8 image arrays in,
@@ -46,6 +47,7 @@ import PIL.Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `tests.hf_reference` builds the random weights
 FIXTURES = sorted(glob.glob(str(ROOT / "tests" / "fixtures" / "*.jpg")))
+MODELS = ("r50", "swin-t-two-stage", "convnext-t-two-stage")
 
 
 def _rss_gib() -> float:
@@ -205,14 +207,29 @@ def _child_jax(args) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def _make_folder(folder: pathlib.Path, seed: int) -> None:
+def _hf_config(model: str):
+    """transformers' config of `--model`: the ResNet-50 Deformable DETR, or the two-stage + box
+    refinement model on Swin-T / ConvNeXt-T (configs/two_stage_*_t_coco.py's)."""
+    from transformers import DeformableDetrConfig as HFConfig
+
+    from deformable_detr_jax.config import CONVNEXT_TINY, SWIN_TINY, preset
+    from tests import hf_reference as ref
+
+    if model == "r50":
+        return ref.hf_config()
+    backbone = SWIN_TINY if model == "swin-t-two-stage" else CONVNEXT_TINY
+    config = preset("deformable-detr-with-box-refine-two-stage", **backbone)
+    return HFConfig.from_dict(config.to_hf())
+
+
+def _make_folder(folder: pathlib.Path, seed: int, model_name: str = "r50") -> None:
     import torch
 
     from deformable_detr_jax.processing.image_processor import ImageProcessor
     from tests import hf_reference as ref
 
     torch.manual_seed(seed)
-    model = ref.random_hf_model(ref.hf_config(), seed=seed)
+    model = ref.random_hf_model(_hf_config(model_name), seed=seed)
     model.save_pretrained(folder)
     # "pil": what transformers' DeformableDetrImageProcessor runs without torchvision
     backend = "torchvision" if _has_torchvision() else "pil"
@@ -362,6 +379,7 @@ def goal_check(results: dict, args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="r50")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -403,14 +421,14 @@ def main(argv=None) -> int:
     print(
         f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}; CPU {cpu}, {os.cpu_count()} cores; "
-        f"image {args.height}x{args.width}, threshold {args.threshold}, "
+        f"model {args.model}, image {args.height}x{args.width}, threshold {args.threshold}, "
         f"median of {args.repeats} runs after a first (compile/warm-up) run",
         flush=True,
     )
     runs = [("torch", "float32"), ("jax", "float32"), ("jax", "bfloat16")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        _make_folder(tmp / "model", args.seed)
+        _make_folder(tmp / "model", args.seed, args.model)
         results = {}
         for child, dtype in runs:
             if (child if child == "torch" else dtype) in args.skip:

@@ -5,7 +5,10 @@ the same step (forward + loss + backward + AdamW) on the same device and batch.
     .venv/bin/python benchmarks/train_step.py --model r50 --batch 2 --size 800 1216 --torch
 
 `--model`: `shapes_tiny` (configs/shapes_tiny.py's model at 96 x 96), `tiny` (the test model),
-or a published variant on ResNet-50: `r50` (plain), `r50-box-refine`, `r50-two-stage`. The batch
+a published variant on ResNet-50: `r50` (plain), `r50-box-refine`, `r50-two-stage`, or the
+two-stage + box refinement model on Swin-T or ConvNeXt-T (`swin-t-two-stage`,
+`convnext-t-two-stage`: configs/two_stage_*_t_coco.py's models, drop path 0, nothing frozen). The
+two sides start from the same weights: the JAX initialisation, converted for transformers. The batch
 is random images with 1..10 random boxes each (never zeros). JAX: the jitted `train_step` of
 `deformable_detr_jax.training` (state donated, the paper's optimizer: clipping, three groups,
 AdamW), on every local device (`--devices`), float32 or `--dtype bfloat16`. PyTorch:
@@ -31,18 +34,30 @@ import time
 
 import numpy as np
 
-MODELS = ("shapes_tiny", "tiny", "r50", "r50-box-refine", "r50-two-stage")
+MODELS = (
+    "shapes_tiny",
+    "tiny",
+    "r50",
+    "r50-box-refine",
+    "r50-two-stage",
+    "swin-t-two-stage",
+    "convnext-t-two-stage",
+)
+TWO_STAGE = "deformable-detr-with-box-refine-two-stage"
 
 
 def model_config(name: str):
-    from deformable_detr_jax.config import preset
+    from deformable_detr_jax.config import CONVNEXT_TINY, SWIN_TINY, preset
 
+    if name in ("swin-t-two-stage", "convnext-t-two-stage"):
+        backbone = SWIN_TINY if name.startswith("swin") else CONVNEXT_TINY
+        return preset(TWO_STAGE, **{**backbone, "backbone_drop_path_rate": 0.0}, dropout=0.0)
     if name == "r50":
         return preset("deformable-detr", dropout=0.0)
     if name == "r50-box-refine":
         return preset("deformable-detr-with-box-refine", dropout=0.0)
     if name == "r50-two-stage":
-        return preset("deformable-detr-with-box-refine-two-stage", dropout=0.0)
+        return preset(TWO_STAGE, dropout=0.0)
     if name == "tiny":
         sys.path.insert(0, ".")
         from tests.training_workers import tiny_model_config
@@ -100,17 +115,40 @@ def build_jax(config, batch, args):
     devices = jax.local_devices()[: args.devices] if args.devices else jax.local_devices()
     mesh = mesh_lib.make_data_mesh(devices)
     opt = recipes.optimizer_group()
+    if config.backbone_type != "resnet":  # as configs/two_stage_*_t_coco.py: nothing frozen
+        opt.frozen = ()
     spec = model_spec(config, tuple(opt.frozen))
     labels = {n: optimizer_lib.param_group(n, opt) for n in spec.trainable}
     tx, _ = optimizer_lib.build_optimizer(opt, labels, 1000)
     params, frozen = init_weights(spec, 0, mesh)
     state = create_train_state(params, frozen, tx, mesh)
-    loss = LossConfig.preset("original", config.num_labels)
+    # the paper's costs and weights, with the class loss weighted 1 and no two-stage encoder loss,
+    # as transformers' loss computes it (no class coefficient, no `enc_outputs` term): the same
+    # computation and total, so the first steps' losses can be compared
+    loss = LossConfig.preset(
+        "original", config.num_labels, class_loss_coefficient=1.0, encoder_loss=False
+    )
     dtype = None if args.dtype == "float32" else jax.numpy.bfloat16
     step = make_train_step(spec, loss, tx, mesh, state, compute_dtype=dtype)
     device_batch = mesh_lib.host_to_global({k: v[None] for k, v in batch.items()}, mesh, 1)
     key = jax.device_put(jax.random.key(0), mesh_lib.replicated(mesh))
     return step, state, device_batch, key
+
+
+def jax_initial_weights(config) -> dict:
+    """`build_jax`'s initial weights (seed 0, the same jitted initialisation), as torch
+    tensors under transformers' names."""
+    import torch
+    from flax import nnx
+
+    from deformable_detr_jax import DeformableDetrForObjectDetection, export_state_dict
+
+    @nnx.jit
+    def init():
+        return DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(params=0, dropout=0))
+
+    state = export_state_dict(init())
+    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
 def build_torch(config, batch, args):
@@ -120,16 +158,24 @@ def build_torch(config, batch, args):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = transformers.DeformableDetrConfig.from_dict(config.to_hf())
-    # the same criterion as the JAX side (the "original" preset: aux losses, class weight 2)
+    # the same criterion as the JAX side (the "original" preset's costs, aux losses)
     hf.auxiliary_loss = True
     hf.class_cost, hf.bbox_cost, hf.giou_cost = 2, 5, 2
     hf.disable_custom_kernels = True
-    model = transformers.DeformableDetrForObjectDetection(hf).to(device).train()
+    model = transformers.DeformableDetrForObjectDetection(hf)
+    missing, unexpected = model.load_state_dict(jax_initial_weights(config), strict=False)
+    assert not unexpected and all("num_batches_tracked" in k for k in missing), (
+        missing,
+        unexpected,
+    )
+    model = model.to(device).train()
+    resnet = config.backbone_type == "resnet"
     groups = {"default": [], "backbone": [], "linear_proj": []}
     for name, param in model.named_parameters():
         # transformers 5 freezes the whole ResNet (its filter "stage.1" never matches the
-        # backbone's "stages.1"): train layer2..4 as the paper's recipe and the JAX side do
-        frozen = "backbone" in name and ("embedder" in name or "stages.0." in name)
+        # backbone's "stages.1"): train layer2..4 as the paper's recipe and the JAX side do;
+        # Swin and ConvNeXt train everything (their recipes)
+        frozen = resnet and "backbone" in name and ("embedder" in name or "stages.0." in name)
         param.requires_grad_(not frozen)
         if frozen:
             continue
@@ -205,6 +251,10 @@ class JaxSubject:
         start = time.perf_counter()
         self.step()
         self.first_step_s = time.perf_counter() - start
+        self._first_loss = self.loss()
+
+    def first_loss(self) -> float:
+        return self._first_loss
 
     def step(self):
         self.state, self.metrics = self.step_fn(self.state, self.batch, self.key)
@@ -229,6 +279,10 @@ class TorchSubject:
         start = time.perf_counter()
         self.step()
         self.first_step_s = time.perf_counter() - start
+        self._first_loss = self.last_loss
+
+    def first_loss(self) -> float:
+        return self._first_loss
 
     def step(self):
         self.last_loss = self.step_fn()
@@ -262,6 +316,7 @@ def measure(args, jax_subject=JaxSubject, torch_subject=TorchSubject):
             "images_per_s": args.batch / median,
             "first_step_s": subject.info["first_step_s"],
             "loss": subject.call("loss"),
+            "first_loss": subject.call("first_loss"),
             "steps": len(times[name]),
             # per step, warm-up blocks included
             "major_faults_per_step": (faults["major"] - faults_before[name]["major"]) / stepped,
@@ -311,7 +366,7 @@ def main(argv=None) -> int:
         f"jax   {args.model} batch {args.batch} {height}x{width} {args.dtype} on "
         f"{jax_r['devices']} {jax_r['backend']} device(s): {jax_r['images_per_s']:.2f} img/s "
         f"({jax_r['step_s'] * 1e3:.1f} ms/step, first step {jax_r['first_step_s']:.1f} s, "
-        f"loss {jax_r['loss']:.4f})"
+        f"loss {jax_r['first_loss']:.4f} -> {jax_r['loss']:.4f})"
     )
     if args.torch:
         torch_r = results["torch"]
@@ -324,7 +379,7 @@ def main(argv=None) -> int:
         print(
             f"torch {args.model} on {torch_r['device']}: {torch_r['images_per_s']:.2f} img/s "
             f"({torch_r['step_s'] * 1e3:.1f} ms/step, first step {torch_r['first_step_s']:.1f} s, "
-            f"loss {torch_r['loss']:.4f}); JAX / PyTorch = {speedup:.2f}x"
+            f"loss {torch_r['first_loss']:.4f} -> {torch_r['loss']:.4f}); JAX / PyTorch = {speedup:.2f}x"
         )
         if jax_r["backend"] == "gpu" and torch_r["device"] == "cuda":
             print(

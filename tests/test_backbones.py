@@ -13,7 +13,7 @@ from flax import nnx
 from deformable_detr_jax import DeformableDetrConfig
 from deformable_detr_jax.convert import infer_variant
 from deformable_detr_jax.modeling.stochastic_depth import drop_path
-from tests.random_models import SMALL, random_model, random_state_dict, small_config
+from tests.random_models import SMALL, drawn_model, random_state_dict, small_config
 
 CONVNEXT = dict(
     backbone_type="convnext",
@@ -172,7 +172,7 @@ def test_drop_path_in_the_model(fields):
     config = DeformableDetrConfig(
         **{**SMALL, **fields, "backbone_drop_path_rate": 0.5, "dropout": 0.0}
     )
-    model = random_model(config, seed=4)
+    model = drawn_model(config, seed=4)
     pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     evaluate = nnx.jit(lambda m, x: m(x).logits)
     eval_a, eval_b = (np.asarray(evaluate(model, pixels)) for _ in range(2))
@@ -205,7 +205,7 @@ def test_variant_read_off_the_weights(fields):
 
 def test_convnext_image_too_small():
     config = DeformableDetrConfig(**{**SMALL, **CONVNEXT, "backbone_patch_size": 8})
-    model = random_model(config, seed=7)
+    model = drawn_model(config, seed=7)
     with pytest.raises(ValueError, match="at least 64"):
         model(jnp.ones((1, 48, 96, 3)))
 

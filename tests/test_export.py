@@ -26,6 +26,7 @@ import pytest
 from flax import nnx
 
 from deformable_detr_jax import (
+    DeformableDetrConfig,
     DeformableDetrForObjectDetection,
     Detector,
     convert_state_dict,
@@ -33,7 +34,7 @@ from deformable_detr_jax import (
 )
 from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
 from tests import subprocess_utils
-from tests.random_models import random_model, small_config
+from tests.random_models import SMALL, drawn_model, random_model, small_config
 
 VARIANTS = {
     "plain": {},
@@ -41,6 +42,28 @@ VARIANTS = {
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "single_scale": {"num_feature_levels": 1},
     "five_levels": {"num_feature_levels": 5},
+}
+# the other backbones (no ResNet fields): patch and window sizes no image side is a multiple of
+BACKBONES = {
+    "convnext": dict(
+        backbone_type="convnext",
+        backbone_depths=(1, 1, 1),
+        backbone_hidden_sizes=(8, 16, 24),
+        backbone_patch_size=4,
+        num_feature_levels=4,
+        with_box_refine=True,
+    ),
+    "swin": dict(
+        backbone_type="swin",
+        backbone_depths=(2, 2, 2),
+        backbone_hidden_sizes=(8, 16, 32),
+        backbone_num_heads=(1, 2, 2),
+        backbone_window_size=5,
+        backbone_patch_size=3,
+        num_feature_levels=3,
+        with_box_refine=True,
+        two_stage=True,
+    ),
 }
 BATCH, HEIGHT, WIDTH = 2, 96, 128
 REAL = ((70, 100), (96, 81))  # (height, width) of each image's real region: padding on both sides
@@ -155,17 +178,24 @@ def _check_stablehlo(path, folder, expected, truth):
     assert program.platforms == (jax.default_backend(),)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def _model(variant):
+    # one encoder layer: jax2onnx's time grows with the model's size
+    if variant in BACKBONES:
+        config = DeformableDetrConfig(**{**SMALL, "encoder_layers": 1, **BACKBONES[variant]})
+        return drawn_model(config, seed=len(variant))
+    config = small_config(encoder_layers=1, **VARIANTS[variant])
+    if variant in FRESH:
+        return DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(len(variant)))
+    return random_model(config, seed=len(variant))
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, *BACKBONES])
 def test_exported_variant_runs_outside_this_package(variant, tmp_path):
     """ONNX in onnxruntime and StableHLO reloaded in a process without this package, against
     the eager float64 model on the same padded batch."""
     pixel_values, pixel_mask = _inputs()
     np.savez(tmp_path / "inputs.npz", pixel_values=pixel_values, pixel_mask=pixel_mask)
-    config = small_config(encoder_layers=1, **VARIANTS[variant])  # jax2onnx's time grows with size
-    if variant in FRESH:
-        model = DeformableDetrForObjectDetection(config, rngs=nnx.Rngs(len(variant)))
-    else:
-        model = random_model(config, seed=len(variant))
+    model = _model(variant)
     truth = _eager_float64(model, pixel_values, pixel_mask)
     detector = Detector(model, compile_cache=None)
     expected = [np.asarray(x) for x in detector.forward(pixel_values, pixel_mask)]
@@ -178,7 +208,7 @@ def test_exported_variant_runs_outside_this_package(variant, tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
     logits = _check_onnx(onnx_path, detector, truth, EXPORT_TOL)
     _check_stablehlo(stablehlo_path, tmp_path, expected, truth)
-    if variant == "box_refine":
+    if variant in ("box_refine", *BACKBONES):
         # the image whose real region is 70 x 100 gives in the 96 x 128 program what the model
         # gives on the 70 x 100 image alone: the padding is masked through the exported model
         h, w = REAL[0]
