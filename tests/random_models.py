@@ -30,6 +30,22 @@ SMALL = dict(
     encoder_n_points=3,
     decoder_n_points=2,
 )
+# Tiny ConvNeXt and Swin backbones (their config fields only): strides 4 / 3 and a window of 5,
+# which the test images' sides are no multiples of
+TINY_CONVNEXT = dict(
+    backbone_type="convnext",
+    backbone_depths=(1, 1, 1),
+    backbone_hidden_sizes=(8, 16, 24),
+    backbone_patch_size=4,
+)
+TINY_SWIN = dict(
+    backbone_type="swin",
+    backbone_depths=(2, 2, 2),
+    backbone_hidden_sizes=(8, 16, 32),
+    backbone_num_heads=(1, 2, 2),
+    backbone_window_size=5,
+    backbone_patch_size=3,
+)
 BASIC_18 = ((2, 2, 2, 2), "basic", (64, 128, 256, 512))
 TINY_BOTTLENECK = ((1, 2, 1, 1), "bottleneck", (64, 128, 256, 256))
 

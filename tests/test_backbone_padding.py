@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from deformable_detr_jax import DeformableDetrConfig, DeformableDetrForObjectDetection
-from tests.random_models import SMALL
+from tests.random_models import SMALL, TINY_CONVNEXT, TINY_SWIN
 
 SIZES = ((130, 170), (97, 161))  # (height, width) of the two images
 CANVAS = (150, 190)  # the padded batch's (height, width)
@@ -36,27 +36,10 @@ TINY = dict(
     with_box_refine=True,
 )
 # strides 4, 8, 16 (+ one extra stride-2 level from the last): floor(97 / 4) = 24, 12, 6, 3
-CONVNEXT = dict(
-    TINY,
-    backbone_type="convnext",
-    backbone_depths=(1, 1, 1),
-    backbone_hidden_sizes=(8, 16, 24),
-    backbone_patch_size=4,
-    num_feature_levels=4,
-)
+CONVNEXT = dict(TINY, **TINY_CONVNEXT, num_feature_levels=4)
 # strides 3, 6, 12, two blocks (the second shifted) per stage: ceil(97 / 3) = 33, 17, 9
 # (windows padded to 35, 20, 10 alone; to 50, 25, 15 in the canvas)
-SWIN = dict(
-    TINY,
-    backbone_type="swin",
-    backbone_depths=(2, 2, 2),
-    backbone_hidden_sizes=(8, 16, 32),
-    backbone_num_heads=(1, 2, 2),
-    backbone_window_size=5,
-    backbone_patch_size=3,
-    num_feature_levels=3,
-    two_stage=True,
-)
+SWIN = dict(TINY, **TINY_SWIN, num_feature_levels=3, two_stage=True)
 BACKBONES = {"convnext": CONVNEXT, "swin": SWIN}
 LEAK_MIN = 1e-2  # what padding_invariant=False is at least off by (logits or boxes)
 

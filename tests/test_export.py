@@ -34,7 +34,14 @@ from deformable_detr_jax import (
 )
 from deformable_detr_jax.export import OPSET, export_onnx, export_stablehlo
 from tests import subprocess_utils
-from tests.random_models import SMALL, drawn_model, random_model, small_config
+from tests.random_models import (
+    SMALL,
+    TINY_CONVNEXT,
+    TINY_SWIN,
+    drawn_model,
+    random_model,
+    small_config,
+)
 
 VARIANTS = {
     "plain": {},
@@ -45,25 +52,8 @@ VARIANTS = {
 }
 # the other backbones (no ResNet fields): patch and window sizes no image side is a multiple of
 BACKBONES = {
-    "convnext": dict(
-        backbone_type="convnext",
-        backbone_depths=(1, 1, 1),
-        backbone_hidden_sizes=(8, 16, 24),
-        backbone_patch_size=4,
-        num_feature_levels=4,
-        with_box_refine=True,
-    ),
-    "swin": dict(
-        backbone_type="swin",
-        backbone_depths=(2, 2, 2),
-        backbone_hidden_sizes=(8, 16, 32),
-        backbone_num_heads=(1, 2, 2),
-        backbone_window_size=5,
-        backbone_patch_size=3,
-        num_feature_levels=3,
-        with_box_refine=True,
-        two_stage=True,
-    ),
+    "convnext": dict(TINY_CONVNEXT, num_feature_levels=4, with_box_refine=True),
+    "swin": dict(TINY_SWIN, num_feature_levels=3, with_box_refine=True, two_stage=True),
 }
 BATCH, HEIGHT, WIDTH = 2, 96, 128
 REAL = ((70, 100), (96, 81))  # (height, width) of each image's real region: padding on both sides
