@@ -130,6 +130,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- pieces
 
 
+def sigmoid_focal_terms(
+    logits: jnp.ndarray, targets: jnp.ndarray, alpha: float = 0.25, gamma: float = 2.0
+) -> jnp.ndarray:
+    """RetinaNet focal loss per element, unreduced: `(...)` logits and {0, 1} targets -> `(...)`."""
+    prob = jax.nn.sigmoid(logits)
+    # binary_cross_entropy_with_logits, written as torch does
+    ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
 def sigmoid_focal_loss(
     logits: jnp.ndarray,
     targets: jnp.ndarray,
@@ -142,14 +156,7 @@ def sigmoid_focal_loss(
     Args:
       logits, targets: `(bs, num_queries, num_labels)`; targets in {0, 1}.
     """
-    prob = jax.nn.sigmoid(logits)
-    # binary_cross_entropy_with_logits, written as torch does
-    ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    return sigmoid_focal_terms(logits, targets, alpha, gamma).mean(1).sum() / num_boxes
 
 
 def num_boxes_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
