@@ -2,7 +2,7 @@
 
 DINO (Zhang et al., "DINO: DETR with Improved DeNoising Anchor Boxes", ICLR 2023;
 IDEA-Research/DINO `models/dino/dn_components.py`, `prepare_for_cdn`) and transformers' RT-DETR
-(`get_contrastive_denoising_training_group`, the oracle of `tests/test_denoising_vs_rtdetr.py`):
+(`get_contrastive_denoising_training_group`, the oracle of `tests/test_denoising_vs_transformers.py`):
 
 - the batch's largest box count `M` sets the group size `2 M` (M positives, then M negatives);
   `num_groups = max(num_denoising_queries // M, 1)`; group `g` holds, in slots
