@@ -151,6 +151,36 @@ def jax_initial_weights(config) -> dict:
     return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
+def torch_optimizer(model, resnet: bool):
+    """AdamW with the recipe's three groups over transformers' parameters, the frozen ones
+    (the ResNet's stem and first stage) taken out of training."""
+    import torch
+
+    groups = {"default": [], "backbone": [], "linear_proj": []}
+    for name, param in model.named_parameters():
+        # transformers 5 freezes the whole ResNet (its filter "stage.1" never matches the
+        # backbone's "stages.1"): train layer2..4 as the paper's recipe and the JAX side do;
+        # Swin and ConvNeXt train everything (their recipes)
+        frozen = resnet and "backbone" in name and ("embedder" in name or "stages.0." in name)
+        param.requires_grad_(not frozen)
+        if frozen:
+            continue
+        if "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(param)
+        elif "backbone" in name:
+            groups["backbone"].append(param)
+        else:
+            groups["default"].append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": groups["default"], "lr": 2e-4},
+            {"params": groups["backbone"], "lr": 2e-5},
+            {"params": groups["linear_proj"], "lr": 2e-5},
+        ],
+        weight_decay=1e-4,
+    )
+
+
 def build_torch(config, batch, args):
     """`(step, model)`: one training step of transformers' model (returns the loss)."""
     import torch
@@ -169,30 +199,7 @@ def build_torch(config, batch, args):
         unexpected,
     )
     model = model.to(device).train()
-    resnet = config.backbone_type == "resnet"
-    groups = {"default": [], "backbone": [], "linear_proj": []}
-    for name, param in model.named_parameters():
-        # transformers 5 freezes the whole ResNet (its filter "stage.1" never matches the
-        # backbone's "stages.1"): train layer2..4 as the paper's recipe and the JAX side do;
-        # Swin and ConvNeXt train everything (their recipes)
-        frozen = resnet and "backbone" in name and ("embedder" in name or "stages.0." in name)
-        param.requires_grad_(not frozen)
-        if frozen:
-            continue
-        if "sampling_offsets" in name or "reference_points" in name:
-            groups["linear_proj"].append(param)
-        elif "backbone" in name:
-            groups["backbone"].append(param)
-        else:
-            groups["default"].append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": groups["default"], "lr": 2e-4},
-            {"params": groups["backbone"], "lr": 2e-5},
-            {"params": groups["linear_proj"], "lr": 2e-5},
-        ],
-        weight_decay=1e-4,
-    )
+    optimizer = torch_optimizer(model, resnet=config.backbone_type == "resnet")
     pixel_values = torch.from_numpy(batch["pixel_values"].transpose(0, 3, 1, 2).copy()).to(device)
     pixel_mask = torch.from_numpy(batch["pixel_mask"].astype(np.int64)).to(device)
     labels = [
